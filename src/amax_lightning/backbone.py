@@ -1,0 +1,161 @@
+"""The frozen language model: loading (hub id or local folder), freezing, and the forward up to a target.
+
+GPT-2 models run a truncated forward written against the HF module's own weights: embeddings + positions,
+then only the first ``target.layer`` blocks (no later blocks, no ``ln_f``, no LM head). Every other HF model
+that accepts ``inputs_embeds`` and returns ``hidden_states`` runs its full forward (slower, same numbers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from amax_lightning.errors import UserError
+from amax_lightning.targets import Target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Return the local folder for ``name_or_path`` if it is one, else the hub id unchanged.
+
+    Raises
+    ------
+    UserError
+        If the name is empty, or looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) but is not a folder.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UserError(f"model_name_or_path {name_or_path!r} is empty; give a hub id like gpt2 or a model folder")
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise UserError(f"model_name_or_path {name_or_path!r} is a file; give a model folder or a hub id like gpt2")
+    if _looks_like_path(name_or_path):
+        raise UserError(f"model folder {name_or_path!r} does not exist; give an existing folder or a hub id like gpt2")
+    return name_or_path
+
+
+def _load(loader, source: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if os.path.isdir(source):
+            raise UserError(f"cannot load {what} from folder {source!r}: {_first_line(exc)}") from exc
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise UserError(
+            f"cannot load {what} {source!r}: not in the HF cache and the hub is unreachable "
+            f"(HF_HUB_OFFLINE={offline}): {_first_line(exc)}"
+        ) from exc
+
+
+class Backbone(nn.Module):
+    """A frozen HF model in eval mode, with its tokenizer, that maps input embeddings to target activations.
+
+    Parameters
+    ----------
+    model
+        The HF base model (``AutoModel``), e.g. ``GPT2Model``.
+    tokenizer
+        Its tokenizer; used to turn decoded token ids into strings.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Keep the model in eval mode always: GPT-2's dropout would otherwise make every step noisy."""
+        return super().train(False)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length in tokens, or None if the config does not state one."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
+    def is_gpt2(self) -> bool:
+        return isinstance(self.model, GPT2Model)
+
+    @property
+    def vocab_embeddings(self) -> torch.Tensor:
+        """Input-embedding rows of the tokens the tokenizer can name, shape (V, d_model)."""
+        weight = self.model.get_input_embeddings().weight
+        return weight[: min(weight.shape[0], len(self.tokenizer))]
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Decode each token id on its own into its text, e.g. 995 -> ' world'."""
+        return [self.tokenizer.decode([int(i)]) for i in token_ids]
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of integer token ids, shape ``token_ids.shape + (d_model,)``."""
+        return self.model.get_input_embeddings()(token_ids)
+
+    def forward(self, inputs_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+        """Activation of ``target`` at every position, shape (batch, tokens), for inputs (batch, tokens, d_model)."""
+        return self.residual(inputs_embeds, target.layer)[..., target.unit]
+
+    def residual(self, inputs_embeds: torch.Tensor, layer: int) -> torch.Tensor:
+        """Residual stream entering block ``layer`` (HF ``hidden_states[layer]``), shape (batch, tokens, d_model)."""
+        if self.is_gpt2:
+            return _gpt2_residual(self.model, inputs_embeds, layer)
+        out = self.model(inputs_embeds=inputs_embeds, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[layer]
+
+
+def _gpt2_residual(model: GPT2Model, inputs_embeds: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """GPT-2's residual stream after ``n_blocks`` blocks, computed from the HF modules' weights (eval mode)."""
+    n_tokens = inputs_embeds.shape[-2]
+    x = inputs_embeds + model.wpe.weight[:n_tokens]
+    for block in model.h[:n_blocks]:
+        x = x + _gpt2_attention(block.attn, block.ln_1(x))
+        x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+def _gpt2_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2 causal self-attention of ``x`` (batch, tokens, d_model), output projection included."""
+    batch, n_tokens, d_model = x.shape
+    q, k, v = attn.c_attn(x).split(d_model, dim=-1)
+    heads = lambda t: t.view(batch, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=attn.scaling)
+    return attn.c_proj(out.transpose(1, 2).reshape(batch, n_tokens, d_model))
+
+
+def load_backbone(model_name_or_path: str, trust_remote_code: bool = False) -> Backbone:
+    """Load model and tokenizer from a hub id or a local folder (honours the HF cache and ``HF_HUB_OFFLINE``).
+
+    Raises
+    ------
+    UserError
+        If the folder does not exist, or the model or tokenizer cannot be loaded (e.g. a hub id while offline).
+    """
+    source = resolve_model_source(model_name_or_path)
+    hf_logging.disable_progress_bar()
+    model = _load(AutoModel, source, "model", dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tokenizer = _load(AutoTokenizer, source, "tokenizer", trust_remote_code=trust_remote_code)
+    if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
+        raise UserError(f"model {model_name_or_path!r} has no input embeddings; it cannot take inputs_embeds")
+    return Backbone(model, tokenizer)

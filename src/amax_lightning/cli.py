@@ -1,0 +1,91 @@
+"""``python -m amax_lightning fit ...``: LightningCLI with the study's defaults and ``--seed`` / ``--seeds``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional, Union
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from amax_lightning.callbacks import ResultsWriter
+from amax_lightning.errors import UserError
+from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule
+from amax_lightning.seeds import parse_seeds
+
+STUDY_TRAINER_DEFAULTS = {"trainer.max_steps": 500, "trainer.log_every_n_steps": 10}
+
+
+def choose_seeds(seed: Optional[int], seeds: Optional[Union[int, list[int], str]]) -> list[int]:
+    """The seed list from ``--seed`` or ``--seeds`` (at most one of them); the study's 0-9 if neither is given."""
+    if seed is not None and seeds is not None:
+        raise UserError(f"--seed {seed} and --seeds {seeds} both given; use one of them")
+    if seed is not None:
+        return parse_seeds(seed)
+    return parse_seeds(seeds) if seeds is not None else list(DEFAULT_SEEDS)
+
+
+def _user_error_in(exc: BaseException | None) -> UserError | None:
+    while exc is not None and not isinstance(exc, UserError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Turns a command-line or config error into a UserError (one line, exit 2) instead of usage + message."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse's own trial parses: let it handle them
+            return super().error(message, ex)
+        cause = _user_error_in(ex)
+        if cause is not None:
+            raise cause
+        raise UserError(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+
+
+class AmaxCLI(LightningCLI):
+    """LightningCLI for ActMaxModule: adds ``--seed``/``--seeds``, the study's trainer defaults, input checks."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--seed", type=Optional[int], default=None, help="Run one seed, e.g. --seed 3.")
+        parser.add_argument(
+            "--seeds",
+            type=Optional[Union[int, list[int], str]],
+            default=None,
+            help="Run several seeds as one batch: 0-9, 0,4,7 or [0,4,7]. Default: 0-9.",
+        )
+        parser.link_arguments(("seed", "seeds"), "model.seeds", compute_fn=choose_seeds)
+        parser.set_defaults(STUDY_TRAINER_DEFAULTS)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        steps = config.trainer.max_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UserError(f"trainer.max_steps {steps!r} is out of range; the number of optimizer steps must be >= 1")
+
+    def before_fit(self) -> None:
+        world = self.trainer.world_size
+        if len(self.model.seeds) < world:
+            raise UserError(f"{len(self.model.seeds)} seed(s) for {world} processes; give at least one seed per process")
+
+    def after_fit(self) -> None:
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter))
+        if writer.results_path is not None:
+            print(writer.results_path, flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: run the CLI; a user mistake prints one line on stderr and exits with code 2."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone, on purpose
+    try:
+        AmaxCLI(
+            ActMaxModule,
+            parser_class=OneLineErrorParser,
+            seed_everything_default=False,
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except UserError as exc:
+        print(f"amax_lightning: error: {exc}", file=sys.stderr)
+        sys.exit(2)

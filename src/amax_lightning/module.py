@@ -1,0 +1,165 @@
+"""ActMaxModule: the learnable input embeddings of all seeds, the frozen backbone, the loss and its logging."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from amax_lightning.backbone import load_backbone
+from amax_lightning.data import step_loader
+from amax_lightning.errors import UserError
+from amax_lightning.seeds import parse_seeds, shard_bounds
+from amax_lightning.targets import parse_target
+
+DEFAULT_SEEDS = list(range(10))
+
+
+def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> torch.Tensor:
+    """The study's start point: ``randn(n_tokens, d_model)`` from a CPU generator seeded ``seed``, times ``scale``.
+
+    A CPU generator per seed makes a seed start at the same point on every device and in every batch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n_tokens, d_model, generator=generator) * scale
+
+
+def _check_positive_finite(name: str, value: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} {value!r} is not a finite number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{name} {value!r} is out of range; it must be {'>= 0' if allow_zero else '> 0'}")
+    return float(value)
+
+
+class ActMaxModule(LightningModule):
+    """Activation maximization of one unit of a frozen language model, for many seeds at once.
+
+    All seeds share one parameter of shape (seeds, n_tokens, d_model). The loss is a sum of per-seed terms,
+    ``-mean_t activation[seed, t] + l2 * ||embedding[seed]||^2``, and Adam is elementwise, so every seed
+    follows exactly the trajectory it would follow alone.
+
+    Under DDP each process holds the full parameter but runs the forward only on its contiguous shard of
+    seeds; its loss is multiplied by the world size so that DDP's gradient *average* equals the exact
+    per-seed gradient, and every process ends with the same full parameter.
+
+    Parameters
+    ----------
+    model_name_or_path
+        HF hub id (``gpt2``) or local model folder; the model and tokenizer are loaded from it.
+    target
+        Unit to maximize in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``.
+    n_tokens
+        Number of input positions learned per seed.
+    lr
+        Adam learning rate.
+    l2
+        Weight of the squared L2 norm of each seed's embedding (sum over tokens and dims) in the loss; 0 = off.
+    seeds
+        Seeds, one optimization each; set from the CLI's ``--seed`` / ``--seeds``.
+    trust_remote_code
+        Passed to HF ``from_pretrained``; only set it for model code you trust.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "gpt2",
+        target: str = "blocks.8.hook_resid_pre:91",
+        n_tokens: int = 5,
+        lr: float = 1e-3,
+        l2: float = 0.0,
+        seeds: list[int] = DEFAULT_SEEDS,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        seeds = parse_seeds(seeds)
+        lr = _check_positive_finite("lr", lr)
+        l2 = _check_positive_finite("l2", l2, allow_zero=True)
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            raise UserError(f"n_tokens {n_tokens!r} is out of range; it must be an integer >= 1")
+        self.save_hyperparameters()
+        self.backbone = load_backbone(model_name_or_path, trust_remote_code=trust_remote_code)
+        if self.backbone.max_positions is not None and n_tokens > self.backbone.max_positions:
+            raise UserError(
+                f"n_tokens {n_tokens} is out of range; this model's context allows 1..{self.backbone.max_positions}"
+            )
+        self.target = parse_target(target, self.backbone.n_layer, self.backbone.d_model)
+        self.seeds = seeds
+        self.model_name_or_path, self.lr, self.l2, self.n_tokens = model_name_or_path, lr, l2, n_tokens
+        wte = self.backbone.model.get_input_embeddings().weight.detach()
+        self.init_scale = float(wte.std())
+        self.vocab_norm = float(self.backbone.vocab_embeddings.detach().norm(dim=-1).mean())
+        self.embedding = nn.Parameter(
+            torch.stack([initial_embedding(s, n_tokens, self.backbone.d_model, self.init_scale) for s in seeds])
+        )
+        self.shard = (0, len(seeds))
+        self.strict_loading = False  # checkpoints hold the embedding, not the frozen backbone
+
+    # --- sharding across processes -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.shard = shard_bounds(len(self.seeds), self.trainer.world_size, self.trainer.global_rank)
+
+    def local_embedding(self) -> torch.Tensor:
+        """This process's shard of the embedding, shape (shard seeds, n_tokens, d_model)."""
+        return self.embedding[self.shard[0] : self.shard[1]]
+
+    def gather_seeds(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's per-seed tensor (shard, ...) into (seeds, ...) in seed order."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return local
+        size = math.ceil(len(self.seeds) / world)
+        padded = local.new_zeros((size, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        stacked = self.all_gather(padded)  # (world, size, ...)
+        bounds = [shard_bounds(len(self.seeds), world, r) for r in range(world)]
+        return torch.cat([stacked[r, : stop - start] for r, (start, stop) in enumerate(bounds)])
+
+    # --- the objective -------------------------------------------------------------------------------
+    def position_activations(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Target activation at every position, shape (seeds, n_tokens), for embeddings (seeds, n_tokens, d)."""
+        return self.backbone(embedding, self.target)
+
+    def per_seed_loss(self, embedding: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Each seed's loss, shape (seeds,): minus its mean activation over positions, plus the L2 penalty."""
+        loss = -activations.mean(dim=-1)
+        if self.l2:
+            loss = loss + self.l2 * embedding.pow(2).sum(dim=(-2, -1))
+        return loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        embedding = self.local_embedding()
+        activations = self.position_activations(embedding)
+        loss = self.per_seed_loss(embedding, activations)
+        self._log_step(embedding, activations, loss)
+        return loss.sum() * self.trainer.world_size
+
+    def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
+        with torch.no_grad():
+            stats = torch.stack([activations.mean(-1), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
+            stats = self.gather_seeds(stats)  # (seeds, 3): activation, loss, mean vector norm
+        metrics = {f"activation/seed_{s}": stats[i, 0] for i, s in enumerate(self.seeds)}
+        metrics["activation/mean"] = stats[:, 0].mean()
+        metrics["embedding/norm"] = stats[:, 2].mean()
+        metrics["embedding/vocab_norm"] = self.vocab_norm
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("loss", stats[:, 1].sum(), on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.embedding], lr=self.lr)
+
+    def train_dataloader(self):
+        return step_loader()
+
+    def configure_callbacks(self):
+        from amax_lightning.callbacks import ResultsWriter
+
+        return [ResultsWriter()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep checkpoints small: drop the frozen backbone's weights (they are reloaded from the model source)."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.")]:
+            del state[key]

@@ -1,0 +1,77 @@
+"""Seed lists: parse the user's seed spec and split the seeds into contiguous per-process shards."""
+
+from __future__ import annotations
+
+import re
+
+from amax_lightning.errors import UserError
+
+MAX_SEED = 2**63 - 1
+_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+
+
+def _parse_one(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise UserError(f"seed {text!r} is not a non-negative integer")
+    return int(text)
+
+
+def parse_seeds(spec: int | str | list | tuple) -> list[int]:
+    """Parse a seed spec into a list of distinct seeds, in the given order.
+
+    Parameters
+    ----------
+    spec
+        An int (``3``), a list of ints (``[0, 4, 7]``), or a string: ``"3"``, ``"0-9"`` (inclusive range),
+        ``"0,4,7"`` or ``"[0,4,7]"``.
+
+    Raises
+    ------
+    UserError
+        If the spec is empty, malformed, holds a negative or too large seed, or repeats a seed.
+    """
+    if isinstance(spec, bool):
+        raise UserError(f"seeds {spec!r} is not a seed spec; use e.g. 3, 0-9 or [0,4,7]")
+    if isinstance(spec, int):
+        seeds = [spec]
+    elif isinstance(spec, (list, tuple)):
+        seeds = []
+        for item in spec:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise UserError(f"seed {item!r} is not a non-negative integer")
+            seeds.append(item if isinstance(item, int) else _parse_one(item))
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        match = _RANGE.match(text)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise UserError(f"seed range {spec!r} is empty; write it low-high, e.g. 0-9")
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [_parse_one(part) for part in text.split(",")] if text else []
+    else:
+        raise UserError(f"seeds {spec!r} is not a seed spec; use e.g. 3, 0-9 or [0,4,7]")
+    if not seeds:
+        raise UserError(f"seeds {spec!r} is empty; give at least one seed, e.g. 0-9")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed {seed} is out of range; seeds must lie in [0, {MAX_SEED}]")
+    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicates:
+        raise UserError(f"seeds {spec!r} repeat {duplicates}; each seed may appear once")
+    return seeds
+
+
+def shard_bounds(n_seeds: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Return ``(start, stop)`` of process ``rank``'s contiguous shard of ``n_seeds`` seeds.
+
+    Shards differ in size by at most one, earlier ranks take the larger ones, and concatenating the shards
+    in rank order gives the seeds in their original order.
+    """
+    base, extra = divmod(n_seeds, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
