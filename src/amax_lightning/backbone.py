@@ -74,8 +74,9 @@ class Backbone(nn.Module):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()
-        self.model = model.requires_grad_(False).eval()
+        self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
+        self.eval()
 
     def train(self, mode: bool = True) -> "Backbone":
         """Keep the model in eval mode always: GPT-2's dropout would otherwise make every step noisy."""

@@ -7,12 +7,12 @@ import re
 from amax_lightning.errors import UserError
 
 MAX_SEED = 2**63 - 1
-_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_RANGE = re.compile(r"^\s*([0-9]+)\s*-\s*([0-9]+)\s*$")
 
 
 def _parse_one(text: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise UserError(f"seed {text!r} is not a non-negative integer")
     return int(text)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from amax_lightning.errors import UserError
 
 HOOKS = ("hook_resid_pre",)
-_SPEC = re.compile(r"^blocks\.(?P<layer>-?\d+)\.(?P<hook>[A-Za-z0-9_.]+):(?P<unit>-?\d+)$")
+_SPEC = re.compile(r"^blocks\.(?P<layer>-?[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+):(?P<unit>-?[0-9]+)$")
 
 
 @dataclass(frozen=True)

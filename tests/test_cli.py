@@ -1,0 +1,111 @@
+"""End to end: the real CLI in a subprocess on a tiny model; results.json, TensorBoard tags, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY_TARGET, run_cli
+
+RUN_KEYS = {"seed", "token_ids", "tokens", "cosine", "final_activation", "position_activations"}
+TOP_KEYS = {"model", "target", "n_tokens", "steps", "lr", "runs", "uniqueness"}
+
+
+def tiny_args(folder: Path, *extra: str) -> list[str]:
+    return ["fit", "--model.model_name_or_path", str(folder), "--model.target", TINY_TARGET, *extra]
+
+
+def results_of(proc) -> tuple[Path, dict]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = Path(proc.stdout.strip().splitlines()[-1])  # the last line printed is the results path
+    assert path.name == "results.json" and path.is_file()
+    return path, json.loads(path.read_text())
+
+
+def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
+    proc = run_cli(tiny_args(tiny_gpt2_dir, "--seeds", "0-2", "--trainer.max_steps", "12",
+                             "--trainer.log_every_n_steps", "1"), cwd=tmp_path)
+    path, results = results_of(proc)
+    assert path.parent.parent == tmp_path / "lightning_logs"
+    assert TOP_KEYS <= results.keys()
+    assert (results["target"], results["n_tokens"], results["steps"], results["lr"]) == (TINY_TARGET, 5, 12, 0.001)
+    assert [r["seed"] for r in results["runs"]] == [0, 1, 2]
+    for run in results["runs"]:
+        assert RUN_KEYS <= run.keys()
+        assert len(run["token_ids"]) == len(run["tokens"]) == len(run["cosine"]) == len(run["position_activations"]) == 5
+        assert run["final_activation"] == pytest.approx(sum(run["position_activations"]) / 5)
+    u = results["uniqueness"]
+    all_ids = [i for r in results["runs"] for i in r["token_ids"]]
+    assert u["n_total"] == 15 and u["n_unique"] == len(set(all_ids)) and sum(u["counts"]) == 15
+    assert u["token_ids"] == sorted(set(all_ids)) and len(u["tokens"]) == u["n_unique"]
+    assert (path.parent / "summary.md").is_file() and "unique tokens" in proc.stdout
+
+    (event_file,) = path.parent.glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"activation/seed_0", "activation/seed_1", "activation/seed_2", "activation/mean", "loss",
+            "embedding/norm", "embedding/vocab_norm", "uniqueness/n_unique"} <= scalars
+    assert len(events.Scalars("activation/seed_2")) == 12
+    assert any("decoded_tokens" in tag for tag in events.Tags()["tensors"])
+    assert (path.parent / "hparams.yaml").is_file()
+
+
+def test_fit_single_seed_and_config_with_overrides(tiny_gpt2_dir, tmp_path):
+    one = run_cli(tiny_args(tiny_gpt2_dir, "--seed", "3", "--trainer.max_steps", "5"), cwd=tmp_path)
+    _, one_results = results_of(one)
+    assert [r["seed"] for r in one_results["runs"]] == [3] and one_results["uniqueness"]["n_total"] == 5
+
+    config = ["fit", "--config", str(REPO / "configs" / "reproduce.yaml"),
+              "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,
+              "--trainer.max_steps", "5", "--trainer.accelerator", "cpu"]
+    _, study = results_of(run_cli(config, cwd=tmp_path))
+    assert [r["seed"] for r in study["runs"]] == list(range(10))
+    assert study["uniqueness"]["n_total"] == 50
+    run_3 = next(r for r in study["runs"] if r["seed"] == 3)
+    assert run_3["token_ids"] == one_results["runs"][0]["token_ids"]
+
+
+def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
+    args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "15", "--trainer.accelerator", "cpu")
+    _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
+    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
+    assert len(list((tmp_path / "ddp").rglob("results.json"))) == 1
+    assert ddp["uniqueness"] == single["uniqueness"]
+    for a, b in zip(single["runs"], ddp["runs"]):
+        assert (a["seed"], a["token_ids"]) == (b["seed"], b["token_ids"])
+        assert a["position_activations"] == pytest.approx(b["position_activations"], rel=1e-5, abs=1e-6)
+        assert a["cosine"] == pytest.approx(b["cosine"], rel=1e-5, abs=1e-6)
+
+
+BAD_INPUT = [
+    (["--model.target", "blocks.3.hook_resid_pre:0"], "target layer 3"),
+    (["--model.target", "blocks.1.hook_resid_pre:64"], "target unit 64"),
+    (["--model.target", "blocks.1.hook_nope:1"], "hook 'hook_nope' is unknown"),
+    (["--model.n_tokens", "0"], "n_tokens 0"),
+    (["--model.n_tokens", "33"], "n_tokens 33"),
+    (["--model.lr", "0"], "lr 0.0"),
+    (["--model.lr", "inf"], "lr"),
+    (["--model.lr", "nan"], "model.lr"),
+    (["--trainer.max_steps", "0"], "max_steps 0"),
+    (["--trainer.max_steps", "-1"], "max_steps -1"),
+    (["--seeds", "[]"], "empty"),
+    (["--seeds", "0,1,1"], "repeat [1]"),
+    (["--seed", "1", "--seeds", "2"], "both given"),
+    (["--seeds", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "1 seed(s) for 2 processes"),
+    (["--model.model_name_or_path", "./no-such-folder"], "model folder './no-such-folder' does not exist"),
+    (["--model.model_name_or_path", "gpt2"], "cannot load model 'gpt2'"),
+    (["--no-such-flag", "1"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_nothing_written(tiny_gpt2_dir, tmp_path, extra, message):
+    proc = run_cli([*tiny_args(tiny_gpt2_dir), "--trainer.max_steps", "2", *extra], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("amax_lightning: error: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,39 @@
+"""Nearest-token decoding and the uniqueness metric on planted inputs with known answers."""
+
+from __future__ import annotations
+
+import torch
+
+from amax_lightning.decode import nearest_tokens
+from amax_lightning.metrics import UniqueTokens
+
+
+def test_planted_rows_decode_to_themselves_with_cosine_one():
+    vocab = torch.randn(1000, 32, generator=torch.Generator().manual_seed(0))
+    planted = torch.tensor([[3, 999, 0], [42, 42, 7]])
+    vectors = vocab[planted] * torch.tensor([1.0, 5.0, 0.2]).view(1, 3, 1)  # cosine ignores the scale
+    ids, cosine = nearest_tokens(vectors, vocab)
+    assert torch.equal(ids, planted)
+    torch.testing.assert_close(cosine, torch.ones(2, 3))
+
+
+def test_decode_picks_highest_cosine_not_highest_dot_product():
+    vocab = torch.tensor([[1.0, 0.0], [10.0, 10.0], [0.0, 1.0]])
+    ids, cosine = nearest_tokens(torch.tensor([[1.0, 0.1]]), vocab)
+    assert ids.tolist() == [0]
+    torch.testing.assert_close(cosine, torch.tensor([1.0 / (1.01**0.5)]))
+
+
+def test_chunking_does_not_change_the_answer():
+    gen = torch.Generator().manual_seed(1)
+    vocab, vectors = torch.randn(500, 16, generator=gen), torch.randn(37, 16, generator=gen)
+    full = nearest_tokens(vectors, vocab, chunk_rows=10_000)
+    chunked = nearest_tokens(vectors, vocab, chunk_rows=4)
+    assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])
+
+
+def test_unique_tokens_counts_by_hand():
+    metric = UniqueTokens()
+    metric.update(torch.tensor([[5, 9, 5], [1, 9, 9]]))
+    metric.update(torch.tensor([2]))
+    assert metric.compute() == {"n_total": 7, "n_unique": 4, "token_ids": [1, 2, 5, 9], "counts": [1, 1, 2, 3]}
