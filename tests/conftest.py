@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: the suite never touches the network
 
 import pytest
 import torch
@@ -14,6 +17,17 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "gpt2_tokenizer"
 REPO = Path(__file__).resolve().parents[1]
 TINY_TARGET = "blocks.2.hook_resid_pre:5"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection inside a test fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tests must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def tiny_gpt2_config(**overrides) -> GPT2Config:

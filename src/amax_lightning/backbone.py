@@ -15,13 +15,8 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from amax_lightning.errors import UserError
+from amax_lightning.errors import UserError, first_line
 from amax_lightning.targets import Target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _looks_like_path(name: str) -> bool:
@@ -51,13 +46,13 @@ def resolve_model_source(name_or_path: str) -> str:
 def _load(loader, source: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # missing, truncated or damaged files surface as many exception types
         if os.path.isdir(source):
-            raise UserError(f"cannot load {what} from folder {source!r}: {_first_line(exc)}") from exc
+            raise UserError(f"cannot load {what} from folder {source!r}: {first_line(exc)}") from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "0")
         raise UserError(
             f"cannot load {what} {source!r}: not in the HF cache and the hub is unreachable "
-            f"(HF_HUB_OFFLINE={offline}): {_first_line(exc)}"
+            f"(HF_HUB_OFFLINE={offline}): {first_line(exc)}"
         ) from exc
 
 

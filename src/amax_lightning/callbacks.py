@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.metrics import UniqueTokens
@@ -23,9 +25,26 @@ class ResultsWriter(Callback):
     def __init__(self) -> None:
         self.results_path: str | None = None
 
-    @torch.no_grad()
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
-        backbone, target = module.backbone, module.target
+        self._finish(trainer, module, partial=False)
+
+    def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
+        """On Ctrl-C or SIGTERM: save ``last.ckpt`` and write results marked partial. Other errors write nothing."""
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.global_step == 0:
+            return
+        checkpoint = None
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+            trainer.save_checkpoint(checkpoint, weights_only=False)
+        self._finish(trainer, module, partial=True)
+        if trainer.is_global_zero:
+            resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
+            print(f"amax_lightning: interrupted at step {trainer.global_step}: partial results in "
+                  f"{self.results_path}{resume}", file=sys.stderr, flush=True)
+
+    @torch.no_grad()
+    def _finish(self, trainer: Trainer, module: LightningModule, partial: bool) -> None:
+        backbone = module.backbone
         embedding = module.local_embedding()
         activations = module.position_activations(embedding)
         token_ids, cosine = nearest_tokens(embedding, backbone.vocab_embeddings)
@@ -43,7 +62,7 @@ class ResultsWriter(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        results = build_results(module, trainer.global_step, per_seed, uniqueness)
+        results = build_results(module, trainer.global_step, per_seed, uniqueness, partial)
         self.results_path = os.path.join(log_dir, "results.json")
         summary = summary_markdown(results)
         write_text_atomic(os.path.join(log_dir, "summary.md"), summary + "\n")
@@ -56,7 +75,7 @@ class ResultsWriter(Callback):
         print(summary, flush=True)
 
 
-def build_results(module: LightningModule, steps: int, per_seed: dict, uniqueness: dict) -> dict:
+def build_results(module: LightningModule, steps: int, per_seed: dict, uniqueness: dict, partial: bool) -> dict:
     """The ``results.json`` document: protocol, one record per seed (sorted by seed), and token uniqueness."""
     backbone = module.backbone
     runs = []
@@ -83,6 +102,7 @@ def build_results(module: LightningModule, steps: int, per_seed: dict, uniquenes
         "target": module.target.spec,
         "n_tokens": module.n_tokens,
         "steps": steps,
+        "partial": partial,
         "lr": module.lr,
         "l2": module.l2,
         "seeds": sorted(module.seeds),

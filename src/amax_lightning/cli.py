@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
 import warnings
 from typing import Optional, Union
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from amax_lightning.callbacks import ResultsWriter
-from amax_lightning.errors import UserError
+from amax_lightning.errors import UserError, first_line
 from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule
 from amax_lightning.seeds import parse_seeds
 
-STUDY_TRAINER_DEFAULTS = {"trainer.max_steps": 500, "trainer.log_every_n_steps": 10}
+STUDY_DEFAULTS = {
+    "trainer.max_steps": 500,
+    "trainer.log_every_n_steps": 10,
+    "checkpoint.every_n_train_steps": 50,  # resumable: last.ckpt every 50 steps, at the end and on interrupt
+    "checkpoint.save_last": True,
+    "checkpoint.save_top_k": 0,
+}
 
 
 def choose_seeds(seed: Optional[int], seeds: Optional[Union[int, list[int], str]]) -> list[int]:
@@ -55,7 +67,8 @@ class AmaxCLI(LightningCLI):
             help="Run several seeds as one batch: 0-9, 0,4,7 or [0,4,7]. Default: 0-9.",
         )
         parser.link_arguments(("seed", "seeds"), "model.seeds", compute_fn=choose_seeds)
-        parser.set_defaults(STUDY_TRAINER_DEFAULTS)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(STUDY_DEFAULTS)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -67,11 +80,55 @@ class AmaxCLI(LightningCLI):
         world = self.trainer.world_size
         if len(self.model.seeds) < world:
             raise UserError(f"{len(self.model.seeds)} seed(s) for {world} processes; give at least one seed per process")
+        fit_args = self.config_init[self.subcommand]
+        if fit_args.weights_only is None:
+            fit_args.weights_only = True  # checkpoints are loaded with torch.load(weights_only=True)
+        if fit_args.ckpt_path == "last":
+            fit_args.ckpt_path = self._resume_in_place()
+        if fit_args.ckpt_path is not None:
+            check_checkpoint(fit_args.ckpt_path)
+
+    def _resume_in_place(self) -> str:
+        """Find the newest ``version_*/checkpoints/last.ckpt`` and continue that run in its own log folder."""
+        logger = self.trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            raise UserError("--ckpt_path last needs the default TensorBoard logger; pass a checkpoint file instead")
+        found = find_last_checkpoint(logger.root_dir)
+        if found is None:
+            raise UserError(f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {logger.root_dir!r}")
+        path, version = found
+        logger._version = version  # write into the interrupted run's folder, not a new version
+        return path
 
     def after_fit(self) -> None:
         writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter))
         if writer.results_path is not None:
             print(writer.results_path, flush=True)
+
+
+def check_checkpoint(path: str) -> None:
+    """Raise a UserError unless ``path`` is a Lightning checkpoint that loads with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise UserError(f"ckpt_path {path!r} is not a file; give a .ckpt file or 'last'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path!r} cannot be read safely (weights_only=True): {first_line(exc)}") from exc
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "embedding" not in checkpoint["state_dict"]:
+        raise UserError(f"checkpoint {path!r} is not an amax_lightning checkpoint (no embedding in its state_dict)")
+
+
+def find_last_checkpoint(logs_root: str) -> tuple[str, int] | None:
+    """The most recently written ``<logs_root>/version_N/checkpoints/last.ckpt`` and its N, or None."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(logs_root), "version_*", "checkpoints", "last.ckpt")):
+        suffix = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("version_") :]
+        if suffix.isdigit():
+            found.append((os.path.getmtime(path), int(suffix), path))
+    if not found:
+        return None
+    _, version, path = max(found)
+    return path, version
 
 
 def main(args: list[str] | None = None) -> None:
@@ -84,8 +141,14 @@ def main(args: list[str] | None = None) -> None:
             parser_class=OneLineErrorParser,
             seed_everything_default=False,
             auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
             args=args,
         )
-    except UserError as exc:
+    except (UserError, MisconfigurationException) as exc:
         print(f"amax_lightning: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("amax_lightning: interrupted", file=sys.stderr)
+        sys.exit(130)

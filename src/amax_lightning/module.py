@@ -10,7 +10,7 @@ from torch import nn
 
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
-from amax_lightning.errors import UserError
+from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.seeds import parse_seeds, shard_bounds
 from amax_lightning.targets import parse_target
 
@@ -26,11 +26,16 @@ def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> t
     return torch.randn(n_tokens, d_model, generator=generator) * scale
 
 
-def _check_positive_finite(name: str, value: float, allow_zero: bool = False) -> float:
+MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
+
+
+def _check_number(name: str, value: float, low_open: bool, high: float = math.inf) -> float:
+    """``value`` as a float if it is a finite number in ``(0, high]`` (``low_open``) or ``[0, high]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{name} {value!r} is not a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UserError(f"{name} {value!r} is out of range; it must be {'>= 0' if allow_zero else '> 0'}")
+    if value < 0 or (value == 0 and low_open) or value > high:
+        allowed = f"{'(' if low_open else '['}0, {high:g}]" if math.isfinite(high) else ("> 0" if low_open else ">= 0")
+        raise UserError(f"{name} {value!r} is out of range; allowed: {allowed}")
     return float(value)
 
 
@@ -75,8 +80,8 @@ class ActMaxModule(LightningModule):
     ):
         super().__init__()
         seeds = parse_seeds(seeds)
-        lr = _check_positive_finite("lr", lr)
-        l2 = _check_positive_finite("l2", l2, allow_zero=True)
+        lr = _check_number("lr", lr, low_open=True, high=MAX_LR)
+        l2 = _check_number("l2", l2, low_open=False)
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
             raise UserError(f"n_tokens {n_tokens!r} is out of range; it must be an integer >= 1")
         self.save_hyperparameters()
@@ -133,8 +138,18 @@ class ActMaxModule(LightningModule):
         embedding = self.local_embedding()
         activations = self.position_activations(embedding)
         loss = self.per_seed_loss(embedding, activations)
+        self._check_finite(activations, loss)
         self._log_step(embedding, activations, loss)
         return loss.sum() * self.trainer.world_size
+
+    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
+        if not bool(finite.all()):
+            bad = [self.seeds[self.shard[0] + i] for i in (~finite).nonzero().flatten().tolist()]
+            raise NonFiniteError(
+                f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
+                f"try a smaller lr (now {self.lr}) or an l2 penalty"
+            )
 
     def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
         with torch.no_grad():
@@ -157,6 +172,18 @@ class ActMaxModule(LightningModule):
         from amax_lightning.callbacks import ResultsWriter
 
         return [ResultsWriter()]
+
+    PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume a checkpoint made with another protocol (model, target, seeds, lr, ...)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in self.PROTOCOL_KEYS:
+            if key in saved and saved[key] != self.hparams[key]:
+                raise UserError(
+                    f"checkpoint was made with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
+                    "resume with the same settings"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints small: drop the frozen backbone's weights (they are reloaded from the model source)."""

@@ -7,6 +7,7 @@ import re
 from amax_lightning.errors import UserError
 
 MAX_SEED = 2**63 - 1
+MAX_SEEDS = 100_000  # seeds in one run; each holds n_tokens x d_model floats of parameter and Adam state
 _RANGE = re.compile(r"^\s*([0-9]+)\s*-\s*([0-9]+)\s*$")
 
 
@@ -50,6 +51,8 @@ def parse_seeds(spec: int | str | list | tuple) -> list[int]:
             lo, hi = int(match.group(1)), int(match.group(2))
             if hi < lo:
                 raise UserError(f"seed range {spec!r} is empty; write it low-high, e.g. 0-9")
+            if hi - lo + 1 > MAX_SEEDS:
+                raise UserError(f"seed range {spec!r} holds {hi - lo + 1} seeds; at most {MAX_SEEDS} are allowed")
             seeds = list(range(lo, hi + 1))
         else:
             seeds = [_parse_one(part) for part in text.split(",")] if text else []
@@ -57,6 +60,8 @@ def parse_seeds(spec: int | str | list | tuple) -> list[int]:
         raise UserError(f"seeds {spec!r} is not a seed spec; use e.g. 3, 0-9 or [0,4,7]")
     if not seeds:
         raise UserError(f"seeds {spec!r} is empty; give at least one seed, e.g. 0-9")
+    if len(seeds) > MAX_SEEDS:
+        raise UserError(f"{len(seeds)} seeds given; at most {MAX_SEEDS} are allowed")
     for seed in seeds:
         if not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed {seed} is out of range; seeds must lie in [0, {MAX_SEED}]")
