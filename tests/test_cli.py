@@ -80,22 +80,11 @@ def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
         assert a["cosine"] == pytest.approx(b["cosine"], rel=1e-5, abs=1e-6)
 
 
+# The full table of bad input runs in process (test_hostile_input.py); these few check the real subprocess path.
 BAD_INPUT = [
     (["--model.target", "blocks.3.hook_resid_pre:0"], "target layer 3"),
-    (["--model.target", "blocks.1.hook_resid_pre:64"], "target unit 64"),
-    (["--model.target", "blocks.1.hook_nope:1"], "hook 'hook_nope' is unknown"),
-    (["--model.n_tokens", "0"], "n_tokens 0"),
-    (["--model.n_tokens", "33"], "n_tokens 33"),
-    (["--model.lr", "0"], "lr 0.0"),
-    (["--model.lr", "inf"], "lr"),
-    (["--model.lr", "nan"], "model.lr"),
-    (["--trainer.max_steps", "0"], "max_steps 0"),
-    (["--trainer.max_steps", "-1"], "max_steps -1"),
-    (["--seeds", "[]"], "empty"),
     (["--seeds", "0,1,1"], "repeat [1]"),
-    (["--seed", "1", "--seeds", "2"], "both given"),
     (["--seeds", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "1 seed(s) for 2 processes"),
-    (["--model.model_name_or_path", "./no-such-folder"], "model folder './no-such-folder' does not exist"),
     (["--model.model_name_or_path", "gpt2"], "cannot load model 'gpt2'"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
 ]

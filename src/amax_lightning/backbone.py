@@ -154,4 +154,10 @@ def load_backbone(model_name_or_path: str, trust_remote_code: bool = False) -> B
     tokenizer = _load(AutoTokenizer, source, "tokenizer", trust_remote_code=trust_remote_code)
     if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
         raise UserError(f"model {model_name_or_path!r} has no input embeddings; it cannot take inputs_embeds")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) < rows / 2:  # transformers 5 builds a near-empty tokenizer when its files are missing
+        raise UserError(
+            f"cannot load tokenizer from {model_name_or_path!r}: it names {len(tokenizer)} tokens but the model has "
+            f"{rows} embedding rows; the tokenizer files are missing or damaged"
+        )
     return Backbone(model, tokenizer)

@@ -70,6 +70,13 @@ class AmaxCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(STUDY_DEFAULTS)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse as LightningCLI does; check a given checkpoint file first (LightningCLI reads its hparams next)."""
+        super().parse_arguments(parser, args)
+        ckpt_path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
+        if ckpt_path not in (None, "last"):
+            load_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
         steps = config.trainer.max_steps
@@ -86,7 +93,7 @@ class AmaxCLI(LightningCLI):
         if fit_args.ckpt_path == "last":
             fit_args.ckpt_path = self._resume_in_place()
         if fit_args.ckpt_path is not None:
-            check_checkpoint(fit_args.ckpt_path)
+            self.model.check_resumable(load_checkpoint(fit_args.ckpt_path))
 
     def _resume_in_place(self) -> str:
         """Find the newest ``version_*/checkpoints/last.ckpt`` and continue that run in its own log folder."""
@@ -106,8 +113,8 @@ class AmaxCLI(LightningCLI):
             print(writer.results_path, flush=True)
 
 
-def check_checkpoint(path: str) -> None:
-    """Raise a UserError unless ``path`` is a Lightning checkpoint that loads with ``weights_only=True``."""
+def load_checkpoint(path: str) -> dict:
+    """Load an amax_lightning checkpoint with ``weights_only=True``; a UserError if it is missing or unreadable."""
     if not os.path.isfile(path):
         raise UserError(f"ckpt_path {path!r} is not a file; give a .ckpt file or 'last'")
     try:
@@ -116,6 +123,7 @@ def check_checkpoint(path: str) -> None:
         raise UserError(f"checkpoint {path!r} cannot be read safely (weights_only=True): {first_line(exc)}") from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "embedding" not in checkpoint["state_dict"]:
         raise UserError(f"checkpoint {path!r} is not an amax_lightning checkpoint (no embedding in its state_dict)")
+    return checkpoint
 
 
 def find_last_checkpoint(logs_root: str) -> tuple[str, int] | None:

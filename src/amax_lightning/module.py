@@ -175,8 +175,8 @@ class ActMaxModule(LightningModule):
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds")
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse to resume a checkpoint made with another protocol (model, target, seeds, lr, ...)."""
+    def check_resumable(self, checkpoint: dict) -> None:
+        """Raise a UserError if ``checkpoint`` was made with another protocol (model, target, seeds, lr, ...)."""
         saved = checkpoint.get("hyper_parameters", {})
         for key in self.PROTOCOL_KEYS:
             if key in saved and saved[key] != self.hparams[key]:

@@ -1,0 +1,139 @@
+"""Hostile input, in process: every case ends with one line on stderr, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from amax_lightning.cli import main
+from amax_lightning.module import ActMaxModule
+from conftest import TINY_TARGET
+
+
+@pytest.fixture(scope="module")
+def bad(tiny_gpt2_dir, tmp_path_factory) -> dict[str, str]:
+    """Damaged files and folders, made once, outside the folder each case runs in."""
+    root = tmp_path_factory.mktemp("hostile")
+    files = {
+        "malformed.yaml": "model: {n_tokens: [1, 2\n  lr: : :\n",
+        "list.yaml": "- 1\n- 2\n",
+        "wrong_types.yaml": "model:\n  n_tokens: five\n",
+        "unknown_key.yaml": "model:\n  no_such_option: 1\n",
+        "bad_seeds.yaml": "seeds: 9-0\n",
+        "corrupted.ckpt": "\x00\x01 this is not a checkpoint",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text, encoding="utf-8")
+    torch.save({"hello": torch.zeros(1)}, root / "foreign.ckpt")
+    torch.save({"state_dict": {"embedding": torch.zeros(1)}, "x": Path("/")}, root / "unsafe.ckpt")
+
+    module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[5])
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=root / "run")
+    trainer.fit(module)
+    trainer.save_checkpoint(root / "other_seeds.ckpt")
+
+    for name, drop in [("no_weights", "model.safetensors"), ("no_tokenizer", "tokenizer.json"),
+                       ("damaged_weights", None)]:
+        shutil.copytree(tiny_gpt2_dir, root / name)
+        if drop:
+            (root / name / drop).unlink()
+            if drop == "tokenizer.json":
+                (root / name / "tokenizer_config.json").unlink()
+    weights = root / "damaged_weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return {p.name: str(p) for p in root.iterdir()}
+
+
+CASES = [
+    # wrong types and out-of-range values
+    (["--model.n_tokens", "abc"], "model.n_tokens"),
+    (["--model.n_tokens", "1.5"], "model.n_tokens"),
+    (["--model.n_tokens", "-3"], "n_tokens -3 is out of range"),
+    (["--model.n_tokens", "0"], "n_tokens 0 is out of range"),
+    (["--model.n_tokens", "33"], "n_tokens 33 is out of range"),
+    (["--model.n_tokens", "99999999999999999999999"], "n_tokens 99999999999999999999999 is out of range"),
+    (["--model.lr", "abc"], "model.lr"),
+    (["--model.lr", "[1]"], "model.lr"),
+    (["--model.lr", "0"], "lr 0.0 is out of range"),
+    (["--model.lr=-1e-3"], "lr -0.001 is out of range"),
+    (["--model.lr", "1e400"], "lr inf is not a finite number"),
+    (["--model.lr", "1e7"], "allowed: (0, 1e+06]"),
+    (["--model.l2", "-1"], "l2 -1.0 is out of range"),
+    (["--model.l2", "nan"], "model.l2"),
+    (["--trainer.max_steps", "0"], "max_steps 0 is out of range"),
+    (["--trainer.max_steps", "-5"], "max_steps -5 is out of range"),
+    (["--trainer.max_steps", "abc"], "trainer.max_steps"),
+    (["--trainer.max_steps", "1.5"], "trainer.max_steps"),
+    (["--trainer.devices", "0"], "devices"),
+    (["--trainer.accelerator", "gpu"], "gpu"),
+    (["--trainer.precision", "bogus"], "precision"),
+    # targets
+    (["--model.target", ""], "target '' is malformed"),
+    (["--model.target", "blocks.1.hook_resid_pre:٩"], "is malformed"),
+    (["--model.target", "BLOCKS.1.hook_resid_pre:1"], "is malformed"),
+    (["--model.target", "blocks.99999999999999999999.hook_resid_pre:0"], "layer 99999999999999999999 is out of range"),
+    (["--model.target", "blocks.1.hook_resid_pre:-1"], "unit -1 is out of range"),
+    (["--model.target", "blocks.1.hook_résid_pre:1"], "malformed"),
+    (["--model.target", "blocks.1.attn.hook_z:1"], "hook 'attn.hook_z' is unknown"),
+    # seeds
+    (["--seeds", ""], "empty"),
+    (["--seeds", "[]"], "empty"),
+    (["--seeds", "0-99999999999"], "at most 100000"),
+    (["--seeds", "[0,-1]"], "seed -1 is out of range"),
+    (["--seeds", "1e3"], "not a non-negative integer"),
+    (["--seeds", "٣-١"], "not a non-negative integer"),
+    (["--seeds", "0,1,1"], "repeat [1]"),
+    (["--seed", "-1"], "seed -1 is out of range"),
+    (["--seed", "abc"], "seed"),
+    (["--seed", "99999999999999999999999"], "out of range"),
+    (["--seed", "1", "--seeds", "2"], "both given"),
+    # model sources
+    (["--model.model_name_or_path", ""], "is empty"),
+    (["--model.model_name_or_path", "./ñø-模型"], "does not exist"),
+    (["--model.model_name_or_path", "gpt2"], "cannot load model 'gpt2'"),
+    (["--model.model_name_or_path", "{no_weights}"], "cannot load model from folder"),
+    (["--model.model_name_or_path", "{damaged_weights}"], "cannot load model from folder"),
+    (["--model.model_name_or_path", "{no_tokenizer}"], "tokenizer files are missing or damaged"),
+    (["--model.model_name_or_path", "{corrupted.ckpt}"], "is a file"),
+    # config files
+    (["--config", "{malformed.yaml}"], "Problems parsing config"),
+    (["--config", "{list.yaml}"], "Unexpected config"),
+    (["--config", "{wrong_types.yaml}"], "model.n_tokens"),
+    (["--config", "{unknown_key.yaml}"], "no_such_option"),
+    (["--config", "{bad_seeds.yaml}"], "seed range '9-0' is empty"),
+    (["--config", "no-such-config.yaml"], "no-such-config.yaml"),
+    # checkpoints
+    (["--ckpt_path", "no-such.ckpt"], "is not a file"),
+    (["--ckpt_path", "{corrupted.ckpt}"], "cannot be read safely"),
+    (["--ckpt_path", "{unsafe.ckpt}"], "cannot be read safely"),
+    (["--ckpt_path", "{foreign.ckpt}"], "not an amax_lightning checkpoint"),
+    (["--ckpt_path", "{other_seeds.ckpt}"], "checkpoint was made with seeds=[5]"),
+    (["--ckpt_path", "last"], "no version_*/checkpoints/last.ckpt"),
+    # the command line itself
+    (["--no-such-flag", "1"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("extra, message", CASES, ids=[f"{i}:{' '.join(a)[:40]}" for i, (a, _) in enumerate(CASES)])
+def test_hostile_input(tiny_gpt2_dir, bad, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    extra = [bad[arg[1:-1]] if arg.startswith("{") else arg for arg in extra]
+    args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,
+            "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("amax_lightning: error: ") and message in last, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_case_count():
+    assert len(CASES) >= 55
