@@ -111,3 +111,15 @@ def test_overflowing_loss_stops_with_one_line_and_no_results(tiny_gpt2_dir, tmp_
     assert last.startswith("amax_lightning: error: non-finite loss or activation for seed(s) [0] at step"), last
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_new_run_claims_a_version_folder_no_other_run_has(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from amax_lightning.cli import claim_new_version
+
+    logger = TensorBoardLogger(tmp_path, name="lightning_logs")
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)
+    monkeypatch.setattr(logger, "_get_next_version", lambda: 0)  # as if another run took version_0 just now
+    claim_new_version(logger)
+    assert logger.version == 1 and (tmp_path / "lightning_logs" / "version_1").is_dir()

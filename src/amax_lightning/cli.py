@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from amax_lightning.callbacks import ResultsWriter
@@ -90,10 +91,13 @@ class AmaxCLI(LightningCLI):
         fit_args = self.config_init[self.subcommand]
         if fit_args.weights_only is None:
             fit_args.weights_only = True  # checkpoints are loaded with torch.load(weights_only=True)
-        if fit_args.ckpt_path == "last":
+        resume_last = fit_args.ckpt_path == "last"
+        if resume_last:
             fit_args.ckpt_path = self._resume_in_place()
         if fit_args.ckpt_path is not None:
             self.model.check_resumable(load_checkpoint(fit_args.ckpt_path))
+        if not resume_last and isinstance(self.trainer.logger, TensorBoardLogger) and rank_zero_only.rank == 0:
+            claim_new_version(self.trainer.logger)  # last: nothing is written before every check has passed
 
     def _resume_in_place(self) -> str:
         """Find the newest ``version_*/checkpoints/last.ckpt`` and continue that run in its own log folder."""
@@ -111,6 +115,25 @@ class AmaxCLI(LightningCLI):
         writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter))
         if writer.results_path is not None:
             print(writer.results_path, flush=True)
+
+
+def claim_new_version(logger: TensorBoardLogger) -> None:
+    """Create the logger's ``version_N`` folder exclusively, moving to N+1, N+2, ... while another run has it.
+
+    Two runs started at the same moment would otherwise both pick the next free version and write over
+    each other's results; ``os.mkdir`` lets exactly one of them have each folder.
+    """
+    if logger._version is not None:  # a version the user chose (or a resumed run) is used as given
+        return
+    os.makedirs(logger.root_dir, exist_ok=True)
+    version = logger.version
+    while True:
+        try:
+            os.mkdir(os.path.join(logger.root_dir, f"version_{version}"))
+            break
+        except FileExistsError:
+            version += 1
+    logger._version = version
 
 
 def load_checkpoint(path: str) -> dict:
