@@ -41,7 +41,10 @@ def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
     all_ids = [i for r in results["runs"] for i in r["token_ids"]]
     assert u["n_total"] == 15 and u["n_unique"] == len(set(all_ids)) and sum(u["counts"]) == 15
     assert u["token_ids"] == sorted(set(all_ids)) and len(u["tokens"]) == u["n_unique"]
-    assert (path.parent / "summary.md").is_file() and "unique tokens" in proc.stdout
+    assert "unique tokens" in proc.stdout
+    for name in ("report.md", "activation_curves.png", "token_frequency.png", "embedding_similarity.png",
+                 "nearest_cosine.png", "activation_history.csv"):
+        assert (path.parent / name).is_file(), name
 
     (event_file,) = path.parent.glob("events.out.tfevents.*")
     events = EventAccumulator(str(event_file), size_guidance={"scalars": 0, "tensors": 0}).Reload()
@@ -50,6 +53,8 @@ def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
             "embedding/norm", "embedding/vocab_norm", "uniqueness/n_unique"} <= scalars
     assert len(events.Scalars("activation/seed_2")) == 12
     assert any("decoded_tokens" in tag for tag in events.Tags()["tensors"])
+    assert {"report/activation_curves", "report/embedding_similarity"} <= set(events.Tags()["images"])
+    assert {"reproducibility/mean_pairwise_jaccard", "reproducibility/mean_decoded_gap"} <= scalars
     assert (path.parent / "hparams.yaml").is_file()
 
 

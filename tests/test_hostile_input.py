@@ -29,7 +29,7 @@ def bad(tiny_gpt2_dir, tmp_path_factory) -> dict[str, str]:
     for name, text in files.items():
         (root / name).write_text(text, encoding="utf-8")
     torch.save({"hello": torch.zeros(1)}, root / "foreign.ckpt")
-    torch.save({"state_dict": {"embedding": torch.zeros(1)}, "x": Path("/")}, root / "unsafe.ckpt")
+    torch.save({"state_dict": {"parameter": torch.zeros(1)}, "x": Path("/")}, root / "unsafe.ckpt")
 
     module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[5])
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -58,11 +58,11 @@ def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, tmp_path, l
     reference = reference_study(tiny_gpt2_dir, seeds, l2=l2)
     for i, run in enumerate(results["runs"]):
         x_ref, tokens_ref, final_ref = reference[run["seed"]]
-        torch.testing.assert_close(module.embedding[i].detach(), x_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(module.parameter[i].detach(), x_ref, rtol=1e-4, atol=1e-5)
         assert run["token_ids"] == tokens_ref
         torch.testing.assert_close(torch.tensor(run["position_activations"]), torch.tensor(final_ref), rtol=1e-4, atol=1e-5)
     assert results["steps"] == STEPS
-    moved = (module.embedding[0].detach() - reference_study(tiny_gpt2_dir, [0], steps=0)[0][0]).abs().max()
+    moved = (module.parameter[0].detach() - reference_study(tiny_gpt2_dir, [0], steps=0)[0][0]).abs().max()
     assert moved > 0.05  # the optimizer really moved the embedding
 
 
@@ -76,7 +76,7 @@ class AssertEvalMode(Callback):
 def test_seed_in_batch_equals_seed_alone(tiny_gpt2_dir, tmp_path):
     batched, batched_results = fit(tiny_gpt2_dir, tmp_path / "batch", [4, 1, 9], callbacks=[AssertEvalMode()])
     alone, alone_results = fit(tiny_gpt2_dir, tmp_path / "alone", [1])
-    torch.testing.assert_close(batched.embedding[1].detach(), alone.embedding[0].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.parameter[1].detach(), alone.parameter[0].detach(), rtol=1e-5, atol=1e-6)
     run_in_batch = next(r for r in batched_results["runs"] if r["seed"] == 1)
     assert run_in_batch["token_ids"] == alone_results["runs"][0]["token_ids"]
     assert [r["seed"] for r in batched_results["runs"]] == [1, 4, 9]  # runs sorted by seed
@@ -86,12 +86,12 @@ def test_initial_embedding_is_the_protocols(tiny_gpt2_dir):
     module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[5, 2])
     wte = module.backbone.model.get_input_embeddings().weight
     expected = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)) * wte.std()
-    torch.testing.assert_close(module.embedding[1].detach(), expected, rtol=0, atol=0)
-    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["embedding"]
+    torch.testing.assert_close(module.parameter[1].detach(), expected, rtol=0, atol=0)
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["parameter"]
 
 
 def test_checkpoint_holds_the_embedding_not_the_backbone(tiny_gpt2_dir, tmp_path):
     fit(tiny_gpt2_dir, tmp_path, [0], steps=3, enable_checkpointing=True)
     (ckpt,) = tmp_path.rglob("*.ckpt")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert list(state) == ["embedding"]
+    assert list(state) == ["parameter"]

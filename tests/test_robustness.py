@@ -95,7 +95,7 @@ def test_non_finite_activation_stops_naming_seeds_and_step(tiny_gpt2_dir, tmp_pa
 
     module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[2, 7], lr=1e-3)
     with torch.no_grad():
-        module.embedding[1, 0, 0] = float("nan")  # seed 7 is broken from the start
+        module.parameter[1, 0, 0] = float("nan")  # seed 7 is broken from the start
     trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(NonFiniteError, match=r"seed\(s\) \[7\] at step 0"):

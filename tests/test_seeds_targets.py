@@ -6,7 +6,9 @@ import pytest
 
 from amax_lightning.errors import UserError
 from amax_lightning.seeds import parse_seeds, shard_bounds
-from amax_lightning.targets import Target, parse_target
+from amax_lightning.targets import ModelShape, Target, parse_target
+
+GPT2_SMALL = ModelShape(n_layer=12, d_model=768, d_mlp=3072, n_head=12)
 
 
 @pytest.mark.parametrize(
@@ -39,16 +41,23 @@ def test_shards_cover_seeds_in_order(n, world):
 
 
 def test_parse_target():
-    assert parse_target("blocks.8.hook_resid_pre:91", 12, 768) == Target(8, "hook_resid_pre", 91)
-    assert parse_target("blocks.8.hook_resid_pre:91", 12, 768).spec == "blocks.8.hook_resid_pre:91"
+    assert parse_target("blocks.8.hook_resid_pre:91", GPT2_SMALL) == Target(8, "hook_resid_pre", (91,))
+    assert parse_target("blocks.8.hook_resid_pre:91", GPT2_SMALL).spec == "blocks.8.hook_resid_pre:91"
+    q = parse_target("blocks.3.attn.hook_q:11.63", GPT2_SMALL)
+    assert q == Target(3, "attn.hook_q", (11, 63)) and q.spec == "blocks.3.attn.hook_q:11.63"
+    assert q.flat_index(GPT2_SMALL.d_head) == 11 * 64 + 63
+    assert parse_target("blocks.11.mlp.hook_post:3071", GPT2_SMALL).unit == (3071,)
 
 
 @pytest.mark.parametrize(
     "spec, message",
     [("blocks.12.hook_resid_pre:0", "layer 12 is out of range"), ("blocks.-1.hook_resid_pre:0", "layer -1"),
      ("blocks.8.hook_resid_pre:768", "unit 768 is out of range"), ("blocks.8.hook_nope:1", "hook 'hook_nope' is unknown"),
-     ("blocks.8.hook_resid_pre", "malformed"), ("8:91", "malformed"), ("", "malformed"), (None, "malformed")],
+     ("blocks.8.hook_resid_pre", "malformed"), ("8:91", "malformed"), ("", "malformed"), (None, "malformed"),
+     ("blocks.1.mlp.hook_post:3072", "unit 3072 is out of range"), ("blocks.1.attn.hook_k:12.0", "head 12"),
+     ("blocks.1.attn.hook_v:0.64", "dim 64"), ("blocks.1.attn.hook_q:5", "must be <head>.<dim>"),
+     ("blocks.1.hook_resid_mid:1.2", "must be one integer")],
 )
 def test_bad_targets(spec, message):
     with pytest.raises(UserError, match=message):
-        parse_target(spec, 12, 768)
+        parse_target(spec, GPT2_SMALL)

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer, GPT2Model, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.targets import Target
+from amax_lightning.targets import RESIDUAL_HOOKS, ModelShape, Target
 
 
 def _looks_like_path(name: str) -> bool:
@@ -86,6 +86,13 @@ class Backbone(nn.Module):
         return int(self.model.config.hidden_size)
 
     @property
+    def shape(self) -> ModelShape:
+        """Layer count and widths that targets are checked against."""
+        config = self.model.config
+        d_mlp = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * self.d_model
+        return ModelShape(self.n_layer, self.d_model, int(d_mlp), int(config.num_attention_heads))
+
+    @property
     def max_positions(self) -> int | None:
         """The model's context length in tokens, or None if the config does not state one."""
         value = getattr(self.model.config, "max_position_embeddings", None)
@@ -109,9 +116,22 @@ class Backbone(nn.Module):
         """Input embeddings of integer token ids, shape ``token_ids.shape + (d_model,)``."""
         return self.model.get_input_embeddings()(token_ids)
 
+    def supports(self, target: Target) -> bool:
+        """Whether this model can read ``target``: GPT-2 reads every hook, other models ``hook_resid_pre`` only."""
+        return self.is_gpt2 or target.hook == "hook_resid_pre"
+
     def forward(self, inputs_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """Activation of ``target`` at every position, shape (batch, tokens), for inputs (batch, tokens, d_model)."""
-        return self.residual(inputs_embeds, target.layer)[..., target.unit]
+        if not self.is_gpt2:
+            return self.residual(inputs_embeds, target.layer)[..., target.unit[0]]
+        x = _gpt2_residual(self.model, inputs_embeds, target.layer)
+        hook_value = _gpt2_block_hook(self.model.h[target.layer], x, target.hook)
+        return hook_value[..., target.flat_index(self.shape.d_head)]
+
+    def lm_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """GPT-2's next-token logits (batch, tokens, V): every block, ``ln_f``, then the tied input embedding."""
+        hidden = self.model.ln_f(_gpt2_residual(self.model, inputs_embeds, self.n_layer))
+        return hidden @ self.vocab_embeddings.T
 
     def residual(self, inputs_embeds: torch.Tensor, layer: int) -> torch.Tensor:
         """Residual stream entering block ``layer`` (HF ``hidden_states[layer]``), shape (batch, tokens, d_model)."""
@@ -129,6 +149,26 @@ def _gpt2_residual(model: GPT2Model, inputs_embeds: torch.Tensor, n_blocks: int)
         x = x + _gpt2_attention(block.attn, block.ln_1(x))
         x = x + block.mlp(block.ln_2(x))
     return x
+
+
+def _gpt2_block_hook(block: nn.Module, x: torch.Tensor, hook: str) -> torch.Tensor:
+    """The value of ``hook`` inside ``block`` for its input residual ``x``; last dim as in ``targets.HOOKS``.
+
+    Runs only as much of the block as the hook needs.
+    """
+    if hook == "hook_resid_pre":
+        return x
+    if hook in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=-1)
+        return {"attn.hook_q": q, "attn.hook_k": k, "attn.hook_v": v}[hook]
+    mid = x + _gpt2_attention(block.attn, block.ln_1(x))
+    if hook == "hook_resid_mid":
+        return mid
+    post_act = block.mlp.act(block.mlp.c_fc(block.ln_2(mid)))
+    if hook == "mlp.hook_post":
+        return post_act
+    assert hook == RESIDUAL_HOOKS[2], hook
+    return mid + block.mlp.c_proj(post_act)
 
 
 def _gpt2_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from amax_lightning.decode import nearest_tokens
-from amax_lightning.metrics import UniqueTokens
-from amax_lightning.report import summary_markdown, write_text_atomic
+from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
+from amax_lightning.priors import norm_range
+from amax_lightning.report import summary_markdown, write_report, write_text_atomic
 
 
 class ResultsWriter(Callback):
@@ -46,60 +47,92 @@ class ResultsWriter(Callback):
     def _finish(self, trainer: Trainer, module: LightningModule, partial: bool) -> None:
         backbone = module.backbone
         embedding = module.local_embedding()
-        activations = module.position_activations(embedding)
+        activations = module.position_activations(module.model_input(embedding))
         token_ids, cosine = nearest_tokens(embedding, backbone.vocab_embeddings)
         decoded_activations = module.position_activations(backbone.embed_tokens(token_ids))
-        unique = UniqueTokens().to(module.device)
-        unique.update(token_ids)
-        uniqueness = unique.compute()
+        metrics = {"uniqueness": UniqueTokens(), "agreement": TokenAgreement(), "similarity": EmbeddingSimilarity()}
+        for metric in metrics.values():
+            metric.to(module.device)
+        metrics["uniqueness"].update(token_ids)
+        metrics["agreement"].update(token_ids)
+        metrics["similarity"].update(embedding)
+        computed = {name: metric.compute() for name, metric in metrics.items()}  # collectives under DDP
         per_seed = {
             "token_ids": module.gather_seeds(token_ids),
             "cosine": module.gather_seeds(cosine),
             "position_activations": module.gather_seeds(activations),
-            "decoded_activations": module.gather_seeds(decoded_activations),
+            "decoded_position_activations": module.gather_seeds(decoded_activations),
             "embedding_norm": module.gather_seeds(embedding.norm(dim=-1)),
         }
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        results = build_results(module, trainer.global_step, per_seed, uniqueness, partial)
+        results = build_results(module, trainer.global_step, per_seed, computed, partial)
+        os.makedirs(log_dir, exist_ok=True)
         self.results_path = os.path.join(log_dir, "results.json")
         summary = summary_markdown(results)
-        write_text_atomic(os.path.join(log_dir, "summary.md"), summary + "\n")
+        steps, history = module.activation_history()
+        figures = write_report(log_dir, results, summary, steps, history, module.seeds)
         write_text_atomic(self.results_path, json.dumps(results, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("decoded_tokens", summary, trainer.global_step)
-                logger.log_metrics({"uniqueness/n_unique": uniqueness["n_unique"]}, trainer.global_step)
-                logger.experiment.flush()
+                log_to_tensorboard(logger, results, summary, figures, trainer.global_step)
         print(summary, flush=True)
 
 
-def build_results(module: LightningModule, steps: int, per_seed: dict, uniqueness: dict, partial: bool) -> dict:
-    """The ``results.json`` document: protocol, one record per seed (sorted by seed), and token uniqueness."""
+def log_to_tensorboard(logger: TensorBoardLogger, results: dict, summary: str, figures: dict, step: int) -> None:
+    """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
+    logger.experiment.add_text("decoded_tokens", summary, step)
+    repro = results["reproducibility"]
+    scalars = {"uniqueness/n_unique": results["uniqueness"]["n_unique"]}
+    scalars.update({f"reproducibility/{key}": repro[key] for key in SCALAR_METRICS})
+    logger.log_metrics(scalars, step)
+    for name, figure in figures.items():
+        logger.experiment.add_figure(f"report/{name}", figure, step)
+    logger.experiment.flush()
+
+
+SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pairwise_cosine", "mean_nearest_cosine",
+                  "mean_decoded_gap", "mean_embedding_norm")
+
+
+def build_results(module: LightningModule, steps: int, per_seed: dict, computed: dict, partial: bool) -> dict:
+    """The ``results.json`` document: protocol, one record per seed (sorted by seed), uniqueness, reproducibility.
+
+    Activations are in the model's units; ``final_activation`` and ``decoded_activation`` are the objective
+    (positions reduced by ``aggregate``) at the optimized input and at its decoded tokens.
+    """
     backbone = module.backbone
     runs = []
     for i, seed in enumerate(module.seeds):
         ids = per_seed["token_ids"][i].tolist()
-        positions = per_seed["position_activations"][i].tolist()
-        decoded = per_seed["decoded_activations"][i].tolist()
+        positions = per_seed["position_activations"][i]
+        decoded = per_seed["decoded_position_activations"][i]
+        final, decoded_value = (float(module.objective(a[None])[0]) for a in (positions, decoded))
         runs.append(
             {
                 "seed": seed,
                 "token_ids": ids,
                 "tokens": backbone.token_strings(ids),
                 "cosine": per_seed["cosine"][i].tolist(),
-                "final_activation": sum(positions) / len(positions),
-                "position_activations": positions,
-                "decoded_activation": sum(decoded) / len(decoded),
-                "decoded_position_activations": decoded,
+                "final_activation": final,
+                "position_activations": positions.tolist(),
+                "decoded_activation": decoded_value,
+                "decoded_position_activations": decoded.tolist(),
+                "decoded_gap": final - decoded_value,
                 "embedding_norm": per_seed["embedding_norm"][i].tolist(),
             }
         )
     runs.sort(key=lambda run: run["seed"])
+    low, high = norm_range(backbone)
+    agreement, similarity = computed["agreement"], computed["similarity"]
+    order = sorted(range(len(module.seeds)), key=lambda i: module.seeds[i])
+    matrix = [[similarity["matrix"][i][j] for j in order] for i in order]
     return {
         "model": module.model_name_or_path,
         "target": module.target.spec,
+        "aggregate": module.aggregate,
+        "priors": [prior.describe() for prior in module.priors],
         "n_tokens": module.n_tokens,
         "steps": steps,
         "partial": partial,
@@ -109,5 +142,14 @@ def build_results(module: LightningModule, steps: int, per_seed: dict, uniquenes
         "init_scale": module.init_scale,
         "vocab_norm": module.vocab_norm,
         "runs": runs,
-        "uniqueness": {**uniqueness, "tokens": backbone.token_strings(uniqueness["token_ids"])},
+        "uniqueness": {**computed["uniqueness"], "tokens": backbone.token_strings(computed["uniqueness"]["token_ids"])},
+        "reproducibility": {
+            **agreement,
+            "mean_pairwise_cosine": similarity["mean_pairwise_cosine"],
+            "embedding_cosine_matrix": matrix,
+            "mean_nearest_cosine": sum(c for r in runs for c in r["cosine"]) / (len(runs) * module.n_tokens),
+            "mean_decoded_gap": sum(r["decoded_gap"] for r in runs) / len(runs),
+            "mean_embedding_norm": sum(n for r in runs for n in r["embedding_norm"]) / (len(runs) * module.n_tokens),
+            "vocab_norm_range": [low, high],
+        },
     }

@@ -144,8 +144,8 @@ def load_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"checkpoint {path!r} cannot be read safely (weights_only=True): {first_line(exc)}") from exc
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "embedding" not in checkpoint["state_dict"]:
-        raise UserError(f"checkpoint {path!r} is not an amax_lightning checkpoint (no embedding in its state_dict)")
+    if not isinstance(checkpoint, dict) or "parameter" not in checkpoint.get("state_dict", {}):
+        raise UserError(f"checkpoint {path!r} is not an amax_lightning checkpoint (no parameter in its state_dict)")
     return checkpoint
 
 

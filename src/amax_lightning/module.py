@@ -11,8 +11,9 @@ from torch import nn
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
 from amax_lightning.errors import NonFiniteError, UserError
+from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
-from amax_lightning.targets import parse_target
+from amax_lightning.targets import check_aggregation, parse_target
 
 DEFAULT_SEEDS = list(range(10))
 
@@ -42,9 +43,10 @@ def _check_number(name: str, value: float, low_open: bool, high: float = math.in
 class ActMaxModule(LightningModule):
     """Activation maximization of one unit of a frozen language model, for many seeds at once.
 
-    All seeds share one parameter of shape (seeds, n_tokens, d_model). The loss is a sum of per-seed terms,
-    ``-mean_t activation[seed, t] + l2 * ||embedding[seed]||^2``, and Adam is elementwise, so every seed
-    follows exactly the trajectory it would follow alone.
+    All seeds share one parameter of shape (seeds, n_tokens, d_model) (or (seeds, n_tokens, V) logits with
+    the ``softmax`` prior). The loss is a sum of per-seed terms, ``-aggregate_t activation[seed, t]`` plus the
+    priors' penalties, and Adam is elementwise, so every seed follows exactly the trajectory it would follow
+    alone.
 
     Under DDP each process holds the full parameter but runs the forward only on its contiguous shard of
     seeds; its loss is multiplied by the world size so that DDP's gradient *average* equals the exact
@@ -55,18 +57,24 @@ class ActMaxModule(LightningModule):
     model_name_or_path
         HF hub id (``gpt2``) or local model folder; the model and tokenizer are loaded from it.
     target
-        Unit to maximize in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``.
+        Unit to maximize in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``; see ``targets.HOOKS``.
     n_tokens
         Number of input positions learned per seed.
     lr
-        Adam learning rate.
+        Adam learning rate, in (0, 1e6].
     l2
         Weight of the squared L2 norm of each seed's embedding (sum over tokens and dims) in the loss; 0 = off.
     seeds
         Seeds, one optimization each; set from the CLI's ``--seed`` / ``--seeds``.
+    aggregate
+        How a seed's activations over positions become its objective: ``mean`` (the study), ``last`` or ``max``.
+    priors
+        Comma-separated priors, e.g. ``"clamp,vocab_distance=0.1,straight_through"``; see ``priors.parse_priors``.
     trust_remote_code
         Passed to HF ``from_pretrained``; only set it for model code you trust.
     """
+
+    PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors")
 
     def __init__(
         self,
@@ -76,6 +84,8 @@ class ActMaxModule(LightningModule):
         lr: float = 1e-3,
         l2: float = 0.0,
         seeds: list[int] = DEFAULT_SEEDS,
+        aggregate: str = "mean",
+        priors: str = "",
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -84,31 +94,53 @@ class ActMaxModule(LightningModule):
         l2 = _check_number("l2", l2, low_open=False)
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
             raise UserError(f"n_tokens {n_tokens!r} is out of range; it must be an integer >= 1")
+        self.aggregate = check_aggregation(aggregate)
+        self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
         self.save_hyperparameters()
         self.backbone = load_backbone(model_name_or_path, trust_remote_code=trust_remote_code)
         if self.backbone.max_positions is not None and n_tokens > self.backbone.max_positions:
             raise UserError(
                 f"n_tokens {n_tokens} is out of range; this model's context allows 1..{self.backbone.max_positions}"
             )
-        self.target = parse_target(target, self.backbone.n_layer, self.backbone.d_model)
+        self.target = parse_target(target, self.backbone.shape)
+        if not self.backbone.supports(self.target):
+            raise UserError(f"target hook {self.target.hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
+        if any(isinstance(p, Fluency) for p in self.priors) and not self.backbone.is_gpt2:
+            raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
         self.seeds = seeds
         self.model_name_or_path, self.lr, self.l2, self.n_tokens = model_name_or_path, lr, l2, n_tokens
         wte = self.backbone.model.get_input_embeddings().weight.detach()
         self.init_scale = float(wte.std())
         self.vocab_norm = float(self.backbone.vocab_embeddings.detach().norm(dim=-1).mean())
-        self.embedding = nn.Parameter(
-            torch.stack([initial_embedding(s, n_tokens, self.backbone.d_model, self.init_scale) for s in seeds])
-        )
+        self.softmax = next((p for p in self.priors if isinstance(p, VocabSoftmax)), None)
+        if self.softmax is None:
+            init = [initial_embedding(s, n_tokens, self.backbone.d_model, self.init_scale) for s in seeds]
+        else:  # logits per position over the vocabulary, standard normal from the seed's generator
+            n_vocab = self.backbone.vocab_embeddings.shape[0]
+            init = [initial_embedding(s, n_tokens, n_vocab, 1.0) for s in seeds]
+        self.parameter = nn.Parameter(torch.stack(init))
         self.shard = (0, len(seeds))
-        self.strict_loading = False  # checkpoints hold the embedding, not the frozen backbone
+        self.history_steps: list[int] = []
+        self.history: list[torch.Tensor] = []  # per step: every seed's objective, shape (seeds,)
+        self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
     # --- sharding across processes -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.shard = shard_bounds(len(self.seeds), self.trainer.world_size, self.trainer.global_rank)
 
+    def embeddings(self, parameter: torch.Tensor) -> torch.Tensor:
+        """The input embeddings (seeds, n_tokens, d_model) a slice of the learned parameter stands for."""
+        return parameter if self.softmax is None else self.softmax.embedding(parameter, self.backbone)
+
     def local_embedding(self) -> torch.Tensor:
-        """This process's shard of the embedding, shape (shard seeds, n_tokens, d_model)."""
-        return self.embedding[self.shard[0] : self.shard[1]]
+        """This process's shard of the embeddings, shape (shard seeds, n_tokens, d_model)."""
+        return self.embeddings(self.parameter[self.shard[0] : self.shard[1]])
+
+    def model_input(self, embedding: torch.Tensor) -> torch.Tensor:
+        """What the model is fed for ``embedding``: the embedding, or its nearest tokens (straight-through)."""
+        for prior in self.priors:
+            embedding = prior.model_input(embedding, self.backbone)
+        return embedding
 
     def gather_seeds(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's per-seed tensor (shard, ...) into (seeds, ...) in seed order."""
@@ -123,24 +155,40 @@ class ActMaxModule(LightningModule):
         return torch.cat([stacked[r, : stop - start] for r, (start, stop) in enumerate(bounds)])
 
     # --- the objective -------------------------------------------------------------------------------
-    def position_activations(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Target activation at every position, shape (seeds, n_tokens), for embeddings (seeds, n_tokens, d)."""
-        return self.backbone(embedding, self.target)
+    def position_activations(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Target activation at every position, shape (seeds, n_tokens), for model inputs (seeds, n_tokens, d)."""
+        return self.backbone(model_input, self.target)
 
-    def per_seed_loss(self, embedding: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        """Each seed's loss, shape (seeds,): minus its mean activation over positions, plus the L2 penalty."""
-        loss = -activations.mean(dim=-1)
-        if self.l2:
-            loss = loss + self.l2 * embedding.pow(2).sum(dim=(-2, -1))
+    def objective(self, activations: torch.Tensor) -> torch.Tensor:
+        """Each seed's objective, shape (seeds,): its activations (seeds, n_tokens) reduced by ``aggregate``."""
+        if self.aggregate == "mean":
+            return activations.mean(dim=-1)
+        if self.aggregate == "last":
+            return activations[:, -1]
+        return activations.max(dim=-1).values
+
+    def per_seed_loss(self, embedding: torch.Tensor, model_input: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Each seed's loss, shape (seeds,): minus its objective, plus every prior's penalty."""
+        loss = -self.objective(activations)
+        for prior in self.priors:
+            penalty = prior.penalty(embedding, model_input, self.backbone)
+            if penalty is not None:
+                loss = loss + penalty
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         embedding = self.local_embedding()
-        activations = self.position_activations(embedding)
-        loss = self.per_seed_loss(embedding, activations)
+        model_input = self.model_input(embedding)
+        activations = self.position_activations(model_input)
+        loss = self.per_seed_loss(embedding, model_input, activations)
         self._check_finite(activations, loss)
         self._log_step(embedding, activations, loss)
         return loss.sum() * self.trainer.world_size
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Apply the priors' projections (e.g. the norm clamp) to the parameter after the optimizer step."""
+        for prior in self.priors:
+            prior.project_(self.parameter.data, self.backbone)
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
@@ -153,8 +201,10 @@ class ActMaxModule(LightningModule):
 
     def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
         with torch.no_grad():
-            stats = torch.stack([activations.mean(-1), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
-            stats = self.gather_seeds(stats)  # (seeds, 3): activation, loss, mean vector norm
+            stats = torch.stack([self.objective(activations), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
+            stats = self.gather_seeds(stats)  # (seeds, 3): objective, loss, mean vector norm
+        self.history_steps.append(self.global_step)
+        self.history.append(stats[:, 0].detach())
         metrics = {f"activation/seed_{s}": stats[i, 0] for i, s in enumerate(self.seeds)}
         metrics["activation/mean"] = stats[:, 0].mean()
         metrics["embedding/norm"] = stats[:, 2].mean()
@@ -162,8 +212,14 @@ class ActMaxModule(LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("loss", stats[:, 1].sum(), on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
 
+    def activation_history(self) -> tuple[list[int], torch.Tensor]:
+        """Steps and each seed's objective at them, shape (steps, seeds), from the optimization so far."""
+        if not self.history:
+            return [], torch.empty(0, len(self.seeds))
+        return list(self.history_steps), torch.stack(self.history).cpu()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.embedding], lr=self.lr)
+        return torch.optim.Adam([self.parameter], lr=self.lr)
 
     def train_dataloader(self):
         return step_loader()
@@ -172,8 +228,6 @@ class ActMaxModule(LightningModule):
         from amax_lightning.callbacks import ResultsWriter
 
         return [ResultsWriter()]
-
-    PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds")
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Raise a UserError if ``checkpoint`` was made with another protocol (model, target, seeds, lr, ...)."""
@@ -186,7 +240,18 @@ class ActMaxModule(LightningModule):
                 )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints small: drop the frozen backbone's weights (they are reloaded from the model source)."""
+        """Keep checkpoints small: drop the frozen backbone's weights (they are reloaded from the model source).
+
+        The activation history rides along, so a resumed run's report shows the whole optimization.
+        """
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("backbone.")]:
             del state[key]
+        steps, values = self.activation_history()
+        checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        history = checkpoint.get("activation_history")
+        if history is not None:
+            self.history_steps = history["steps"].tolist()
+            self.history = list(history["values"].to(self.device))

@@ -1,4 +1,4 @@
-"""Human-readable views of a results dict: the per-seed summary table, and atomic file writing."""
+"""Human-readable views of a results dict: the summary table, report.md with its plots, atomic file writing."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ import json
 import os
 import tempfile
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
 
 def summary_markdown(results: dict) -> str:
     """A markdown table (seed, tokens, cosines, final activation, decoded activation) and the uniqueness line."""
+    priors = ", ".join(results["priors"]) or "none"
     lines = [
-        f"target {results['target']} of {results['model']}, {results['steps']} steps, lr {results['lr']}",
+        f"target {results['target']} ({results['aggregate']} over positions) of {results['model']}, "
+        f"{results['steps']} steps, lr {results['lr']}, priors: {priors}" + (" — PARTIAL" if results["partial"] else ""),
         "",
         "| seed | tokens | cosine | final activation | decoded activation |",
         "|---:|---|---|---:|---:|",
@@ -24,6 +32,19 @@ def summary_markdown(results: dict) -> str:
     u = results["uniqueness"]
     repeated = [f"{json.dumps(t)} x{c}" for t, c in zip(u["tokens"], u["counts"]) if c > 1]
     lines += ["", f"unique tokens: {u['n_unique']} of {u['n_total']}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
+    null = results.get("null_model")
+    if null:
+        lines.append(
+            f"chance (random directions decoded): expected {null['expected_n_unique']:.1f} unique of {null['n_vectors']}, "
+            f"p-value of {u['n_unique']} or fewer = {null['p_value']:.3g}"
+        )
+    repro = results.get("reproducibility")
+    if repro:
+        lines.append(
+            f"position agreement {repro['mean_position_agreement']:.2f}, pairwise Jaccard {repro['mean_pairwise_jaccard']:.2f}, "
+            f"pairwise embedding cosine {repro['mean_pairwise_cosine']:.2f}, nearest-token cosine {repro['mean_nearest_cosine']:.2f}, "
+            f"decoding loses {repro['mean_decoded_gap']:.4g} of the activation on average"
+        )
     return "\n".join(lines)
 
 
@@ -40,3 +61,83 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+PLOTS = ("activation_curves", "token_frequency", "embedding_similarity", "nearest_cosine")
+
+
+def write_report(log_dir: str, results: dict, summary: str, steps: list[int], history: torch.Tensor,
+                 history_seeds: list[int]) -> dict:
+    """Write ``report.md``, its PNG plots and ``activation_history.csv`` into ``log_dir``; return the figures.
+
+    ``history`` holds each seed's objective per step, shape (len(steps), seeds), its columns the seeds
+    ``history_seeds``; the figures are returned (not closed) so they can go to TensorBoard too.
+    """
+    figures = {
+        "activation_curves": _curves(results, steps, history, history_seeds),
+        "token_frequency": _token_frequency(results),
+        "embedding_similarity": _similarity(results),
+        "nearest_cosine": _nearest_cosine(results),
+    }
+    for name, figure in figures.items():
+        _save_figure(figure, os.path.join(log_dir, f"{name}.png"))
+    header = "step," + ",".join(f"seed_{s}" for s in history_seeds)
+    rows = [f"{step}," + ",".join(f"{v:.9g}" for v in values.tolist()) for step, values in zip(steps, history)]
+    write_text_atomic(os.path.join(log_dir, "activation_history.csv"), "\n".join([header, *rows]) + "\n")
+    images = "\n".join(f"![{name}]({name}.png)" for name in figures)
+    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization report\n\n{summary}\n\n{images}\n")
+    return figures
+
+
+def _save_figure(figure, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _curves(results: dict, steps: list[int], history: torch.Tensor, history_seeds: list[int]):
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for column, seed in enumerate(history_seeds if steps else []):
+        axes.plot(steps, history[:, column].numpy(), lw=1, label=f"seed {seed}")
+    axes.set(xlabel="step", ylabel=f"objective ({results['aggregate']} activation)", title=results["target"])
+    if steps and len(history_seeds) <= 12:
+        axes.legend(fontsize=7, ncol=2)
+    return figure
+
+
+def _token_frequency(results: dict, top: int = 30):
+    u = results["uniqueness"]
+    pairs = sorted(zip(u["counts"], u["tokens"]), key=lambda pair: -pair[0])[:top]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.bar(range(len(pairs)), [count for count, _ in pairs])
+    axes.set_xticks(range(len(pairs)), [json.dumps(token)[1:-1] for _, token in pairs], rotation=90, fontsize=7)
+    axes.set(ylabel="vectors decoded to it", title=f"{u['n_unique']} unique tokens of {u['n_total']}")
+    return figure
+
+
+def _similarity(results: dict):
+    matrix = results["reproducibility"]["embedding_cosine_matrix"]
+    figure, axes = plt.subplots(figsize=(5, 4))
+    image = axes.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
+    seeds = results["seeds"]
+    if len(seeds) <= 20:
+        axes.set_xticks(range(len(seeds)), seeds, fontsize=7)
+        axes.set_yticks(range(len(seeds)), seeds, fontsize=7)
+    axes.set(title="cosine between seeds' optimized embeddings", xlabel="seed", ylabel="seed")
+    figure.colorbar(image)
+    return figure
+
+
+def _nearest_cosine(results: dict):
+    cosines = [c for run in results["runs"] for c in run["cosine"]]
+    figure, axes = plt.subplots(figsize=(5, 4))
+    axes.hist(cosines, bins=20, range=(-1, 1))
+    axes.set(xlabel="cosine to nearest vocabulary token", ylabel="vectors", title="how token-like the optimum is")
+    return figure

@@ -1,4 +1,17 @@
-"""Target units named the TransformerLens way (``blocks.8.hook_resid_pre:91``), parsed and range-checked."""
+"""Target units named the TransformerLens way (``blocks.8.hook_resid_pre:91``), parsed and range-checked.
+
+Hooks of block L (GPT-2 names; ``d`` = residual width, ``d_mlp`` = MLP width, ``H`` heads of ``d_head`` dims):
+
+==================  =========================================================  ==============
+hook                value                                                      unit
+==================  =========================================================  ==============
+hook_resid_pre      residual stream entering block L (HF ``hidden_states[L]``)  D < d
+hook_resid_mid      after block L's attention, before its MLP                   D < d
+hook_resid_post     after block L's MLP (before ``ln_f`` for the last block)    D < d
+mlp.hook_post       block L's MLP neuron after the activation function          N < d_mlp
+attn.hook_q/k/v     query / key / value of head H, dimension D                  H.D
+==================  =========================================================  ==============
+"""
 
 from __future__ import annotations
 
@@ -7,8 +20,25 @@ from dataclasses import dataclass
 
 from amax_lightning.errors import UserError
 
-HOOKS = ("hook_resid_pre",)
-_SPEC = re.compile(r"^blocks\.(?P<layer>-?[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+):(?P<unit>-?[0-9]+)$")
+RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
+HOOKS = (*RESIDUAL_HOOKS, "mlp.hook_post", *HEAD_HOOKS)
+AGGREGATIONS = ("mean", "last", "max")
+_SPEC = re.compile(r"^blocks\.(?P<layer>-?[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+):(?P<unit>-?[0-9]+(\.-?[0-9]+)?)$")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a target is checked against."""
+
+    n_layer: int
+    d_model: int
+    d_mlp: int
+    n_head: int
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
 
 
 @dataclass(frozen=True)
@@ -18,40 +48,36 @@ class Target:
     Attributes
     ----------
     layer
-        Block index L (0-based). ``hook_resid_pre`` of block L is the residual stream after L blocks,
-        i.e. HF ``hidden_states[L]``.
+        Block index L (0-based).
     hook
-        TransformerLens hook name inside the block, e.g. ``hook_resid_pre``.
+        TransformerLens hook name inside the block, one of ``HOOKS``.
     unit
-        Index of the unit along the hook's last dimension (a residual dimension for ``hook_resid_pre``).
+        ``(D,)`` for residual and MLP hooks, ``(H, D)`` for attention q/k/v hooks.
     """
 
     layer: int
     hook: str
-    unit: int
+    unit: tuple[int, ...]
 
     @property
     def spec(self) -> str:
         """The target in the CLI's notation, e.g. ``blocks.8.hook_resid_pre:91``."""
-        return f"blocks.{self.layer}.{self.hook}:{self.unit}"
+        return f"blocks.{self.layer}.{self.hook}:{'.'.join(map(str, self.unit))}"
 
-    @property
-    def blocks_needed(self) -> int:
-        """How many transformer blocks the forward must run to read this target."""
-        return self.layer
+    def flat_index(self, d_head: int) -> int:
+        """Index along the hook's last dimension; q/k/v of head H dim D sit at ``H * d_head + D``."""
+        return self.unit[0] * d_head + self.unit[1] if len(self.unit) == 2 else self.unit[0]
 
 
-def parse_target(spec: str, n_layer: int, d_model: int) -> Target:
-    """Parse ``blocks.L.<hook>:D`` and check L and D against the model's shape.
+def parse_target(spec: str, shape: ModelShape) -> Target:
+    """Parse ``blocks.L.<hook>:<unit>`` and check layer and unit against the model's shape.
 
     Parameters
     ----------
     spec
-        Target spec in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``.
-    n_layer
-        Number of transformer blocks of the model; L must lie in ``[0, n_layer - 1]``.
-    d_model
-        Residual stream width; D must lie in ``[0, d_model - 1]``.
+        Target spec in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91`` or ``blocks.3.attn.hook_q:2.17``.
+    shape
+        The model's sizes; L must lie in ``[0, n_layer - 1]`` and the unit inside the hook's width.
 
     Raises
     ------
@@ -60,12 +86,32 @@ def parse_target(spec: str, n_layer: int, d_model: int) -> Target:
     """
     match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
     if match is None:
-        raise UserError(f"target {spec!r} is malformed; write blocks.<layer>.<hook>:<unit>, e.g. blocks.8.hook_resid_pre:91")
-    layer, hook, unit = int(match["layer"]), match["hook"], int(match["unit"])
+        raise UserError(
+            f"target {spec!r} is malformed; write blocks.<layer>.<hook>:<unit>, "
+            "e.g. blocks.8.hook_resid_pre:91 or blocks.3.attn.hook_q:2.17"
+        )
+    layer, hook = int(match["layer"]), match["hook"]
+    unit = tuple(int(part) for part in match["unit"].split("."))
     if hook not in HOOKS:
         raise UserError(f"target hook {hook!r} is unknown; allowed: {', '.join(HOOKS)}")
-    if not 0 <= layer < n_layer:
-        raise UserError(f"target layer {layer} is out of range; this model has blocks 0..{n_layer - 1}")
-    if not 0 <= unit < d_model:
-        raise UserError(f"target unit {unit} is out of range for {hook}; allowed 0..{d_model - 1}")
+    if not 0 <= layer < shape.n_layer:
+        raise UserError(f"target layer {layer} is out of range; this model has blocks 0..{shape.n_layer - 1}")
+    if hook in HEAD_HOOKS:
+        if len(unit) != 2:
+            raise UserError(f"target unit {match['unit']!r} of {hook} must be <head>.<dim>, e.g. 2.17")
+        limits = (("head", shape.n_head), ("dim", shape.d_head))
+    else:
+        if len(unit) != 1:
+            raise UserError(f"target unit {match['unit']!r} of {hook} must be one integer")
+        limits = (("unit", shape.d_mlp if hook == "mlp.hook_post" else shape.d_model),)
+    for value, (name, size) in zip(unit, limits):
+        if not 0 <= value < size:
+            raise UserError(f"target {name} {value} is out of range for {hook}; allowed 0..{size - 1}")
     return Target(layer=layer, hook=hook, unit=unit)
+
+
+def check_aggregation(name: str) -> str:
+    """Return ``name`` if it is a known way to reduce activations over positions, else raise a UserError."""
+    if name not in AGGREGATIONS:
+        raise UserError(f"aggregate {name!r} is unknown; allowed: {', '.join(AGGREGATIONS)}")
+    return name

@@ -1,0 +1,194 @@
+"""Priors on the optimized embedding: small composable pieces, each off by default.
+
+A prior can add a per-seed penalty to the loss, change what the model sees (``model_input``), or project the
+parameter after each optimizer step (``project_``). ``VocabSoftmax`` instead changes what is learned: logits
+over the vocabulary per position, whose temperature softmax mixes the vocabulary's embedding rows.
+
+On the command line they are one string, ``--model.priors "clamp,vocab_distance=0.1,straight_through"``;
+the L2 penalty of the original protocol is ``--model.l2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from amax_lightning.backbone import Backbone
+from amax_lightning.decode import nearest_tokens
+from amax_lightning.errors import UserError
+
+
+class Prior:
+    """Base class: no penalty, the model sees the embedding as is, no projection."""
+
+    name = "prior"
+
+    def penalty(self, embedding: torch.Tensor, model_input: torch.Tensor, backbone: Backbone) -> torch.Tensor | None:
+        """Per-seed penalty, shape (seeds,), added to the loss; None for none."""
+        return None
+
+    def model_input(self, embedding: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+        """What the model is fed for ``embedding`` (seeds, tokens, d_model)."""
+        return embedding
+
+    @torch.no_grad()
+    def project_(self, embedding: torch.Tensor, backbone: Backbone) -> None:
+        """Change the parameter in place after an optimizer step."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class L2(Prior):
+    """``weight * ||embedding[seed]||^2``, summed over tokens and dims (the original protocol's lambda)."""
+
+    name = "l2"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def penalty(self, embedding, model_input, backbone):
+        return self.weight * embedding.pow(2).sum(dim=(-2, -1))
+
+    def describe(self) -> str:
+        return f"l2={self.weight:g}"
+
+
+class NormClamp(Prior):
+    """After every step, rescale each vector whose L2 norm leaves the vocabulary's [min, max] row norm into it."""
+
+    name = "clamp"
+
+    @torch.no_grad()
+    def project_(self, embedding, backbone):
+        low, high = norm_range(backbone)
+        norms = embedding.norm(dim=-1, keepdim=True)
+        embedding.mul_(norms.clamp(low, high) / norms.clamp_min(1e-12))
+
+
+class VocabDistance(Prior):
+    """``weight * sum_t min_v ||embedding[seed, t] - vocab[v]||``: pulls each vector toward its nearest token."""
+
+    name = "vocab_distance"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def penalty(self, embedding, model_input, backbone):
+        vocab = backbone.vocab_embeddings
+        flat = embedding.reshape(-1, embedding.shape[-1])
+        nearest = torch.cat([torch.cdist(chunk, vocab).min(dim=-1).values for chunk in flat.split(1024)])
+        return self.weight * nearest.view(embedding.shape[:-1]).sum(dim=-1)
+
+    def describe(self) -> str:
+        return f"vocab_distance={self.weight:g}"
+
+
+class StraightThrough(Prior):
+    """The model sees the nearest token embeddings (cosine); gradients update the continuous vectors."""
+
+    name = "straight_through"
+
+    def model_input(self, embedding, backbone):
+        ids, _ = nearest_tokens(embedding.detach(), backbone.vocab_embeddings)
+        return embedding + (backbone.vocab_embeddings[ids] - embedding).detach()
+
+
+class Fluency(Prior):
+    """``weight *`` the model's own next-token cross-entropy (nats) of the sequence, targets = nearest tokens.
+
+    Needs a GPT-2 model (its LM head is the tied input embedding). One-token inputs have no next token: 0.
+    """
+
+    name = "fluency"
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def penalty(self, embedding, model_input, backbone):
+        if model_input.shape[-2] < 2:
+            return torch.zeros(model_input.shape[0], device=model_input.device)
+        logits = backbone.lm_logits(model_input[:, :-1])
+        targets, _ = nearest_tokens(model_input[:, 1:].detach(), backbone.vocab_embeddings)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return self.weight * ce.mean(dim=-1)
+
+    def describe(self) -> str:
+        return f"fluency={self.weight:g}"
+
+
+class VocabSoftmax(Prior):
+    """Learn logits (seeds, tokens, V); the embedding is ``softmax(logits / temperature) @ vocab``."""
+
+    name = "softmax"
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def embedding(self, logits: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=-1) @ backbone.vocab_embeddings
+
+    def describe(self) -> str:
+        return f"softmax={self.temperature:g}"
+
+
+@torch.no_grad()
+def norm_range(backbone: Backbone) -> tuple[float, float]:
+    """Smallest and largest L2 norm of the vocabulary's embedding rows."""
+    norms = backbone.vocab_embeddings.norm(dim=-1)
+    return float(norms.min()), float(norms.max())
+
+
+_WEIGHTED = {"vocab_distance": VocabDistance, "fluency": Fluency, "softmax": VocabSoftmax}
+_PLAIN = {"clamp": NormClamp, "straight_through": StraightThrough}
+PRIOR_NAMES = (*_PLAIN, *_WEIGHTED)
+
+
+def parse_priors(spec: str | None) -> list[Prior]:
+    """Parse ``"clamp,vocab_distance=0.1,straight_through,softmax=0.5,fluency=0.05"`` into priors.
+
+    ``vocab_distance`` and ``fluency`` take a weight >= 0, ``softmax`` a temperature > 0; ``clamp`` and
+    ``straight_through`` take no value. Each may appear once. Empty or None gives no priors.
+
+    Raises
+    ------
+    UserError
+        On an unknown name, a missing or bad value, a repeat, or a combination that cannot work.
+    """
+    priors: list[Prior] = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name == "l2":
+            raise UserError("prior 'l2' is set with --model.l2, not in --model.priors")
+        if name in _PLAIN:
+            if value:
+                raise UserError(f"prior {name!r} takes no value; write it as {name}")
+            priors.append(_PLAIN[name]())
+        elif name in _WEIGHTED:
+            priors.append(_WEIGHTED[name](_prior_value(name, value)))
+        else:
+            raise UserError(f"prior {name!r} is unknown; allowed: {', '.join(PRIOR_NAMES)}")
+    names = [p.name for p in priors]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"priors {spec!r} repeat {repeated}; each prior may appear once")
+    if "softmax" in names and "clamp" in names:
+        raise UserError("priors 'softmax' and 'clamp' cannot be combined: softmax mixtures are not a free parameter")
+    return priors
+
+
+def _prior_value(name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"prior {name}={text!r} needs a number, e.g. {name}=0.1") from None
+    positive = name == "softmax"
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise UserError(f"prior {name}={text} is out of range; allowed: {'> 0' if positive else '>= 0'}, finite")
+    return value
