@@ -93,7 +93,7 @@ class StraightThrough(Prior):
 
     def model_input(self, embedding, backbone):
         ids, _ = nearest_tokens(embedding.detach(), backbone.vocab_embeddings)
-        return embedding + (backbone.vocab_embeddings[ids] - embedding).detach()
+        return backbone.vocab_embeddings[ids] + (embedding - embedding.detach())  # exact rows, identity gradient
 
 
 class Fluency(Prior):
