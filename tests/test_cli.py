@@ -27,7 +27,7 @@ def results_of(proc) -> tuple[Path, dict]:
 
 def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
     proc = run_cli(tiny_args(tiny_gpt2_dir, "--seeds", "0-2", "--trainer.max_steps", "12",
-                             "--trainer.log_every_n_steps", "1"), cwd=tmp_path)
+                             "--trainer.log_every_n_steps", "1", "--results.baseline_top_k", "7"), cwd=tmp_path)
     path, results = results_of(proc)
     assert path.parent.parent == tmp_path / "lightning_logs"
     assert TOP_KEYS <= results.keys()
@@ -41,7 +41,10 @@ def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
     all_ids = [i for r in results["runs"] for i in r["token_ids"]]
     assert u["n_total"] == 15 and u["n_unique"] == len(set(all_ids)) and sum(u["counts"]) == 15
     assert u["token_ids"] == sorted(set(all_ids)) and len(u["tokens"]) == u["n_unique"]
-    assert "unique tokens" in proc.stdout
+    assert "unique tokens" in proc.stdout and "chance (random directions decoded)" in proc.stdout
+    assert results["null_model"]["n_vectors"] == 15 and 0 < results["null_model"]["p_value"] <= 1
+    assert len(results["data_baseline"]["top_tokens"]["token_ids"]) == 7
+    assert results["data_baseline"]["overlap"]["n_gradient"] == 15
     for name in ("report.md", "activation_curves.png", "token_frequency.png", "embedding_similarity.png",
                  "nearest_cosine.png", "activation_history.csv"):
         assert (path.parent / name).is_file(), name

@@ -114,6 +114,13 @@ CASES = [
     (["--ckpt_path", "{foreign.ckpt}"], "not an amax_lightning checkpoint"),
     (["--ckpt_path", "{other_seeds.ckpt}"], "checkpoint was made with seeds=[5]"),
     (["--ckpt_path", "last"], "no version_*/checkpoints/last.ckpt"),
+    # analysis options
+    (["--results.null_samples", "-1"], "results.null_samples -1 is out of range"),
+    (["--results.baseline_top_k", "x"], "results.baseline_top_k"),
+    (["--results.baseline_text", "no-such.txt"], "is not a file"),
+    (["--model.aggregate", "median"], "aggregate 'median' is unknown"),
+    (["--model.priors", "clamp,nope"], "prior 'nope' is unknown"),
+    (["--model.priors", "softmax=0"], "out of range"),
     # the command line itself
     (["--no-such-flag", "1"], "unrecognized arguments"),
 ]

@@ -2,28 +2,61 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from amax_lightning.baseline import overlap, top_contexts, top_tokens
 from amax_lightning.decode import nearest_tokens
+from amax_lightning.errors import UserError
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
+from amax_lightning.null_model import null_model
 from amax_lightning.priors import norm_range
 from amax_lightning.report import summary_markdown, write_report, write_text_atomic
 
 
 class ResultsWriter(Callback):
-    """Decodes, measures and writes ``results.json`` + ``summary.md`` into the run's log folder (rank 0 writes).
+    """At the end of fit: decode, measure, and write ``results.json`` and ``report.md`` into the run's folder.
 
-    After ``fit``, ``results_path`` holds the path of ``results.json`` (None on ranks other than 0).
+    Rank 0 writes. After ``fit``, ``results_path`` holds the path of ``results.json`` (None on other ranks).
+
+    Parameters
+    ----------
+    null_samples
+        Random directions decoded to estimate the chance distribution of tokens (the null model); 0 = off.
+    null_simulations
+        Monte Carlo studies drawn from that distribution for the p-value of the observed n_unique.
+    baseline_top_k
+        Data-sampling baseline: the unit's activation for every vocabulary token as a one-token input, and
+        the overlap of the gradient-ascent tokens with the top k of them; 0 = off (it costs V forwards).
+    baseline_text
+        Optional UTF-8 text file: the top ``baseline_contexts`` positions of highest activation in it.
+    baseline_contexts
+        How many text contexts to report.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        null_samples: int = 20_000,
+        null_simulations: int = 10_000,
+        baseline_top_k: int = 0,
+        baseline_text: Optional[str] = None,
+        baseline_contexts: int = 10,
+    ) -> None:
+        self.null_samples = check_count("results.null_samples", null_samples, low=0)
+        self.null_simulations = check_count("results.null_simulations", null_simulations, low=1)
+        self.baseline_top_k = check_count("results.baseline_top_k", baseline_top_k, low=0)
+        self.baseline_contexts = check_count("results.baseline_contexts", baseline_contexts, low=1)
+        if baseline_text is not None and not os.path.isfile(baseline_text):
+            raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
+        self.baseline_text = baseline_text
         self.results_path: str | None = None
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
@@ -68,6 +101,7 @@ class ResultsWriter(Callback):
         if not trainer.is_global_zero:
             return
         results = build_results(module, trainer.global_step, per_seed, computed, partial)
+        results.update(self._chance_and_data(module, results))
         os.makedirs(log_dir, exist_ok=True)
         self.results_path = os.path.join(log_dir, "results.json")
         summary = summary_markdown(results)
@@ -80,12 +114,45 @@ class ResultsWriter(Callback):
         print(summary, flush=True)
 
 
+    def _chance_and_data(self, module: LightningModule, results: dict) -> dict:
+        """The null model's expected n_unique and p-value, and the data-sampling baseline, as configured."""
+        extra = {}
+        backbone, u = module.backbone, results["uniqueness"]
+        if self.null_samples:
+            null = null_model(backbone.vocab_embeddings, u["n_total"], u["n_unique"], n_samples=self.null_samples,
+                              scale=module.init_scale, n_simulations=self.null_simulations, seed=0)
+            extra["null_model"] = dataclasses.asdict(null)
+        if self.baseline_top_k or self.baseline_text:
+            baseline = {}
+            if self.baseline_top_k:
+                top = top_tokens(backbone, module.target, k=self.baseline_top_k)
+                gradient_ids = [i for run in results["runs"] for i in run["token_ids"]]
+                baseline["top_tokens"] = dataclasses.asdict(top)
+                baseline["overlap"] = dataclasses.asdict(overlap(gradient_ids, top.token_ids))
+            if self.baseline_text:
+                contexts = top_contexts(backbone, module.target, self.baseline_text, k=self.baseline_contexts)
+                baseline["text"] = self.baseline_text
+                baseline["top_contexts"] = [dataclasses.asdict(c) for c in contexts]
+            extra["data_baseline"] = baseline
+        return extra
+
+
+def check_count(name: str, value: int, low: int) -> int:
+    """``value`` if it is an integer >= ``low``, else a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{name} {value!r} is out of range; it must be an integer >= {low}")
+    return value
+
+
 def log_to_tensorboard(logger: TensorBoardLogger, results: dict, summary: str, figures: dict, step: int) -> None:
     """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
     logger.experiment.add_text("decoded_tokens", summary, step)
     repro = results["reproducibility"]
     scalars = {"uniqueness/n_unique": results["uniqueness"]["n_unique"]}
     scalars.update({f"reproducibility/{key}": repro[key] for key in SCALAR_METRICS})
+    if "null_model" in results:
+        scalars["uniqueness/null_expected_n_unique"] = results["null_model"]["expected_n_unique"]
+        scalars["uniqueness/null_p_value"] = results["null_model"]["p_value"]
     logger.log_metrics(scalars, step)
     for name, figure in figures.items():
         logger.experiment.add_figure(f"report/{name}", figure, step)

@@ -69,6 +69,7 @@ class AmaxCLI(LightningCLI):
         )
         parser.link_arguments(("seed", "seeds"), "model.seeds", compute_fn=choose_seeds)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResultsWriter, "results")
         parser.set_defaults(STUDY_DEFAULTS)
 
     def parse_arguments(self, parser, args) -> None:

@@ -225,9 +225,11 @@ class ActMaxModule(LightningModule):
         return step_loader()
 
     def configure_callbacks(self):
+        """A default ResultsWriter, unless the Trainer already has one (the CLI adds one from ``--results.*``)."""
         from amax_lightning.callbacks import ResultsWriter
 
-        return [ResultsWriter()]
+        present = any(isinstance(cb, ResultsWriter) for cb in self.trainer.callbacks)
+        return [] if present else [ResultsWriter()]
 
     def check_resumable(self, checkpoint: dict) -> None:
         """Raise a UserError if ``checkpoint`` was made with another protocol (model, target, seeds, lr, ...)."""

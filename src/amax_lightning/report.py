@@ -38,6 +38,12 @@ def summary_markdown(results: dict) -> str:
             f"chance (random directions decoded): expected {null['expected_n_unique']:.1f} unique of {null['n_vectors']}, "
             f"p-value of {u['n_unique']} or fewer = {null['p_value']:.3g}"
         )
+    data = results.get("data_baseline", {}).get("overlap")
+    if data:
+        lines.append(
+            f"data baseline: {data['count']} of {data['n_gradient']} gradient-ascent tokens are among the top "
+            f"{len(results['data_baseline']['top_tokens']['token_ids'])} one-token activations"
+        )
     repro = results.get("reproducibility")
     if repro:
         lines.append(
