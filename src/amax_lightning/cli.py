@@ -163,19 +163,39 @@ def find_last_checkpoint(logs_root: str) -> tuple[str, int] | None:
     return path, version
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point: run the CLI; a user mistake prints one line on stderr and exits with code 2."""
+def run(args: list[str] | None = None) -> str | None:
+    """Run the CLI in this process and return the path of the ``results.json`` it wrote (None if none).
+
+    Raises UserError (and Lightning's MisconfigurationException) for user mistakes.
+    """
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone, on purpose
+    cli = AmaxCLI(
+        ActMaxModule,
+        parser_class=OneLineErrorParser,
+        seed_everything_default=False,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+        args=args,
+    )
+    trainer = getattr(cli, "trainer", None)
+    writer = next((cb for cb in trainer.callbacks if isinstance(cb, ResultsWriter)), None) if trainer else None
+    return writer.results_path if writer else None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: ``fit ...`` runs one study, ``study ...`` a grid of them (see ``study.py``).
+
+    A user mistake prints one line on stderr and exits with code 2.
+    """
+    argv = sys.argv[1:] if args is None else args
     try:
-        AmaxCLI(
-            ActMaxModule,
-            parser_class=OneLineErrorParser,
-            seed_everything_default=False,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
-            args=args,
-        )
+        if argv[:1] == ["study"]:
+            from amax_lightning.study import run_study
+
+            run_study(argv[1:])
+        else:
+            run(args)
     except (UserError, MisconfigurationException) as exc:
         print(f"amax_lightning: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,119 @@
+"""``python -m amax_lightning study --config configs/priors_study.yaml``: the study across targets x variants.
+
+The study file names a fit config, the targets, and the variants (each a mapping of option -> value, e.g.
+``{model.priors: clamp}``); every target x variant runs as one ``fit`` in this process, and the study ends
+with a table (target, variant, n_unique, chance expectation and p-value, mean decoded-activation gap)
+written to ``study.md`` / ``study.csv`` in a new ``studies/version_N`` folder. Extra command-line arguments
+are passed to every fit, e.g. ``--trainer.max_steps 100 --model.model_name_or_path ./my-gpt2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import yaml
+
+from amax_lightning.cli import run
+from amax_lightning.errors import UserError, first_line
+from amax_lightning.report import write_text_atomic
+
+COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
+           "results")
+
+
+def load_study(path: str) -> dict:
+    """Read and check a study file: ``fit_config`` (optional), ``targets`` (list), ``variants`` (list of mappings)."""
+    if not os.path.isfile(path):
+        raise UserError(f"study config {path!r} is not a file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            study = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"study config {path!r} is not valid YAML: {first_line(exc)}") from exc
+    if not isinstance(study, dict):
+        raise UserError(f"study config {path!r} must be a mapping with targets and variants")
+    unknown = sorted(set(study) - {"fit_config", "targets", "variants"})
+    if unknown:
+        raise UserError(f"study config {path!r} has unknown keys {unknown}; allowed: fit_config, targets, variants")
+    targets, variants = study.get("targets"), study.get("variants", [{}])
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"study config {path!r}: targets must be a non-empty list of target specs")
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise UserError(f"study config {path!r}: variants must be a non-empty list of mappings, e.g. [{{}}, {{model.priors: clamp}}]")
+    fit_config = study.get("fit_config")
+    if fit_config is not None:
+        fit_config = os.path.join(os.path.dirname(os.path.abspath(path)), fit_config)
+        if not os.path.isfile(fit_config):
+            raise UserError(f"study config {path!r}: fit_config {study['fit_config']!r} is not a file")
+    return {"fit_config": fit_config, "targets": targets, "variants": variants}
+
+
+def variant_label(variant: dict) -> str:
+    """A short name for a variant: ``none`` for ``{}``, else ``key=value`` joined by spaces."""
+    return " ".join(f"{key.split('.')[-1]}={value}" for key, value in variant.items()) or "none"
+
+
+def run_study(args: list[str]) -> str:
+    """Run every target x variant of the study file given by ``--config``; return the path of ``study.md``."""
+    if len(args) < 2 or args[0] != "--config":
+        raise UserError("study needs --config <study.yaml> first, e.g. study --config configs/priors_study.yaml")
+    study, extra = load_study(args[1]), args[2:]
+    if any(arg.split("=")[0] == "--model.target" for arg in extra):
+        raise UserError("--model.target cannot be passed to study; list the targets in the study file")
+    rows = []
+    for target in study["targets"]:
+        for variant in study["variants"]:
+            fit_args = ["fit"] + (["--config", study["fit_config"]] if study["fit_config"] else [])
+            fit_args += ["--model.target", target]
+            fit_args += [f"--{key}={value}" for key, value in variant.items()]
+            path = run([*fit_args, *extra])
+            if path is None:
+                raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
+            rows.append(study_row(variant_label(variant), path))
+    return write_study(rows)
+
+
+def study_row(variant: str, results_path: str) -> dict:
+    """One table row from a fit's results.json."""
+    with open(results_path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    null = results.get("null_model") or {}
+    return {
+        "target": results["target"],
+        "variant": variant,
+        "n_unique": results["uniqueness"]["n_unique"],
+        "n_total": results["uniqueness"]["n_total"],
+        "null_expected_n_unique": null.get("expected_n_unique"),
+        "null_p_value": null.get("p_value"),
+        "mean_decoded_gap": results["reproducibility"]["mean_decoded_gap"],
+        "results": results_path,
+    }
+
+
+def write_study(rows: list[dict], root: str = "studies") -> str:
+    """Write study.md and study.csv into a new ``<root>/version_N``; print the table and the path last."""
+    os.makedirs(root, exist_ok=True)
+    version = 0
+    while True:
+        folder = os.path.join(root, f"version_{version}")
+        try:
+            os.mkdir(folder)
+            break
+        except FileExistsError:
+            version += 1
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    table += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS[:-1]) + " |" for row in rows]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(os.path.join(folder, "study.csv"), buffer.getvalue())
+    path = os.path.join(folder, "study.md")
+    write_text_atomic(path, "# Reproducibility across targets and priors\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table), flush=True)
+    print(path, flush=True)
+    return path
