@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from amax_lightning.backbone import Backbone
+from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError
 from amax_lightning.targets import Target, parse_target
 
@@ -67,14 +68,6 @@ class Overlap:
     shared_ids: list[int]
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} {value!r} is not an integer")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise UserError(f"{name} {value!r} is out of range; it must be {allowed}")
-    return value
-
 
 def _target(backbone: Backbone, target: Target | str) -> Target:
     target = target if isinstance(target, Target) else parse_target(target, backbone.shape)
@@ -107,7 +100,7 @@ def token_activations(backbone: Backbone, target: Target | str, chunk_size: int 
         Shape (V,) on the CPU, float32: entry i is the activation for token id i (V = ``len(vocab_embeddings)``).
     """
     target = _target(backbone, target)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     vocab_size = backbone.vocab_embeddings.shape[0]
     device = backbone.vocab_embeddings.device
     out = []
@@ -134,7 +127,7 @@ def top_tokens(backbone: Backbone, target: Target | str, k: int = 20, chunk_size
     -------
     TopTokens
     """
-    k = _check_int("k", k, 1, backbone.vocab_embeddings.shape[0])
+    k = check_int("k", k, 1, backbone.vocab_embeddings.shape[0])
     acts = token_activations(backbone, target, chunk_size)
     ids = _top_indices(acts, k).tolist()
     return TopTokens(ids, backbone.token_strings(ids), acts[ids].tolist())
@@ -189,9 +182,9 @@ def text_activations(
     if token_ids.numel() == 0:
         raise UserError("the text has no tokens; give a non-empty text")
     context = backbone.max_positions or 1024
-    window = _check_int("window", context if window is None else window, 1, context)
-    stride = _check_int("stride", max(window // 2, 1) if stride is None else stride, 1, window)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    window = check_int("window", context if window is None else window, 1, context)
+    stride = check_int("stride", max(window // 2, 1) if stride is None else stride, 1, window)
+    batch_size = check_int("batch_size", batch_size, 1)
     n = token_ids.numel()
     width = min(window, n)
     starts = _window_starts(n, width, stride)
@@ -246,8 +239,8 @@ def top_contexts(
     -------
     list[TopContext]
     """
-    k = _check_int("k", k, 1)
-    context_tokens = _check_int("context_tokens", context_tokens, 0)
+    k = check_int("k", k, 1)
+    context_tokens = check_int("context_tokens", context_tokens, 0)
     file = Path(path)
     if not file.is_file():
         raise UserError(f"text file {str(path)!r} does not exist or is not a file")

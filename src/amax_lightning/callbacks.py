@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from amax_lightning.baseline import overlap, top_contexts, top_tokens
+from amax_lightning.checks import check_int
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
@@ -50,10 +51,10 @@ class ResultsWriter(Callback):
         baseline_text: Optional[str] = None,
         baseline_contexts: int = 10,
     ) -> None:
-        self.null_samples = check_count("results.null_samples", null_samples, low=0)
-        self.null_simulations = check_count("results.null_simulations", null_simulations, low=1)
-        self.baseline_top_k = check_count("results.baseline_top_k", baseline_top_k, low=0)
-        self.baseline_contexts = check_count("results.baseline_contexts", baseline_contexts, low=1)
+        self.null_samples = check_int("results.null_samples", null_samples, low=0)
+        self.null_simulations = check_int("results.null_simulations", null_simulations, low=1)
+        self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0)
+        self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1)
         if baseline_text is not None and not os.path.isfile(baseline_text):
             raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
         self.baseline_text = baseline_text
@@ -135,13 +136,6 @@ class ResultsWriter(Callback):
                 baseline["top_contexts"] = [dataclasses.asdict(c) for c in contexts]
             extra["data_baseline"] = baseline
         return extra
-
-
-def check_count(name: str, value: int, low: int) -> int:
-    """``value`` if it is an integer >= ``low``, else a UserError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{name} {value!r} is out of range; it must be an integer >= {low}")
-    return value
 
 
 def log_to_tensorboard(logger: TensorBoardLogger, results: dict, summary: str, figures: dict, step: int) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
+from amax_lightning.checks import check_int, check_number
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
@@ -28,16 +29,6 @@ def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> t
 
 
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
-
-
-def _check_number(name: str, value: float, low_open: bool, high: float = math.inf) -> float:
-    """``value`` as a float if it is a finite number in ``(0, high]`` (``low_open``) or ``[0, high]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{name} {value!r} is not a finite number")
-    if value < 0 or (value == 0 and low_open) or value > high:
-        allowed = f"{'(' if low_open else '['}0, {high:g}]" if math.isfinite(high) else ("> 0" if low_open else ">= 0")
-        raise UserError(f"{name} {value!r} is out of range; allowed: {allowed}")
-    return float(value)
 
 
 class ActMaxModule(LightningModule):
@@ -90,10 +81,9 @@ class ActMaxModule(LightningModule):
     ):
         super().__init__()
         seeds = parse_seeds(seeds)
-        lr = _check_number("lr", lr, low_open=True, high=MAX_LR)
-        l2 = _check_number("l2", l2, low_open=False)
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-            raise UserError(f"n_tokens {n_tokens!r} is out of range; it must be an integer >= 1")
+        lr = check_number("lr", lr, low_open=True, high=MAX_LR)
+        l2 = check_number("l2", l2, low_open=False)
+        n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.aggregate = check_aggregation(aggregate)
         self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
         self.save_hyperparameters()

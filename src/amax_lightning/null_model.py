@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from amax_lightning.decode import nearest_tokens
+from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError
 
 _SIM_CHUNK = 4096  # simulated studies held in memory at once; fixed so results do not depend on memory
@@ -61,14 +62,6 @@ class NullModelResult:
     n_simulations: int
     p_value_se: float | None = None
 
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UserError(f"{name} {value!r} is not an integer")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise UserError(f"{name} {value!r} is out of range; it must be {allowed}")
-    return int(value)
 
 
 def _check_distribution(p) -> np.ndarray:
@@ -108,8 +101,8 @@ def null_token_distribution(
     """
     if not isinstance(vocab, torch.Tensor) or vocab.ndim != 2 or 0 in vocab.shape:
         raise UserError(f"vocab has shape {getattr(vocab, 'shape', None)}; it must be a non-empty (V, d_model) tensor")
-    n_samples = _check_int("n_samples", n_samples, 1)
-    chunk_rows = _check_int("chunk_rows", chunk_rows, 1)
+    n_samples = check_int("n_samples", n_samples, 1)
+    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise UserError(f"scale {scale!r} is out of range; it must be a finite number > 0")
     vocab = vocab.detach()
@@ -139,7 +132,7 @@ def expected_n_unique(p, n_vectors: int) -> float:
         ``sum_v 1 - (1 - p_v)^n``, computed as ``-expm1(n * log1p(-p_v))`` for accuracy at small ``p_v``.
     """
     p = _check_distribution(p)
-    n_vectors = _check_int("n_vectors", n_vectors, 1)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
     with np.errstate(divide="ignore"):  # log1p(-1) = -inf is right: a certain token is always present
         return float(-np.expm1(n_vectors * np.log1p(-p)).sum())
 
@@ -164,8 +157,8 @@ def simulate_n_unique(p, n_vectors: int, n_simulations: int, seed: int = 0) -> n
         Shape (n_simulations,), int64: each study's number of distinct tokens.
     """
     p = _check_distribution(p)
-    n_vectors = _check_int("n_vectors", n_vectors, 1)
-    n_simulations = _check_int("n_simulations", n_simulations, 1)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    n_simulations = check_int("n_simulations", n_simulations, 1)
     support = p[p > 0] / p[p > 0].sum()  # token identities do not matter, only their probabilities
     rng = np.random.default_rng(int(seed))
     out = np.empty(n_simulations, dtype=np.int64)
@@ -200,9 +193,9 @@ def unique_count_p_value(p, n_vectors: int, observed: int, n_simulations: int = 
         p > 0)`` the probability is exactly 1: returns ``(1.0, 0.0, 0)`` without simulating.
     """
     p = _check_distribution(p)
-    n_vectors = _check_int("n_vectors", n_vectors, 1)
-    observed = _check_int("observed n_unique", observed, 1, n_vectors)
-    n_simulations = _check_int("n_simulations", n_simulations, 1)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    observed = check_int("observed n_unique", observed, 1, n_vectors)
+    n_simulations = check_int("n_simulations", n_simulations, 1)
     if observed >= min(n_vectors, int((p > 0).sum())):
         return 1.0, 0.0, 0
     counts = simulate_n_unique(p, n_vectors, n_simulations, seed)
@@ -250,7 +243,7 @@ def null_model(
     p = null_token_distribution(vocab, n_samples, scale=scale, seed=seed, chunk_rows=chunk_rows)
     expected = expected_n_unique(p, n_vectors)
     if observed_n_unique is None:
-        _check_int("n_simulations", n_simulations, 1)
+        check_int("n_simulations", n_simulations, 1)
         return NullModelResult(n_vectors, n_samples, expected, None, None, 0, None)
     p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed_n_unique, n_simulations, seed)
     return NullModelResult(n_vectors, n_samples, expected, int(observed_n_unique), p_value, n_sim, se)
