@@ -77,11 +77,16 @@ def test_fit_single_seed_and_config_with_overrides(tiny_gpt2_dir, tmp_path):
 
 
 def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
-    args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "15", "--trainer.accelerator", "cpu")
+    args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "15", "--trainer.accelerator", "cpu",
+                     "--model.priors", "clamp", "--results.null_samples", "2000")
     _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
     assert len(list((tmp_path / "ddp").rglob("results.json"))) == 1
-    assert ddp["uniqueness"] == single["uniqueness"]
+    assert ddp["uniqueness"] == single["uniqueness"] and ddp["null_model"] == single["null_model"]
+    for key in ("position_agreement", "mean_pairwise_jaccard"):
+        assert ddp["reproducibility"][key] == single["reproducibility"][key]
+    for key in ("mean_pairwise_cosine", "mean_nearest_cosine", "mean_decoded_gap"):
+        assert ddp["reproducibility"][key] == pytest.approx(single["reproducibility"][key], rel=1e-5, abs=1e-6)
     for a, b in zip(single["runs"], ddp["runs"]):
         assert (a["seed"], a["token_ids"]) == (b["seed"], b["token_ids"])
         assert a["position_activations"] == pytest.approx(b["position_activations"], rel=1e-5, abs=1e-6)
