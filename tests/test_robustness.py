@@ -49,7 +49,8 @@ def start_and_wait_for_checkpoint(folder: Path, cwd: Path) -> subprocess.Popen:
     """Start the study in a subprocess and return once its first last.ckpt exists (the run still going)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "amax_lightning", *study_args(folder)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if CI ignores it
     checkpoint = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists():
