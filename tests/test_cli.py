@@ -97,7 +97,7 @@ def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
 BAD_INPUT = [
     (["--model.target", "blocks.3.hook_resid_pre:0"], "target layer 3"),
     (["--seeds", "0,1,1"], "repeat [1]"),
-    (["--seeds", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "1 seed(s) for 2 processes"),
+    (["--seeds", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "1 run(s) (units x seeds) for 2 processes"),
     (["--model.model_name_or_path", "gpt2"], "cannot load model 'gpt2'"),
     (["--no-such-flag", "1"], "unrecognized arguments"),
 ]

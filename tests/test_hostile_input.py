@@ -114,6 +114,8 @@ CASES = [
     (["--ckpt_path", "{foreign.ckpt}"], "not an amax_lightning checkpoint"),
     (["--ckpt_path", "{other_seeds.ckpt}"], "checkpoint was made with seeds=[5]"),
     (["--ckpt_path", "last"], "no version_*/checkpoints/last.ckpt"),
+    (["--model.target", "blocks.1.hook_resid_pre:9-2"], "empty range"),
+    (["--model.target", "blocks.1.hook_resid_pre:*", "--results.baseline_top_k", "3"], "not a sweep"),
     # analysis options
     (["--results.null_samples", "-1"], "results.null_samples -1 is out of range"),
     (["--results.baseline_top_k", "x"], "results.baseline_top_k"),

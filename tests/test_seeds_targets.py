@@ -61,3 +61,25 @@ def test_parse_target():
 def test_bad_targets(spec, message):
     with pytest.raises(UserError, match=message):
         parse_target(spec, GPT2_SMALL)
+
+
+def test_parse_targets_sweeps():
+    from amax_lightning.targets import parse_targets
+
+    assert [t.unit for t in parse_targets("blocks.8.hook_resid_pre:*", GPT2_SMALL)] == [(i,) for i in range(768)]
+    assert [t.unit for t in parse_targets("blocks.8.mlp.hook_post:3-5", GPT2_SMALL)] == [(3,), (4,), (5,)]
+    assert [t.unit for t in parse_targets("blocks.8.hook_resid_mid:[9,2]", GPT2_SMALL)] == [(9,), (2,)]
+    assert parse_targets("blocks.8.hook_resid_pre:91", GPT2_SMALL) == [Target(8, "hook_resid_pre", (91,))]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("blocks.8.hook_resid_pre:5-3", "empty range"), ("blocks.8.hook_resid_pre:1,1", "repeat [1]"),
+     ("blocks.8.hook_resid_pre:1,x", "malformed"), ("blocks.8.hook_resid_pre:760-770", "unit 768 is out of range"),
+     ("blocks.3.attn.hook_q:*", "not supported"), ("blocks.3.hook_nope:*", "unknown")],
+)
+def test_bad_sweeps(spec, message):
+    from amax_lightning.targets import parse_targets
+
+    with pytest.raises(UserError, match=message):
+        parse_targets(spec, GPT2_SMALL)

@@ -122,11 +122,14 @@ class Backbone(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, target: Target) -> torch.Tensor:
         """Activation of ``target`` at every position, shape (batch, tokens), for inputs (batch, tokens, d_model)."""
+        return self.hook_values(inputs_embeds, target)[..., target.flat_index(self.shape.d_head)]
+
+    def hook_values(self, inputs_embeds: torch.Tensor, target: Target) -> torch.Tensor:
+        """Every unit of ``target``'s hook, shape (batch, tokens, hook width), running only what it needs."""
         if not self.is_gpt2:
-            return self.residual(inputs_embeds, target.layer)[..., target.unit[0]]
+            return self.residual(inputs_embeds, target.layer)
         x = _gpt2_residual(self.model, inputs_embeds, target.layer)
-        hook_value = _gpt2_block_hook(self.model.h[target.layer], x, target.hook)
-        return hook_value[..., target.flat_index(self.shape.d_head)]
+        return _gpt2_block_hook(self.model.h[target.layer], x, target.hook)
 
     def lm_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """GPT-2's next-token logits (batch, tokens, V): every block, ``ln_f``, then the tied input embedding."""

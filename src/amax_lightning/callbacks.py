@@ -18,9 +18,9 @@ from amax_lightning.checks import check_int
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
-from amax_lightning.null_model import null_model
+from amax_lightning.null_model import NullModelResult, expected_n_unique, null_token_distribution, unique_count_p_value
 from amax_lightning.priors import norm_range
-from amax_lightning.report import summary_markdown, write_report, write_text_atomic
+from amax_lightning.report import summary_markdown, write_atlas, write_report, write_text_atomic
 
 
 class ResultsWriter(Callback):
@@ -79,68 +79,84 @@ class ResultsWriter(Callback):
 
     @torch.no_grad()
     def _finish(self, trainer: Trainer, module: LightningModule, partial: bool) -> None:
-        backbone = module.backbone
+        backbone, rows = module.backbone, module.local_rows()
         embedding = module.local_embedding()
-        activations = module.position_activations(module.model_input(embedding))
+        activations = module.position_activations(module.model_input(embedding), rows)
         token_ids, cosine = nearest_tokens(embedding, backbone.vocab_embeddings)
-        decoded_activations = module.position_activations(backbone.embed_tokens(token_ids))
-        metrics = {"uniqueness": UniqueTokens(), "agreement": TokenAgreement(), "similarity": EmbeddingSimilarity()}
-        for metric in metrics.values():
-            metric.to(module.device)
-        metrics["uniqueness"].update(token_ids)
-        metrics["agreement"].update(token_ids)
-        metrics["similarity"].update(embedding)
-        computed = {name: metric.compute() for name, metric in metrics.items()}  # collectives under DDP
-        per_seed = {
-            "token_ids": module.gather_seeds(token_ids),
-            "cosine": module.gather_seeds(cosine),
-            "position_activations": module.gather_seeds(activations),
-            "decoded_position_activations": module.gather_seeds(decoded_activations),
-            "embedding_norm": module.gather_seeds(embedding.norm(dim=-1)),
+        decoded_activations = module.position_activations(backbone.embed_tokens(token_ids), rows)
+        per_row = {
+            "token_ids": module.gather_rows(token_ids),
+            "cosine": module.gather_rows(cosine),
+            "position_activations": module.gather_rows(activations),
+            "decoded_position_activations": module.gather_rows(decoded_activations),
+            "embedding": module.gather_rows(embedding),
         }
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        results = build_results(module, trainer.global_step, per_seed, computed, partial)
-        results.update(self._chance_and_data(module, results))
+        n_seeds = len(module.seeds)
+        units = [
+            build_results(module, target, trainer.global_step, {k: v[u * n_seeds : (u + 1) * n_seeds] for k, v in per_row.items()}, partial)
+            for u, target in enumerate(module.targets)
+        ]
+        self._add_null_model(module, units)
         os.makedirs(log_dir, exist_ok=True)
         self.results_path = os.path.join(log_dir, "results.json")
-        summary = summary_markdown(results)
         steps, history = module.activation_history()
-        figures = write_report(log_dir, results, summary, steps, history, module.seeds)
+        if len(units) == 1:
+            results = units[0]
+            results.update(self._data_baseline(module, results))
+            summary = summary_markdown(results)
+            figures = write_report(log_dir, results, summary, steps, history, module.seeds)
+        else:
+            results = atlas_results(units)
+            summary, figures = write_atlas(log_dir, results)
         write_text_atomic(self.results_path, json.dumps(results, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 log_to_tensorboard(logger, results, summary, figures, trainer.global_step)
         print(summary, flush=True)
 
+    def _add_null_model(self, module: LightningModule, units: list[dict]) -> None:
+        """Add to each unit's results the chance expectation of n_unique and the p-value of its own count."""
+        if not self.null_samples:
+            return
+        n_vectors = units[0]["uniqueness"]["n_total"]
+        p = null_token_distribution(module.backbone.vocab_embeddings, self.null_samples, scale=module.init_scale, seed=0)
+        expected = expected_n_unique(p, n_vectors)
+        for results in units:
+            observed = results["uniqueness"]["n_unique"]
+            p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed, self.null_simulations, seed=0)
+            null = NullModelResult(n_vectors, self.null_samples, expected, observed, p_value, n_sim, se)
+            results["null_model"] = dataclasses.asdict(null)
 
-    def _chance_and_data(self, module: LightningModule, results: dict) -> dict:
-        """The null model's expected n_unique and p-value, and the data-sampling baseline, as configured."""
-        extra = {}
-        backbone, u = module.backbone, results["uniqueness"]
-        if self.null_samples:
-            null = null_model(backbone.vocab_embeddings, u["n_total"], u["n_unique"], n_samples=self.null_samples,
-                              scale=module.init_scale, n_simulations=self.null_simulations, seed=0)
-            extra["null_model"] = dataclasses.asdict(null)
-        if self.baseline_top_k or self.baseline_text:
-            baseline = {}
-            if self.baseline_top_k:
-                top = top_tokens(backbone, module.target, k=self.baseline_top_k)
-                gradient_ids = [i for run in results["runs"] for i in run["token_ids"]]
-                baseline["top_tokens"] = dataclasses.asdict(top)
-                baseline["overlap"] = dataclasses.asdict(overlap(gradient_ids, top.token_ids))
-            if self.baseline_text:
-                contexts = top_contexts(backbone, module.target, self.baseline_text, k=self.baseline_contexts)
-                baseline["text"] = self.baseline_text
-                baseline["top_contexts"] = [dataclasses.asdict(c) for c in contexts]
-            extra["data_baseline"] = baseline
-        return extra
+    def _data_baseline(self, module: LightningModule, results: dict) -> dict:
+        """The data-sampling baseline for a one-unit run, as configured."""
+        if not (self.baseline_top_k or self.baseline_text):
+            return {}
+        baseline = {}
+        if self.baseline_top_k:
+            top = top_tokens(module.backbone, module.target, k=self.baseline_top_k)
+            gradient_ids = [i for run in results["runs"] for i in run["token_ids"]]
+            baseline["top_tokens"] = dataclasses.asdict(top)
+            baseline["overlap"] = dataclasses.asdict(overlap(gradient_ids, top.token_ids))
+        if self.baseline_text:
+            contexts = top_contexts(module.backbone, module.target, self.baseline_text, k=self.baseline_contexts)
+            baseline["text"] = self.baseline_text
+            baseline["top_contexts"] = [dataclasses.asdict(c) for c in contexts]
+        return {"data_baseline": baseline}
 
 
 def log_to_tensorboard(logger: TensorBoardLogger, results: dict, summary: str, figures: dict, step: int) -> None:
     """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
     logger.experiment.add_text("decoded_tokens", summary, step)
+    if "units" in results:  # a sweep: the atlas
+        counts = [row["n_unique"] for row in results["atlas"]]
+        logger.log_metrics({"atlas/min_n_unique": min(counts), "atlas/mean_n_unique": sum(counts) / len(counts)}, step)
+        for name, figure in figures.items():
+            logger.experiment.add_figure(f"report/{name}", figure, step)
+        logger.experiment.flush()
+        return
     repro = results["reproducibility"]
     scalars = {"uniqueness/n_unique": results["uniqueness"]["n_unique"]}
     scalars.update({f"reproducibility/{key}": repro[key] for key in SCALAR_METRICS})
@@ -157,13 +173,22 @@ SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pair
                   "mean_decoded_gap", "mean_embedding_norm")
 
 
-def build_results(module: LightningModule, steps: int, per_seed: dict, computed: dict, partial: bool) -> dict:
-    """The ``results.json`` document: protocol, one record per seed (sorted by seed), uniqueness, reproducibility.
+def build_results(module: LightningModule, target, steps: int, per_seed: dict, partial: bool) -> dict:
+    """The ``results.json`` document of one unit: protocol, one record per seed (sorted by seed), uniqueness
+    and reproducibility metrics. ``per_seed`` holds that unit's rows in the module's seed order.
 
     Activations are in the model's units; ``final_activation`` and ``decoded_activation`` are the objective
     (positions reduced by ``aggregate``) at the optimized input and at its decoded tokens.
     """
     backbone = module.backbone
+    local = {"sync_on_compute": False}  # rows are already gathered; rank 0 alone computes
+    metrics = {"uniqueness": UniqueTokens(**local), "agreement": TokenAgreement(**local),
+               "similarity": EmbeddingSimilarity(**local)}
+    metrics["uniqueness"].update(per_seed["token_ids"])
+    metrics["agreement"].update(per_seed["token_ids"])
+    metrics["similarity"].update(per_seed["embedding"])
+    computed = {name: metric.compute() for name, metric in metrics.items()}
+    norms = per_seed["embedding"].norm(dim=-1)
     runs = []
     for i, seed in enumerate(module.seeds):
         ids = per_seed["token_ids"][i].tolist()
@@ -181,7 +206,7 @@ def build_results(module: LightningModule, steps: int, per_seed: dict, computed:
                 "decoded_activation": decoded_value,
                 "decoded_position_activations": decoded.tolist(),
                 "decoded_gap": final - decoded_value,
-                "embedding_norm": per_seed["embedding_norm"][i].tolist(),
+                "embedding_norm": norms[i].tolist(),
             }
         )
     runs.sort(key=lambda run: run["seed"])
@@ -191,7 +216,7 @@ def build_results(module: LightningModule, steps: int, per_seed: dict, computed:
     matrix = [[similarity["matrix"][i][j] for j in order] for i in order]
     return {
         "model": module.model_name_or_path,
-        "target": module.target.spec,
+        "target": target.spec,
         "aggregate": module.aggregate,
         "priors": [prior.describe() for prior in module.priors],
         "n_tokens": module.n_tokens,
@@ -213,4 +238,24 @@ def build_results(module: LightningModule, steps: int, per_seed: dict, computed:
             "mean_embedding_norm": sum(n for r in runs for n in r["embedding_norm"]) / (len(runs) * module.n_tokens),
             "vocab_norm_range": [low, high],
         },
+    }
+
+
+def atlas_results(units: list[dict]) -> dict:
+    """The ``results.json`` of a sweep: one study-format document per unit under ``units``, plus the atlas rows."""
+    return {"targets": [u["target"] for u in units], "atlas": [atlas_row(u) for u in units], "units": units}
+
+
+def atlas_row(unit: dict) -> dict:
+    """One line of atlas.csv: a unit's n_unique over its seeds x positions, activations, decoded-token cosine."""
+    finals = [run["final_activation"] for run in unit["runs"]]
+    null = unit.get("null_model") or {}
+    return {
+        "target": unit["target"],
+        "n_unique": unit["uniqueness"]["n_unique"],
+        "n_total": unit["uniqueness"]["n_total"],
+        "mean_final_activation": sum(finals) / len(finals),
+        "min_final_activation": min(finals),
+        "mean_nearest_cosine": unit["reproducibility"]["mean_nearest_cosine"],
+        "null_p_value": null.get("p_value"),
     }

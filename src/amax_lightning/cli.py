@@ -87,8 +87,11 @@ class AmaxCLI(LightningCLI):
 
     def before_fit(self) -> None:
         world = self.trainer.world_size
-        if len(self.model.seeds) < world:
-            raise UserError(f"{len(self.model.seeds)} seed(s) for {world} processes; give at least one seed per process")
+        if self.model.n_rows < world:
+            raise UserError(f"{self.model.n_rows} run(s) (units x seeds) for {world} processes; give at least one per process")
+        writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter)), None)
+        if len(self.model.targets) > 1 and writer is not None and (writer.baseline_top_k or writer.baseline_text):
+            raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")
         fit_args = self.config_init[self.subcommand]
         if fit_args.weights_only is None:
             fit_args.weights_only = True  # checkpoints are loaded with torch.load(weights_only=True)

@@ -1,5 +1,6 @@
-"""Reproducibility metrics as torchmetrics Metrics: each process updates with its own shard of seeds, and
-``compute`` sees every seed (the ``cat`` states are gathered across processes, in rank = seed order)."""
+"""Reproducibility metrics as torchmetrics Metrics. Their ``cat`` states make them DDP-safe when each process
+updates with its own shard; amax_lightning gathers the rows itself and computes them on rank 0
+(``sync_on_compute=False``), one unit at a time."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class UniqueTokens(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("token_ids", default=[], dist_reduce_fx="cat")
 
     def update(self, token_ids: torch.Tensor) -> None:
@@ -48,8 +49,8 @@ class TokenAgreement(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("token_ids", default=[], dist_reduce_fx="cat")
 
     def update(self, token_ids: torch.Tensor) -> None:
@@ -77,8 +78,8 @@ class EmbeddingSimilarity(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
 
     def update(self, embeddings: torch.Tensor) -> None:

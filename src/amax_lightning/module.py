@@ -14,7 +14,7 @@ from amax_lightning.checks import check_int, check_number
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
-from amax_lightning.targets import check_aggregation, parse_target
+from amax_lightning.targets import Target, check_aggregation, parse_targets
 
 DEFAULT_SEEDS = list(range(10))
 
@@ -92,9 +92,9 @@ class ActMaxModule(LightningModule):
             raise UserError(
                 f"n_tokens {n_tokens} is out of range; this model's context allows 1..{self.backbone.max_positions}"
             )
-        self.target = parse_target(target, self.backbone.shape)
-        if not self.backbone.supports(self.target):
-            raise UserError(f"target hook {self.target.hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
+        self.targets = parse_targets(target, self.backbone.shape)
+        if not self.backbone.supports(self.targets[0]):
+            raise UserError(f"target hook {self.targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
         if any(isinstance(p, Fluency) for p in self.priors) and not self.backbone.is_gpt2:
             raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
         self.seeds = seeds
@@ -108,23 +108,38 @@ class ActMaxModule(LightningModule):
         else:  # logits per position over the vocabulary, standard normal from the seed's generator
             n_vocab = self.backbone.vocab_embeddings.shape[0]
             init = [initial_embedding(s, n_tokens, n_vocab, 1.0) for s in seeds]
-        self.parameter = nn.Parameter(torch.stack(init))
-        self.shard = (0, len(seeds))
+        self.parameter = nn.Parameter(torch.stack(init).repeat(len(self.targets), 1, 1))
+        self.n_rows = len(self.targets) * len(seeds)  # row r optimizes unit r // len(seeds) from seed r % len(seeds)
+        d_head = self.backbone.shape.d_head
+        row_units = [t.flat_index(d_head) for t in self.targets for _ in seeds]
+        self.register_buffer("row_units", torch.tensor(row_units, dtype=torch.long), persistent=False)
+        self.shard = (0, self.n_rows)
         self.history_steps: list[int] = []
-        self.history: list[torch.Tensor] = []  # per step: every seed's objective, shape (seeds,)
+        self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
     # --- sharding across processes -------------------------------------------------------------------
+    @property
+    def target(self) -> Target:
+        """The target, for runs of one unit."""
+        if len(self.targets) != 1:
+            raise AttributeError("this run sweeps several units; use .targets")
+        return self.targets[0]
+
     def setup(self, stage: str) -> None:
-        self.shard = shard_bounds(len(self.seeds), self.trainer.world_size, self.trainer.global_rank)
+        self.shard = shard_bounds(self.n_rows, self.trainer.world_size, self.trainer.global_rank)
+
+    def local_rows(self) -> slice:
+        """This process's contiguous shard of rows (unit x seed)."""
+        return slice(*self.shard)
 
     def embeddings(self, parameter: torch.Tensor) -> torch.Tensor:
-        """The input embeddings (seeds, n_tokens, d_model) a slice of the learned parameter stands for."""
+        """The input embeddings (rows, n_tokens, d_model) a slice of the learned parameter stands for."""
         return parameter if self.softmax is None else self.softmax.embedding(parameter, self.backbone)
 
     def local_embedding(self) -> torch.Tensor:
-        """This process's shard of the embeddings, shape (shard seeds, n_tokens, d_model)."""
-        return self.embeddings(self.parameter[self.shard[0] : self.shard[1]])
+        """This process's shard of the embeddings, shape (shard rows, n_tokens, d_model)."""
+        return self.embeddings(self.parameter[self.local_rows()])
 
     def model_input(self, embedding: torch.Tensor) -> torch.Tensor:
         """What the model is fed for ``embedding``: the embedding, or its nearest tokens (straight-through)."""
@@ -132,22 +147,24 @@ class ActMaxModule(LightningModule):
             embedding = prior.model_input(embedding, self.backbone)
         return embedding
 
-    def gather_seeds(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's per-seed tensor (shard, ...) into (seeds, ...) in seed order."""
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return local
-        size = math.ceil(len(self.seeds) / world)
+        size = math.ceil(self.n_rows / world)
         padded = local.new_zeros((size, *local.shape[1:]))
         padded[: local.shape[0]] = local
         stacked = self.all_gather(padded)  # (world, size, ...)
-        bounds = [shard_bounds(len(self.seeds), world, r) for r in range(world)]
+        bounds = [shard_bounds(self.n_rows, world, r) for r in range(world)]
         return torch.cat([stacked[r, : stop - start] for r, (start, stop) in enumerate(bounds)])
 
     # --- the objective -------------------------------------------------------------------------------
-    def position_activations(self, model_input: torch.Tensor) -> torch.Tensor:
-        """Target activation at every position, shape (seeds, n_tokens), for model inputs (seeds, n_tokens, d)."""
-        return self.backbone(model_input, self.target)
+    def position_activations(self, model_input: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)."""
+        values = self.backbone.hook_values(model_input, self.targets[0])  # (rows, n_tokens, hook width)
+        units = self.row_units[rows].view(-1, 1, 1).expand(-1, values.shape[1], 1)
+        return values.gather(-1, units).squeeze(-1)
 
     def objective(self, activations: torch.Tensor) -> torch.Tensor:
         """Each seed's objective, shape (seeds,): its activations (seeds, n_tokens) reduced by ``aggregate``."""
@@ -169,7 +186,7 @@ class ActMaxModule(LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         embedding = self.local_embedding()
         model_input = self.model_input(embedding)
-        activations = self.position_activations(model_input)
+        activations = self.position_activations(model_input, self.local_rows())
         loss = self.per_seed_loss(embedding, model_input, activations)
         self._check_finite(activations, loss)
         self._log_step(embedding, activations, loss)
@@ -183,7 +200,7 @@ class ActMaxModule(LightningModule):
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
         if not bool(finite.all()):
-            bad = [self.seeds[self.shard[0] + i] for i in (~finite).nonzero().flatten().tolist()]
+            bad = sorted({self.seeds[(self.shard[0] + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
             raise NonFiniteError(
                 f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
                 f"try a smaller lr (now {self.lr}) or an l2 penalty"
@@ -192,10 +209,13 @@ class ActMaxModule(LightningModule):
     def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
         with torch.no_grad():
             stats = torch.stack([self.objective(activations), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
-            stats = self.gather_seeds(stats)  # (seeds, 3): objective, loss, mean vector norm
+            stats = self.gather_rows(stats)  # (rows, 3): objective, loss, mean vector norm
         self.history_steps.append(self.global_step)
         self.history.append(stats[:, 0].detach())
-        metrics = {f"activation/seed_{s}": stats[i, 0] for i, s in enumerate(self.seeds)}
+        if len(self.targets) == 1:
+            metrics = {f"activation/seed_{s}": stats[i, 0] for i, s in enumerate(self.seeds)}
+        else:  # a sweep: thousands of rows, so their spread rather than a curve each
+            metrics = {"activation/min": stats[:, 0].min(), "activation/max": stats[:, 0].max()}
         metrics["activation/mean"] = stats[:, 0].mean()
         metrics["embedding/norm"] = stats[:, 2].mean()
         metrics["embedding/vocab_norm"] = self.vocab_norm
@@ -203,9 +223,9 @@ class ActMaxModule(LightningModule):
         self.log("loss", stats[:, 1].sum(), on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
 
     def activation_history(self) -> tuple[list[int], torch.Tensor]:
-        """Steps and each seed's objective at them, shape (steps, seeds), from the optimization so far."""
+        """Steps and each row's objective at them, shape (steps, rows), from the optimization so far."""
         if not self.history:
-            return [], torch.empty(0, len(self.seeds))
+            return [], torch.empty(0, self.n_rows)
         return list(self.history_steps), torch.stack(self.history).cpu()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -147,3 +147,39 @@ def _nearest_cosine(results: dict):
     axes.hist(cosines, bins=20, range=(-1, 1))
     axes.set(xlabel="cosine to nearest vocabulary token", ylabel="vectors", title="how token-like the optimum is")
     return figure
+
+
+ATLAS_COLUMNS = ("target", "n_unique", "n_total", "mean_final_activation", "min_final_activation",
+                 "mean_nearest_cosine", "null_p_value")
+
+
+def write_atlas(log_dir: str, results: dict, top: int = 10) -> tuple[str, dict]:
+    """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep.
+
+    Returns the summary text (the most reproducible units first) and the figure, for TensorBoard.
+    """
+    rows = results["atlas"]
+    lines = [",".join(ATLAS_COLUMNS)]
+    lines += [",".join("" if row[c] is None else (f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c]))
+                       for c in ATLAS_COLUMNS) for row in rows]
+    write_text_atomic(os.path.join(log_dir, "atlas.csv"), "\n".join(lines) + "\n")
+    ranked = sorted(rows, key=lambda row: (row["n_unique"], -row["mean_final_activation"]))
+    counts = sorted(row["n_unique"] for row in rows)
+    summary = [
+        f"sweep of {len(rows)} units x {rows[0]['n_total']} vectors each: n_unique min {counts[0]}, "
+        f"median {counts[len(counts) // 2]}, max {counts[-1]}",
+        "",
+        "| target | n_unique | mean final activation | mean nearest cosine | null p-value |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in ranked[:top]:
+        p_value = "-" if row["null_p_value"] is None else f"{row['null_p_value']:.3g}"
+        summary.append(f"| {row['target']} | {row['n_unique']} of {row['n_total']} | {row['mean_final_activation']:.4g} "
+                       f"| {row['mean_nearest_cosine']:.3f} | {p_value} |")
+    text = "\n".join(summary)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(range(len(counts)), counts, lw=1)
+    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0]['n_total']}", title="atlas: reproducibility per unit")
+    _save_figure(figure, os.path.join(log_dir, "atlas.png"))
+    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization atlas\n\n{text}\n\n![atlas](atlas.png)\n")
+    return text, {"atlas": figure}

@@ -16,6 +16,7 @@ attn.hook_q/k/v     query / key / value of head H, dimension D                  
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from amax_lightning.errors import UserError
@@ -108,6 +109,47 @@ def parse_target(spec: str, shape: ModelShape) -> Target:
         if not 0 <= value < size:
             raise UserError(f"target {name} {value} is out of range for {hook}; allowed 0..{size - 1}")
     return Target(layer=layer, hook=hook, unit=unit)
+
+
+_MANY = re.compile(r"^(?P<prefix>blocks\.[^:]+):(?P<units>.*)$")
+_UNIT_RANGE = re.compile(r"^([0-9]+)-([0-9]+)$")
+
+
+def parse_targets(spec: str, shape: ModelShape) -> list[Target]:
+    """Parse a target spec that may name many units of one hook: ``...:91``, ``...:*`` (every unit),
+    ``...:0-127`` (inclusive) or ``...:3,17,91`` / ``...:[3,17,91]``; attention q/k/v take one ``H.D``.
+
+    Returns the targets in the order given (``*`` and ranges ascending).
+
+    Raises
+    ------
+    UserError
+        As ``parse_target`` does for each unit, and on an empty or repeated unit list.
+    """
+    match = _MANY.match(spec.strip()) if isinstance(spec, str) else None
+    units = match["units"].strip() if match else ""
+    if match is None or not any(mark in units for mark in "*-,[") or units.startswith("-") and units[1:].isdigit():
+        return [parse_target(spec, shape)]
+    if match["prefix"].endswith(HEAD_HOOKS):
+        raise UserError(f"target {spec!r}: sweeps over attention q/k/v units are not supported; give one H.D")
+    first = parse_target(f"{match['prefix']}:0", shape)
+    width = shape.d_mlp if first.hook == "mlp.hook_post" else shape.d_model
+    if units == "*":
+        indices = list(range(width))
+    elif _UNIT_RANGE.match(units):
+        low, high = (int(x) for x in _UNIT_RANGE.match(units).groups())
+        if high < low:
+            raise UserError(f"target units {units!r} are an empty range; write low-high, e.g. 0-127")
+        indices = list(range(low, high + 1))
+    else:
+        parts = [part.strip() for part in units.strip("[]").split(",")]
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise UserError(f"target units {units!r} are malformed; use *, 0-127 or 3,17,91")
+        indices = [int(part) for part in parts]
+    repeated = sorted(i for i, n in Counter(indices).items() if n > 1)
+    if repeated:
+        raise UserError(f"target units {units!r} repeat {repeated}; each unit may appear once")
+    return [parse_target(f"{match['prefix']}:{i}", shape) for i in indices]
 
 
 def check_aggregation(name: str) -> str:
