@@ -74,7 +74,7 @@ def test_parse_targets_sweeps():
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("blocks.8.hook_resid_pre:5-3", "empty range"), ("blocks.8.hook_resid_pre:1,1", "repeat [1]"),
+    [("blocks.8.hook_resid_pre:5-3", "empty range"), ("blocks.8.hook_resid_pre:1,1", r"repeat \[1\]"),
      ("blocks.8.hook_resid_pre:1,x", "malformed"), ("blocks.8.hook_resid_pre:760-770", "unit 768 is out of range"),
      ("blocks.3.attn.hook_q:*", "not supported"), ("blocks.3.hook_nope:*", "unknown")],
 )

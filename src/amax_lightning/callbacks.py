@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -59,6 +61,26 @@ class ResultsWriter(Callback):
             raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
         self.baseline_text = baseline_text
         self.results_path: str | None = None
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        """Defer Ctrl-C to the end of the current step, so the checkpoint it saves is a consistent state."""
+        self._ctrl_c = False
+        self._previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._note_ctrl_c)
+
+    def _note_ctrl_c(self, signum, frame) -> None:
+        self._ctrl_c = True
+        signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self._ctrl_c:  # parameters, Adam state and global_step all belong to the same finished step here
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        if getattr(self, "_previous_sigint", None) is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
         self._finish(trainer, module, partial=False)
