@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, GPT2Model, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.activations import NewGELUActivation
 from transformers.utils import logging as hf_logging
 
 from amax_lightning.errors import UserError, first_line
@@ -150,7 +151,7 @@ def _gpt2_residual(model: GPT2Model, inputs_embeds: torch.Tensor, n_blocks: int)
     x = inputs_embeds + model.wpe.weight[:n_tokens]
     for block in model.h[:n_blocks]:
         x = x + _gpt2_attention(block.attn, block.ln_1(x))
-        x = x + block.mlp(block.ln_2(x))
+        x = x + block.mlp.c_proj(_gpt2_mlp_hidden(block.mlp, block.ln_2(x)))
     return x
 
 
@@ -167,11 +168,23 @@ def _gpt2_block_hook(block: nn.Module, x: torch.Tensor, hook: str) -> torch.Tens
     mid = x + _gpt2_attention(block.attn, block.ln_1(x))
     if hook == "hook_resid_mid":
         return mid
-    post_act = block.mlp.act(block.mlp.c_fc(block.ln_2(mid)))
+    post_act = _gpt2_mlp_hidden(block.mlp, block.ln_2(mid))
     if hook == "mlp.hook_post":
         return post_act
     assert hook == RESIDUAL_HOOKS[2], hook
     return mid + block.mlp.c_proj(post_act)
+
+
+def _gpt2_mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's MLP neurons after the activation (``mlp.hook_post``), shape (batch, tokens, d_mlp).
+
+    HF's ``gelu_new`` runs as six separate ops; ``F.gelu(approximate="tanh")`` is the same function in one
+    kernel (max difference 2.4e-7; 1.12x faster steps on 2 CPU cores, benchmarks/explore_speedups.py).
+    """
+    hidden = mlp.c_fc(x)
+    if isinstance(mlp.act, NewGELUActivation):
+        return F.gelu(hidden, approximate="tanh")
+    return mlp.act(hidden)
 
 
 def _gpt2_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
