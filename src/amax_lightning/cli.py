@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule
+from amax_lightning.report import claim_version_folder
 from amax_lightning.seeds import parse_seeds
 
 STUDY_DEFAULTS = {
@@ -129,15 +130,7 @@ def claim_new_version(logger: TensorBoardLogger) -> None:
     """
     if logger._version is not None:  # a version the user chose (or a resumed run) is used as given
         return
-    os.makedirs(logger.root_dir, exist_ok=True)
-    version = logger.version
-    while True:
-        try:
-            os.mkdir(os.path.join(logger.root_dir, f"version_{version}"))
-            break
-        except FileExistsError:
-            version += 1
-    logger._version = version
+    logger._version = claim_version_folder(logger.root_dir, first=logger.version)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -54,6 +54,21 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def claim_version_folder(root: str, first: int = 0) -> int:
+    """Create ``<root>/version_N`` exclusively for the smallest N >= ``first`` no one has; return N.
+
+    ``os.mkdir`` fails if the folder exists, so two runs started at the same moment never share one.
+    """
+    os.makedirs(root, exist_ok=True)
+    version = first
+    while True:
+        try:
+            os.mkdir(os.path.join(root, f"version_{version}"))
+            return version
+        except FileExistsError:
+            version += 1
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder and a rename: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -18,7 +18,7 @@ import yaml
 
 from amax_lightning.cli import run
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.report import write_text_atomic
+from amax_lightning.report import claim_version_folder, write_text_atomic
 
 COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
            "results")
@@ -95,15 +95,7 @@ def study_row(variant: str, results_path: str) -> dict:
 
 def write_study(rows: list[dict], root: str = "studies") -> str:
     """Write study.md and study.csv into a new ``<root>/version_N``; print the table and the path last."""
-    os.makedirs(root, exist_ok=True)
-    version = 0
-    while True:
-        folder = os.path.join(root, f"version_{version}")
-        try:
-            os.mkdir(folder)
-            break
-        except FileExistsError:
-            version += 1
+    folder = os.path.join(root, f"version_{claim_version_folder(root)}")
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     table = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
     table += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS[:-1]) + " |" for row in rows]
