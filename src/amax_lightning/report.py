@@ -69,19 +69,32 @@ def claim_version_folder(root: str, first: int = 0) -> int:
             version += 1
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename: readers never see half a file."""
+def write_atomic(path: str, write) -> None:
+    """Call ``write(temp_path)`` for a temp file beside ``path``, then rename it over ``path``.
+
+    Readers never see half a file, and a failed write leaves no temp file behind.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    write_atomic(path, write)
 
 
 PLOTS = ("activation_curves", "token_frequency", "embedding_similarity", "nearest_cosine")
@@ -111,16 +124,7 @@ def write_report(log_dir: str, results: dict, summary: str, steps: list[int], hi
 
 
 def _save_figure(figure, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
 
 
 def _curves(results: dict, steps: list[int], history: torch.Tensor, history_seeds: list[int]):
