@@ -22,7 +22,7 @@ from amax_lightning.errors import UserError
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.null_model import NullModelResult, expected_n_unique, null_token_distribution, unique_count_p_value
 from amax_lightning.priors import norm_range
-from amax_lightning.report import summary_markdown, write_atlas, write_report, write_text_atomic
+from amax_lightning.report import close_figures, summary_markdown, write_atlas, write_report, write_text_atomic
 
 
 class ResultsWriter(Callback):
@@ -101,11 +101,11 @@ class ResultsWriter(Callback):
 
     @torch.no_grad()
     def _finish(self, trainer: Trainer, module: LightningModule, partial: bool) -> None:
-        backbone, rows = module.backbone, module.local_rows()
+        backbone = module.backbone
         embedding = module.local_embedding()
-        activations = module.position_activations(module.model_input(embedding), rows)
+        activations = module.local_activations(module.model_input(embedding))
         token_ids, cosine = nearest_tokens(embedding, backbone.vocab_embeddings)
-        decoded_activations = module.position_activations(backbone.embed_tokens(token_ids), rows)
+        decoded_activations = module.local_activations(backbone.embed_tokens(token_ids))
         per_row = {
             "token_ids": module.gather_rows(token_ids),
             "cosine": module.gather_rows(cosine),
@@ -137,6 +137,7 @@ class ResultsWriter(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 log_to_tensorboard(logger, results, summary, figures, trainer.global_step)
+        close_figures(figures)
         print(summary, flush=True)
 
     def _add_null_model(self, module: LightningModule, units: list[dict]) -> None:
@@ -249,6 +250,7 @@ def build_results(module: LightningModule, target, steps: int, per_seed: dict, p
         "seeds": sorted(module.seeds),
         "init_scale": module.init_scale,
         "vocab_norm": module.vocab_norm,
+        "numerics": module.numerics(),
         "runs": runs,
         "uniqueness": {**computed["uniqueness"], "tokens": backbone.token_strings(computed["uniqueness"]["token_ids"])},
         "reproducibility": {

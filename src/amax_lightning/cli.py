@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule
+from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision
 from amax_lightning.report import claim_version_folder
 from amax_lightning.seeds import parse_seeds
 
@@ -87,6 +87,7 @@ class AmaxCLI(LightningCLI):
             raise UserError(f"trainer.max_steps {steps!r} is out of range; the number of optimizer steps must be >= 1")
 
     def before_fit(self) -> None:
+        check_precision(self.trainer.precision)
         world = self.trainer.world_size
         if self.model.n_rows < world:
             raise UserError(f"{self.model.n_rows} run(s) (units x seeds) for {world} processes; give at least one per process")

@@ -6,11 +6,13 @@ import math
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
 from amax_lightning.checks import check_int, check_number
+from amax_lightning.chunking import PROBE_ROWS, choose_chunk_rows, chunk_slices, free_memory_bytes, saved_bytes_per_row
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
@@ -26,6 +28,20 @@ def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> t
     """
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n_tokens, d_model, generator=generator) * scale
+
+
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")  # the learned embedding and Adam stay >= fp32
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def check_precision(precision: str) -> str:
+    """Return Lightning's ``precision`` if the run may use it; a UserError for half-precision parameters."""
+    if str(precision) not in PRECISIONS:
+        raise UserError(
+            f"trainer.precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)} "
+            "(the learned embedding and its Adam state must stay in fp32 or fp64)"
+        )
+    return str(precision)
 
 
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
@@ -63,6 +79,13 @@ class ActMaxModule(LightningModule):
         Comma-separated priors, e.g. ``"clamp,vocab_distance=0.1,straight_through"``; see ``priors.parse_priors``.
     trust_remote_code
         Passed to HF ``from_pretrained``; only set it for model code you trust.
+    matmul_precision
+        ``torch.set_float32_matmul_precision`` during the fit: ``highest`` (true fp32, the default), ``high``
+        (TF32 on NVIDIA GPUs) or ``medium`` (bf16 products); restored when the fit ends.
+    chunk_rows
+        Rows (unit x seed) per forward/backward; 0 = automatic: all rows at once if their saved activations
+        fit in half the device's free memory, else the most that do. The gradient of each row is exact
+        either way (rows are independent), so this changes memory and speed, not the optimization.
     """
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors")
@@ -78,12 +101,20 @@ class ActMaxModule(LightningModule):
         aggregate: str = "mean",
         priors: str = "",
         trust_remote_code: bool = False,
+        matmul_precision: str = "highest",
+        chunk_rows: int = 0,
     ):
         super().__init__()
         seeds = parse_seeds(seeds)
         lr = check_number("lr", lr, low_open=True, high=MAX_LR)
         l2 = check_number("l2", l2, low_open=False)
         n_tokens = check_int("n_tokens", n_tokens, low=1)
+        self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise UserError(f"matmul_precision {matmul_precision!r} is unknown; allowed: {', '.join(MATMUL_PRECISIONS)}")
+        self.matmul_precision = matmul_precision
+        self._previous_matmul_precision: str | None = None
+        self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self.aggregate = check_aggregation(aggregate)
         self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
         self.save_hyperparameters()
@@ -127,7 +158,15 @@ class ActMaxModule(LightningModule):
         return self.targets[0]
 
     def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
         self.shard = shard_bounds(self.n_rows, self.trainer.world_size, self.trainer.global_rank)
+        self._previous_matmul_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+
+    def teardown(self, stage: str) -> None:
+        if self._previous_matmul_precision is not None:
+            torch.set_float32_matmul_precision(self._previous_matmul_precision)
+            self._previous_matmul_precision = None
 
     def local_rows(self) -> slice:
         """This process's contiguous shard of rows (unit x seed)."""
@@ -183,24 +222,82 @@ class ActMaxModule(LightningModule):
                 loss = loss + penalty
         return loss
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        embedding = self.local_embedding()
+    def row_forward(self, parameter_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embedding (rows, T, d), activations (rows, T) and per-row loss (rows,) of parameter rows ``rows``."""
+        embedding = self.embeddings(parameter_rows)
         model_input = self.model_input(embedding)
-        activations = self.position_activations(model_input, self.local_rows())
-        loss = self.per_seed_loss(embedding, model_input, activations)
-        self._check_finite(activations, loss)
+        activations = self.position_activations(model_input, rows)
+        return embedding, activations, self.per_seed_loss(embedding, model_input, activations)
+
+    def row_chunks(self) -> list[slice]:
+        """This process's rows as consecutive chunks of ``chunk_rows`` (decided once; see ``chunk_rows``)."""
+        if self.chunk_rows_used is None:
+            self.chunk_rows_used = self.chunk_rows or self._automatic_chunk_rows()
+        return chunk_slices(*self.shard, self.chunk_rows_used)
+
+    def _automatic_chunk_rows(self) -> int:
+        n_local = self.shard[1] - self.shard[0]
+        if n_local <= PROBE_ROWS[-1]:
+            return n_local
+
+        def probe(n: int) -> torch.Tensor:
+            with torch.enable_grad():
+                piece = self.parameter[self.shard[0] : self.shard[0] + n].detach().requires_grad_()
+                return self.row_forward(piece, slice(self.shard[0], self.shard[0] + n))[2].sum()
+
+        per_row = saved_bytes_per_row(probe)
+        free = free_memory_bytes(self.device)
+        chunk = choose_chunk_rows(n_local, per_row, free)
+        if chunk < n_local:
+            rank_zero_info(
+                f"amax_lightning: {n_local} rows need {per_row * n_local / 2**20:.1f} MiB of saved activations "
+                f"({free / 2**20:.1f} MiB free on {self.device.type}); running {math.ceil(n_local / chunk)} chunks "
+                f"of {chunk} rows (set --model.chunk_rows to choose)"
+            )
+        return chunk
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        chunks = self.row_chunks()
+        scale = self.trainer.world_size
+        if len(chunks) == 1:
+            embedding, activations, loss = self.row_forward(self.parameter[chunks[0]], chunks[0])
+            self._check_finite(activations, loss)
+            self._log_step(embedding, activations, loss)
+            return loss.sum() * scale
+        # One chunk's graph at a time: its exact gradient is taken now and the graph freed; the returned
+        # surrogate has the true loss as value and exactly these gradients, so Lightning, DDP and Adam see
+        # the same step as for one big batch.
+        local = self.parameter[self.local_rows()]
+        grad = torch.zeros_like(local)
+        parts = []
+        for rows in chunks:
+            piece = self.parameter[rows].detach().requires_grad_()
+            embedding, activations, loss = self.row_forward(piece, rows)
+            self._check_finite(activations, loss, first_row=rows.start)
+            (grad[rows.start - self.shard[0] : rows.stop - self.shard[0]],) = torch.autograd.grad(loss.sum() * scale, piece)
+            parts.append((embedding.detach(), activations.detach(), loss.detach()))
+        embedding, activations, loss = (torch.cat(part) for part in zip(*parts))
         self._log_step(embedding, activations, loss)
-        return loss.sum() * self.trainer.world_size
+        surrogate = (local * grad).sum()
+        return surrogate - surrogate.detach() + loss.sum() * scale
+
+    @torch.no_grad()
+    def local_activations(self, model_input: torch.Tensor) -> torch.Tensor:
+        """Activations (shard rows, T) of this process's rows for model inputs (shard rows, T, d), in chunks."""
+        start = self.shard[0]
+        return torch.cat([self.position_activations(model_input[r.start - start : r.stop - start], r) for r in self.row_chunks()])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Apply the priors' projections (e.g. the norm clamp) to the parameter after the optimizer step."""
         for prior in self.priors:
             prior.project_(self.parameter.data, self.backbone)
 
-    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
+    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor, first_row: int | None = None) -> None:
+        """Raise NonFiniteError naming the seeds of rows (from ``first_row``, default the shard's) that went non-finite."""
+        first_row = self.shard[0] if first_row is None else first_row
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
         if not bool(finite.all()):
-            bad = sorted({self.seeds[(self.shard[0] + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
+            bad = sorted({self.seeds[(first_row + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
             raise NonFiniteError(
                 f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
                 f"try a smaller lr (now {self.lr}) or an l2 penalty"
@@ -229,6 +326,12 @@ class ActMaxModule(LightningModule):
         if not self.history:
             return [], torch.empty(0, self.n_rows)
         return list(self.history_steps), torch.stack(self.history).cpu()
+
+    def numerics(self) -> dict:
+        """How the run computed: Lightning precision, fp32 matmul precision, rows per forward/backward chunk."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return {"precision": precision, "matmul_precision": self.matmul_precision,
+                "chunk_rows": self.chunk_rows_used}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.parameter], lr=self.lr)
@@ -263,8 +366,11 @@ class ActMaxModule(LightningModule):
             del state[key]
         steps, values = self.activation_history()
         checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
+        checkpoint["chunk_rows"] = self.chunk_rows_used  # a resumed automatic run keeps its chunks: same arithmetic
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not self.chunk_rows and isinstance(checkpoint.get("chunk_rows"), int):
+            self.chunk_rows_used = checkpoint["chunk_rows"]
         history = checkpoint.get("activation_history")
         if history is not None:
             self.history_steps = history["steps"].tolist()

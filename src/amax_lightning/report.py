@@ -123,6 +123,12 @@ def write_report(log_dir: str, results: dict, summary: str, steps: list[int], hi
     return figures
 
 
+def close_figures(figures: dict) -> None:
+    """Free the figures: pyplot keeps every figure alive until it is closed (a study makes many)."""
+    for figure in figures.values():
+        plt.close(figure)
+
+
 def _save_figure(figure, path: str) -> None:
     write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
 

@@ -1,0 +1,54 @@
+"""Opt-in numerics: fp64 reproduces fp32, bf16 autocast stays close, TF32-style matmul precision is scoped."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from lightning.pytorch import Trainer
+
+from amax_lightning.callbacks import ResultsWriter
+from amax_lightning.module import ActMaxModule
+from conftest import TINY_TARGET
+
+SEEDS = [0, 1, 2]
+
+
+def fit(folder, tmp_path, precision: str = "32-true", matmul_precision: str = "highest") -> tuple[ActMaxModule, dict]:
+    module = ActMaxModule(model_name_or_path=str(folder), target=TINY_TARGET, seeds=SEEDS, lr=1e-2,
+                          matmul_precision=matmul_precision)
+    trainer = Trainer(max_steps=20, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[ResultsWriter(null_samples=200)])
+    trainer.fit(module)
+    with open(tmp_path / "results.json") as handle:
+        return module, json.load(handle)
+
+
+def finals(results: dict) -> torch.Tensor:
+    return torch.tensor([run["final_activation"] for run in results["runs"]], dtype=torch.float64)
+
+
+def test_fp64_run_matches_fp32(tiny_gpt2_dir, tmp_path):
+    _, fp32 = fit(tiny_gpt2_dir, tmp_path / "fp32")
+    module, fp64 = fit(tiny_gpt2_dir, tmp_path / "fp64", precision="64-true")
+    assert module.parameter.dtype == torch.float64
+    assert fp64["numerics"]["precision"] == "64-true" and fp32["numerics"]["precision"] == "32-true"
+    assert [r["token_ids"] for r in fp64["runs"]] == [r["token_ids"] for r in fp32["runs"]]
+    torch.testing.assert_close(finals(fp64), finals(fp32), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_fp32_parameter_and_stays_close(tiny_gpt2_dir, tmp_path):
+    _, fp32 = fit(tiny_gpt2_dir, tmp_path / "fp32")
+    module, bf16 = fit(tiny_gpt2_dir, tmp_path / "bf16", precision="bf16-mixed")
+    assert module.parameter.dtype == torch.float32  # Adam state and the learned embedding stay fp32
+    assert bf16["numerics"]["precision"] == "bf16-mixed"
+    relative = ((finals(bf16) - finals(fp32)).abs() / finals(fp32).abs()).max()
+    assert 0 < relative < 0.05  # bf16 products really ran, and changed the optimum only slightly
+
+
+def test_matmul_precision_is_recorded_and_restored(tiny_gpt2_dir, tmp_path):
+    before = torch.get_float32_matmul_precision()
+    _, results = fit(tiny_gpt2_dir, tmp_path / "high", matmul_precision="high")
+    assert results["numerics"]["matmul_precision"] == "high"
+    assert torch.get_float32_matmul_precision() == before
