@@ -52,3 +52,18 @@ def test_matmul_precision_is_recorded_and_restored(tiny_gpt2_dir, tmp_path):
     _, results = fit(tiny_gpt2_dir, tmp_path / "high", matmul_precision="high")
     assert results["numerics"]["matmul_precision"] == "high"
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Any CUDA tensor, query of device memory or stream goes through torch.cuda._lazy_init first."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU run initialized CUDA")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
+    from amax_lightning.cli import run
+
+    path = run(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", "blocks.2.mlp.hook_post:0-3",
+                "--seeds", "0-1", "--trainer.max_steps", "3", "--results.null_samples", "200",
+                "--trainer.default_root_dir", str(tmp_path)])
+    assert json.loads(open(path).read())["units"][0]["numerics"]["chunk_rows"] == 8

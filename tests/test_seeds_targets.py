@@ -70,13 +70,21 @@ def test_parse_targets_sweeps():
     assert [t.unit for t in parse_targets("blocks.8.mlp.hook_post:3-5", GPT2_SMALL)] == [(3,), (4,), (5,)]
     assert [t.unit for t in parse_targets("blocks.8.hook_resid_mid:[9,2]", GPT2_SMALL)] == [(9,), (2,)]
     assert parse_targets("blocks.8.hook_resid_pre:91", GPT2_SMALL) == [Target(8, "hook_resid_pre", (91,))]
+    every_q = parse_targets("blocks.3.attn.hook_q:*", GPT2_SMALL)
+    assert [t.flat_index(GPT2_SMALL.d_head) for t in every_q] == list(range(768))
+    assert [t.unit for t in parse_targets("blocks.3.attn.hook_k:2.*", GPT2_SMALL)] == [(2, d) for d in range(64)]
+    assert [t.unit for t in parse_targets("blocks.3.attn.hook_v:11.3-5", GPT2_SMALL)] == [(11, 3), (11, 4), (11, 5)]
+    assert [t.unit for t in parse_targets("blocks.3.attn.hook_q:[2.17, 0.4]", GPT2_SMALL)] == [(2, 17), (0, 4)]
 
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("blocks.8.hook_resid_pre:5-3", "empty range"), ("blocks.8.hook_resid_pre:1,1", r"repeat \[1\]"),
+    [("blocks.8.hook_resid_pre:5-3", "empty range"), ("blocks.8.hook_resid_pre:1,1", "repeat 1;"),
      ("blocks.8.hook_resid_pre:1,x", "malformed"), ("blocks.8.hook_resid_pre:760-770", "unit 768 is out of range"),
-     ("blocks.3.attn.hook_q:*", "not supported"), ("blocks.3.hook_nope:*", "unknown")],
+     ("blocks.3.hook_nope:*", "unknown"), ("blocks.3.attn.hook_q:2.17,2.17", "repeat 2.17;"),
+     ("blocks.3.attn.hook_q:12.*", "head 12 is out of range"), ("blocks.3.attn.hook_q:1.60-64", "dim 64 is out"),
+     ("blocks.3.attn.hook_q:1.5-2", "empty range"), ("blocks.3.attn.hook_q:3,4", "malformed; use \\*, 2"),
+     ("blocks.3.mlp.hook_post:2.1,3.1", "malformed; use \\*, 0-127")],
 )
 def test_bad_sweeps(spec, message):
     from amax_lightning.targets import parse_targets

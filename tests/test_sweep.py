@@ -54,3 +54,13 @@ def test_sweep_of_every_unit_from_the_cli(tiny_gpt2_dir, tmp_path):
     assert all(unit["uniqueness"]["n_total"] == 10 for unit in results["units"])
     assert (folder / "atlas.png").is_file() and (folder / "report.md").is_file()
     assert "sweep of 64 units" in proc.stdout
+
+
+def test_attention_sweep_equals_units_run_one_at_a_time(tiny_gpt2_dir, tmp_path):
+    sweep, results = fit(tiny_gpt2_dir, tmp_path / "sweep", "blocks.1.attn.hook_k:1.2-3")
+    assert results["targets"] == ["blocks.1.attn.hook_k:1.2", "blocks.1.attn.hook_k:1.3"]
+    for i, dim in enumerate((2, 3)):
+        alone, alone_results = fit(tiny_gpt2_dir, tmp_path / f"dim{dim}", f"blocks.1.attn.hook_k:1.{dim}")
+        rows = slice(i * len(SEEDS), (i + 1) * len(SEEDS))
+        torch.testing.assert_close(sweep.parameter[rows].detach(), alone.parameter.detach(), rtol=1e-5, atol=1e-6)
+        assert [r["token_ids"] for r in results["units"][i]["runs"]] == [r["token_ids"] for r in alone_results["runs"]]

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from amax_lightning.callbacks import ResultsWriter
+from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision
 from amax_lightning.report import claim_version_folder
@@ -69,6 +70,13 @@ class AmaxCLI(LightningCLI):
             help="Run several seeds as one batch: 0-9, 0,4,7 or [0,4,7]. Default: 0-9.",
         )
         parser.link_arguments(("seed", "seeds"), "model.seeds", compute_fn=choose_seeds)
+        parser.add_argument(
+            "--threads",
+            type=Optional[int],
+            default=None,
+            help="CPU threads for torch's math (torch.set_num_threads); default: torch's choice. On cores shared "
+            "with other jobs, 1 can be several times faster.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.set_defaults(STUDY_DEFAULTS)
@@ -82,6 +90,8 @@ class AmaxCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
+        if config.threads is not None:
+            torch.set_num_threads(check_int("threads", config.threads, low=1, high=4096))
         steps = config.trainer.max_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise UserError(f"trainer.max_steps {steps!r} is out of range; the number of optimizer steps must be >= 1")

@@ -328,10 +328,11 @@ class ActMaxModule(LightningModule):
         return list(self.history_steps), torch.stack(self.history).cpu()
 
     def numerics(self) -> dict:
-        """How the run computed: Lightning precision, fp32 matmul precision, rows per forward/backward chunk."""
+        """How the run computed: Lightning precision, fp32 matmul precision, rows per forward/backward chunk,
+        torch's CPU threads."""
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         return {"precision": precision, "matmul_precision": self.matmul_precision,
-                "chunk_rows": self.chunk_rows_used}
+                "chunk_rows": self.chunk_rows_used, "cpu_threads": torch.get_num_threads()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.parameter], lr=self.lr)

@@ -113,43 +113,63 @@ def parse_target(spec: str, shape: ModelShape) -> Target:
 
 _MANY = re.compile(r"^(?P<prefix>blocks\.[^:]+):(?P<units>.*)$")
 _UNIT_RANGE = re.compile(r"^([0-9]+)-([0-9]+)$")
+_HEAD_UNITS = re.compile(r"^(?P<head>[0-9]+)\.(?P<dims>\*|[0-9]+-[0-9]+)$")
 
 
 def parse_targets(spec: str, shape: ModelShape) -> list[Target]:
-    """Parse a target spec that may name many units of one hook: ``...:91``, ``...:*`` (every unit),
-    ``...:0-127`` (inclusive) or ``...:3,17,91`` / ``...:[3,17,91]``; attention q/k/v take one ``H.D``.
+    """Parse a target spec that may name many units of one hook.
 
-    Returns the targets in the order given (``*`` and ranges ascending).
+    Residual and MLP hooks: ``...:91``, ``...:*`` (every unit), ``...:0-127`` (inclusive), ``...:3,17,91`` or
+    ``...:[3,17,91]``. Attention q/k/v: ``...:2.17``, ``...:*`` (every head and dim), ``...:2.*`` (every dim
+    of head 2), ``...:2.0-15``, ``...:2.17,3.4``. Returns the targets in the order given (ranges ascending).
 
     Raises
     ------
     UserError
-        As ``parse_target`` does for each unit, and on an empty or repeated unit list.
+        As ``parse_target`` does for each unit, and on an empty range, a malformed or repeated unit list.
     """
     match = _MANY.match(spec.strip()) if isinstance(spec, str) else None
     units = match["units"].strip() if match else ""
     if match is None or not any(mark in units for mark in "*-,[") or units.startswith("-") and units[1:].isdigit():
         return [parse_target(spec, shape)]
-    if match["prefix"].endswith(HEAD_HOOKS):
-        raise UserError(f"target {spec!r}: sweeps over attention q/k/v units are not supported; give one H.D")
-    first = parse_target(f"{match['prefix']}:0", shape)
-    width = shape.d_mlp if first.hook == "mlp.hook_post" else shape.d_model
-    if units == "*":
-        indices = list(range(width))
-    elif _UNIT_RANGE.match(units):
-        low, high = (int(x) for x in _UNIT_RANGE.match(units).groups())
-        if high < low:
-            raise UserError(f"target units {units!r} are an empty range; write low-high, e.g. 0-127")
-        indices = list(range(low, high + 1))
-    else:
-        parts = [part.strip() for part in units.strip("[]").split(",")]
-        if not all(part.isascii() and part.isdigit() for part in parts):
-            raise UserError(f"target units {units!r} are malformed; use *, 0-127 or 3,17,91")
-        indices = [int(part) for part in parts]
-    repeated = sorted(i for i, n in Counter(indices).items() if n > 1)
+    head_hook = match["prefix"].endswith(HEAD_HOOKS)
+    first = parse_target(f"{match['prefix']}:{'0.0' if head_hook else '0'}", shape)
+    targets = [parse_target(f"{match['prefix']}:{name}", shape) for name in _unit_names(units, first.hook, shape)]
+    repeated = sorted(".".join(map(str, u)) for u, n in Counter(t.unit for t in targets).items() if n > 1)
     if repeated:
-        raise UserError(f"target units {units!r} repeat {repeated}; each unit may appear once")
-    return [parse_target(f"{match['prefix']}:{i}", shape) for i in indices]
+        raise UserError(f"target units {units!r} repeat {', '.join(repeated)}; each unit may appear once")
+    return targets
+
+
+def _unit_names(units: str, hook: str, shape: ModelShape) -> list[str]:
+    """The single-unit names (``91`` or ``2.17``) a many-unit spec of ``hook`` stands for."""
+    if hook in HEAD_HOOKS:
+        if units == "*":
+            return [f"{h}.{d}" for h in range(shape.n_head) for d in range(shape.d_head)]
+        head = _HEAD_UNITS.match(units)
+        if head:
+            return [f"{head['head']}.{d}" for d in _expand(head["dims"], shape.d_head)]
+        item = re.compile(r"^[0-9]+\.[0-9]+$")
+        example = "*, 2.*, 2.0-15 or 2.17,3.4"
+    else:
+        if units == "*" or _UNIT_RANGE.match(units):
+            return [str(i) for i in _expand(units, shape.d_mlp if hook == "mlp.hook_post" else shape.d_model)]
+        item = re.compile(r"^[0-9]+$")
+        example = "*, 0-127 or 3,17,91"
+    parts = [part.strip() for part in units.strip("[]").split(",")]
+    if not all(part.isascii() and item.match(part) for part in parts):
+        raise UserError(f"target units {units!r} are malformed; use {example}")
+    return parts
+
+
+def _expand(units: str, width: int) -> range:
+    """``*`` -> every index below ``width``; ``low-high`` -> low..high inclusive."""
+    if units == "*":
+        return range(width)
+    low, high = (int(x) for x in _UNIT_RANGE.match(units).groups())
+    if high < low:
+        raise UserError(f"target units {units!r} are an empty range; write low-high, e.g. 0-127")
+    return range(low, high + 1)
 
 
 def check_aggregation(name: str) -> str:
