@@ -1,26 +1,30 @@
-"""Per-step cost of the activation-maximization study: naive notebook loop vs ActMaxModule vs the atlas shape.
+"""Correctness on the device, what opt-in numerics change, then per-step cost: naive loop vs ours vs the atlas.
 
 Random-init GPT-2 small (``GPT2Config()`` defaults, nothing is downloaded), eval mode, frozen; target
-``blocks.8.hook_resid_pre:91`` (HF ``hidden_states[8][..., 91]``), 5 tokens, Adam lr 1e-3. Everything is
-timed in ONE process, medians over ``--repeats``, so ratios are side by side on the same (noisy) machine.
+``blocks.8.hook_resid_pre:91`` (HF ``hidden_states[8][..., 91]``), 5 tokens, Adam lr 1e-3. Everything runs
+in ONE process, medians over ``--repeats``, so ratios are side by side on the same (noisy) machine. The
+compact tables come last; the exit status is 1 if a correctness check failed.
 
-    python benchmarks/bench_study.py --device cpu --repeats 5 --steps 3
-    python benchmarks/bench_study.py --device cuda --repeats 10 --steps 20 --atlas-chunk 0
+    python benchmarks/bench_study.py --device cpu --repeats 5 --steps 3 --skip-atlas
+    python benchmarks/bench_study.py --device cuda --repeats 10 --steps 20
+    python benchmarks/bench_study.py --tiny --repeats 1 --steps 1 --numerics-steps 2   # smoke run, seconds
 
-Cases (all per optimizer step of the whole study):
-  naive        10 seeds one after another, batch 1, full HF forward (12 blocks, output_hidden_states=True),
-               loss = -hidden_states[8][0, :, 91].mean(), one Adam per seed (the course notebook)
-  ours/raw     ActMaxModule: module.backbone forward of the (10, 5, 768) parameter, gather of the unit,
-               loss, backward, Adam step -- no Lightning
-  ours/fit     the same module under Trainer.fit (logger off, progress bar off, no checkpoints); per step =
-               median interval between consecutive on_train_batch_start calls (so it holds Lightning's
-               loop, self.log of 14 keys, the finiteness check, Adam, zero_grad)
-  gemm floor   only the matmuls of the forward + input-gradient backward, at the study's shapes (M = 50 rows):
-               what the FLOPs cost at this machine's GEMM speed for these skinny shapes
-  atlas        768 units x 10 seeds = 7,680 rows of 5 tokens, parameter (7680, 5, 768), each row's own unit
-               gathered; on CPU run in --atlas-chunk row chunks (gradients accumulate, one Adam step)
-"""
-
+1. Correctness on the device: the truncated forward against HF ``output_hidden_states``; fp32 activations
+   and input gradient against an fp64 copy of the model; a chunked step's gradient against one batch; each
+   ``compile_mode`` against eager.
+2. Numerics: the 10-seed study for ``--numerics-steps`` steps in fp32 and in each opt-in variant (bf16-mixed;
+   on CUDA also TF32 and 16-mixed; each compile mode); how many of the 50 decoded tokens differ from fp32,
+   and the relative error of the final objective (evaluated in fp32).
+3. Timings (per optimizer step of the whole study):
+   naive         10 seeds one after another, batch 1, full HF forward (12 blocks, output_hidden_states=True),
+                 loss = -hidden_states[8][0, :, 91].mean(), one Adam per seed (the course notebook)
+   matmuls only  only the matmuls of the forward + input-gradient backward at the study's shapes (M = 50)
+   ours/raw      ActMaxModule.training_step, backward, Adam step -- no Lightning (CUDA: also under bf16 autocast)
+   ours/fit      the same module under Trainer.fit (logger off, no checkpoints); per step = median interval
+                 between consecutive on_train_batch_start calls, the first (compiling) step left out;
+                 CUDA adds bf16-mixed and TF32, and every compile mode
+   atlas         768 units x 10 seeds = 7,680 rows of 5 tokens, each row's own unit, chunked as a run would
+                 chunk it (automatic, from measured memory; --atlas-chunk to fix); CUDA adds bf16 autocast
 from __future__ import annotations
 
 import argparse
@@ -43,6 +47,7 @@ sys.path.insert(0, str(REPO / "src"))
 import amax_lightning.module as am_module  # noqa: E402
 from amax_lightning.backbone import Backbone  # noqa: E402
 from amax_lightning.callbacks import ResultsWriter  # noqa: E402
+from amax_lightning.decode import nearest_tokens  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "gpt2_tokenizer"
@@ -168,8 +173,8 @@ def matmul_ceiling(device: str, repeats: int) -> float:
     return 2 * n**3 / min(times)
 
 
-def gemm_floor(device: str, rows: int, repeats: int, steps: int, d: int = 768, d_mlp: int = 3072) -> float:
-    """Seconds for only the matmuls of one study step (forward + input-grad) at M = rows * tokens.
+def gemm_only_step(device: str, rows: int, d: int = 768, d_mlp: int = 3072):
+    """A step of only the matmuls of the study (forward + input-grad) at M = rows * tokens.
 
     8 blocks x (4 forward GEMMs + 4 transposed ones), with GPT-2's own weight layout (Conv1D: x @ W).
     """
@@ -187,23 +192,26 @@ def gemm_floor(device: str, rows: int, repeats: int, steps: int, d: int = 768, d
             for w in reversed(block):
                 gs[w.shape[1]] @ w.T
 
-    return median_time(run, repeats, steps, device)
+    return run
 
 
 # --- models --------------------------------------------------------------------------------------------
+CONFIG = GPT2Config()  # GPT-2 small; --tiny swaps in a small one for a smoke run of the whole script
+
+
 def random_gpt2(device: str) -> GPT2Model:
     torch.manual_seed(0)
-    return GPT2Model(GPT2Config()).eval().requires_grad_(False).to(device)
+    return GPT2Model(CONFIG).eval().requires_grad_(False).to(device)
 
 
-def make_module(target: str, device: str) -> am_module.ActMaxModule:
-    """The real ActMaxModule, with load_backbone swapped for a random-init GPT-2 small (no hub, no disk)."""
+def make_module(target: str, device: str, **options) -> am_module.ActMaxModule:
+    """The real ActMaxModule, with load_backbone swapped for a random-init GPT-2 (no hub, no disk)."""
     tokenizer = GPT2Tokenizer.from_pretrained(TOKENIZER_DIR)
     original = am_module.load_backbone
     am_module.load_backbone = lambda *a, **k: Backbone(random_gpt2("cpu"), tokenizer)
     try:
         module = am_module.ActMaxModule(model_name_or_path="gpt2", target=target, n_tokens=N_TOKENS, lr=LR,
-                                        seeds=list(range(N_SEEDS)))
+                                        seeds=list(range(N_SEEDS)), **options)
     finally:
         am_module.load_backbone = original
     return module.to(device)
@@ -230,27 +238,33 @@ def naive_step_fn(model: GPT2Model, device: str):
     return step
 
 
-def raw_step_fn(module: am_module.ActMaxModule, chunk: int = 0):
-    """ActMaxModule's own forward pieces (backbone forward, per-row unit gather, loss), backward, Adam; no Lightning.
+class _LoopState:
+    """The three Trainer attributes ActMaxModule.training_step reads, for stepping it without Lightning."""
 
-    ``chunk`` > 0 runs the rows in chunks; gradients accumulate into the one parameter before one Adam step.
+    world_size, global_step, log_every_n_steps = 1, 0, 10**9
+
+
+def raw_step_fn(module: am_module.ActMaxModule, chunk: int = 0, autocast: torch.dtype | None = None):
+    """ActMaxModule.training_step (chunks, priors, finiteness check, history), backward, Adam; no Lightning.
+
+    ``chunk`` > 0 fixes the rows per forward/backward chunk; ``autocast`` runs the step as Lightning's
+    ``bf16-mixed`` / ``16-mixed`` precision does.
     """
+    module._trainer = loop = _LoopState()
+    module.shard = (0, module.n_rows)
+    module.chunk_rows_used = chunk or module.n_rows
     opt = module.configure_optimizers()
-    n = module.n_rows
-    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)] if chunk else [(0, n)]
+    context = (lambda: torch.autocast(module.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
 
     def step():
-        opt.zero_grad()
-        for start, stop in bounds:
-            rows = slice(start, stop)
-            embedding = module.embeddings(module.parameter[rows])
-            model_input = module.model_input(embedding)
-            activations = module.position_activations(model_input, rows)
-            loss = module.per_seed_loss(embedding, model_input, activations)
-            loss.sum().backward()
+        module._trainer = loop  # again each step: a Trainer.fit in between attaches its own trainer
+        with context():
+            loss = module.training_step(None, 0)
+        loss.backward()
         opt.step()
+        opt.zero_grad()
 
-    return step, bounds
+    return step, module.row_chunks()
 
 
 class _NoResults(ResultsWriter):
@@ -269,136 +283,259 @@ class _StepClock(Callback):
         self.starts.append(time.perf_counter())
 
 
-def lightning_fit(module, device: str, steps: int, repeats: int) -> tuple[float, float]:
+def lightning_fit(module, device: str, steps: int, repeats: int, precision: str = "32-true") -> tuple[float, float]:
     """(median per-step time inside Trainer.fit, median wall time of the whole fit of steps+2 steps)."""
     per_step, walls = [], []
+    module._trainer = None
+    module.chunk_rows_used = None
     for _ in range(repeats):
         clock = _StepClock()
         trainer = Trainer(
             accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps + 2, logger=False,
-            enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+            precision=precision, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
             callbacks=[_NoResults(), clock], default_root_dir="/tmp/amax_bench",
         )
         start = time.perf_counter()
         trainer.fit(module)
         sync(device)
         walls.append(time.perf_counter() - start)
-        intervals = [b - a for a, b in zip(clock.starts[1:], clock.starts[2:])]  # skip the first step
+        intervals = [b - a for a, b in zip(clock.starts[1:], clock.starts[2:])]  # skip the first step (compiles)
         per_step.append(statistics.median(intervals))
     return statistics.median(per_step), statistics.median(walls)
 
 
+# --- correctness on the device, before any timing ------------------------------------------------------
+CHECKS: list[tuple[str, float, float]] = []  # (what, measured error, allowed)
+
+
+def check(what: str, error: float, allowed: float) -> None:
+    CHECKS.append((what, error, allowed))
+    print(f"{'ok  ' if error <= allowed else 'FAIL'} {what}: {error:.2e} (allowed {allowed:.0e})", flush=True)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def run_checks(device: str, compile_modes: list[str]) -> None:
+    """Our forward, gradient, chunking and compiled step against independent references, on ``device``."""
+    module = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device)
+    x = module.parameter.detach().clone()
+    hf = module.backbone.model(inputs_embeds=x, output_hidden_states=True).hidden_states[LAYER][..., UNIT]
+    check("truncated forward vs HF hidden_states[8][..., 91] (fp32)", relative_error(module.backbone(x, module.target), hf), 1e-5)
+
+    def grad_of(mod, inputs):
+        inputs = inputs.clone().requires_grad_(True)
+        mod.backbone(inputs, mod.target).mean(-1).sum().backward()
+        return inputs.grad
+
+    reference = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device).double()
+    with torch.no_grad():
+        want = reference.backbone(x.double(), reference.target)
+    check("fp32 activations vs fp64 reference", relative_error(module.backbone(x, module.target), want), 1e-4)
+    check("fp32 input gradient vs fp64 reference", relative_error(grad_of(module, x), grad_of(reference, x.double())), 1e-3)
+    del reference
+
+    sweep = make_module(f"blocks.{LAYER}.hook_resid_pre:0-5", device)  # 60 rows: one batch vs chunks of 16
+    grads = []
+    for chunk in (0, 16):
+        raw_step_fn(sweep, chunk)
+        sweep.training_step(None, 0).backward()
+        grads.append(sweep.parameter.grad.clone())
+        sweep.parameter.grad = None
+    check("chunked step gradient vs one batch (60 rows, chunks of 16)", relative_error(grads[1], grads[0]), 1e-5)
+    del sweep
+
+    for mode in compile_modes:
+        compiled = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=mode)
+        start = time.perf_counter()
+        rows = slice(0, compiled.n_rows)
+        activations = compiled.row_forward(compiled.parameter, rows)[1]
+        sync(device)
+        print(f"     compile_mode={mode}: first call {time.perf_counter() - start:.1f} s", flush=True)
+        check(f"compile_mode={mode} activations vs eager", relative_error(activations, module.backbone(x, module.target)), 1e-4)
+
+
+# --- what opt-in numerics change ------------------------------------------------------------------------
+def study_outcome(device: str, steps: int, precision: str = "32-true", matmul: str = "highest",
+                  compile_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded token ids (seeds, tokens) and final objectives (seeds,) after ``steps`` raw steps of the study."""
+    module = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=compile_mode)
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul)
+    try:
+        step, _ = raw_step_fn(module, autocast=autocast)
+        for _ in range(steps):
+            step()
+        with torch.no_grad():  # final values in fp32, as the ResultsWriter reports them
+            torch.set_float32_matmul_precision("highest")
+            embedding = module.local_embedding()
+            objective = module.objective(module.local_activations(module.model_input(embedding)))
+            token_ids, _ = nearest_tokens(embedding, module.backbone.vocab_embeddings)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return token_ids.cpu(), objective.cpu()
+
+
+def numerics_table(device: str, steps: int, compile_modes: list[str]) -> list[str]:
+    variants = {"bf16-mixed": {"precision": "bf16-mixed"}}
+    if device == "cuda":
+        variants["tf32 (matmul_precision=high)"] = {"matmul": "high"}
+        variants["16-mixed"] = {"precision": "16-mixed"}
+    variants.update({f"compile_mode={m}": {"compile_mode": m} for m in compile_modes})
+    ids32, obj32 = study_outcome(device, steps)
+    lines = [f"{'variant':<30} {'tokens != fp32':>15} {'max rel act err':>16} {'median':>9}"]
+    for name, options in variants.items():
+        ids, obj = study_outcome(device, steps, **options)
+        rel = ((obj.double() - obj32.double()).abs() / obj32.double().abs().clamp_min(1e-30))
+        lines.append(f"{name:<30} {int((ids != ids32).sum()):>9} of {ids.numel():<3} {float(rel.max()):>16.2e} "
+                     f"{float(rel.median()):>9.2e}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 # --- main ----------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
+    global CONFIG
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case; the median is reported")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed repeat")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    ap.add_argument("--compile", default=None,
+                    help="comma-separated compile_mode values to check and time (default: none on CPU; "
+                         "default,reduce-overhead,max-autotune on CUDA); 'none' for none")
+    ap.add_argument("--numerics-steps", type=int, default=None,
+                    help="optimizer steps of the study per numerics variant (default 500 on CUDA, 40 on CPU)")
     ap.add_argument("--atlas-chunk", type=int, default=None,
-                    help="rows per forward/backward chunk of the atlas step (0: all 7,680 at once; default 768 "
-                         "on CPU, 0 on CUDA)")
+                    help="rows per forward/backward chunk of the atlas step (default: automatic, as a run does)")
     ap.add_argument("--atlas-repeats", type=int, default=None, help="default 1 on CPU, --repeats on CUDA")
     ap.add_argument("--atlas-steps", type=int, default=None, help="default 1 on CPU, --steps on CUDA")
     ap.add_argument("--skip-atlas", action="store_true")
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--skip-numerics", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a 9-layer, 64-wide GPT-2: a smoke run of every code path")
     args = ap.parse_args(argv)
     device = args.device
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda but torch.cuda.is_available() is False")
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, as the CPU run
-        torch.backends.cudnn.allow_tf32 = False
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if args.tiny:
+        CONFIG = GPT2Config(n_layer=LAYER + 1, n_embd=64, n_head=4, n_positions=32)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("highest")  # fp32 everywhere unless a variant says otherwise
     cpu = device == "cpu"
-    atlas_chunk = args.atlas_chunk if args.atlas_chunk is not None else (768 if cpu else 0)
+    compile_modes = [m for m in (args.compile or ("none" if cpu else "default,reduce-overhead,max-autotune")).split(",")
+                     if m and m != "none"]
+    numerics_steps = args.numerics_steps or (40 if cpu else 500)
     atlas_repeats = args.atlas_repeats or (1 if cpu else args.repeats)
     atlas_steps = args.atlas_steps or (1 if cpu else args.steps)
     R, S = args.repeats, args.steps
+    d, d_mlp = CONFIG.n_embd, CONFIG.n_inner or 4 * CONFIG.n_embd
 
     name = torch.cuda.get_device_name() if not cpu else f"CPU x{os.cpu_count()}, torch threads {torch.get_num_threads()}"
-    print(f"# torch {torch.__version__}, {name}, load average at start {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"# torch {torch.__version__}, {name}, load average at start {os.getloadavg()[0]:.2f}"
+          f"{' (TINY model: smoke run, numbers mean nothing)' if args.tiny else ''}", flush=True)
+
+    print("\n## correctness on this device", flush=True)
+    run_checks(device, compile_modes)
+
+    numerics = []
+    if not args.skip_numerics:
+        print(f"\n## what opt-in numerics change: {numerics_steps} steps of the 10-seed study, then decode "
+              f"(vs fp32 eager)", flush=True)
+        numerics = numerics_table(device, numerics_steps, compile_modes)
+
+    print("\n## timings", flush=True)
     results: dict[str, float] = {}
     mem: dict[str, tuple[float, float]] = {}
     other: dict[str, float] = {}  # CPU share other processes took while each case ran
-
+    flops: dict[str, float] = {}
     ceiling = matmul_ceiling(device, R)
-    print(f"fp32 matmul ceiling (square {4096 if cpu else 8192}): {ceiling / 1e9:.1f} GFLOP/s", flush=True)
-    useful = study_flops(N_SEEDS)
-    naive_work = study_flops(N_SEEDS, fwd_blocks=12)
-    print(f"FLOPs per step, 10 seeds: {useful / 1e9:.2f} G useful (fwd + input-grad bwd, 8 blocks); "
-          f"naive loop does {naive_work / 1e9:.2f} G (forward runs all 12 blocks)", flush=True)
+    useful = study_flops(N_SEEDS, d=d, d_mlp=d_mlp)
+    print(f"fp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s; FLOPs per study step: {useful / 1e9:.2f} G "
+          f"(fwd + input-grad bwd, {LAYER} blocks; the naive loop also runs the later blocks forward)", flush=True)
 
-    results["gemm floor"] = gemm_floor(device, N_SEEDS, R, S)
-    other["gemm floor"] = FOREIGN["last"]
-    print(f"gemm floor (matmuls only, M=50): {results['gemm floor'] * 1e3:.1f} ms", flush=True)
+    def timed(key: str, fn, work: float, repeats: int = R, steps: int = S, warmup: int = 1) -> None:
+        with peak_memory(device, mem, key):
+            results[key] = median_time(fn, repeats, steps, device, warmup)
+        other[key], flops[key] = FOREIGN["last"], work
+        print(f"{key}: {results[key] * 1e3:.1f} ms/step", flush=True)
 
+    timed("matmuls only", gemm_only_step(device, N_SEEDS, d=d, d_mlp=d_mlp), useful)
     model = random_gpt2(device)
-    with peak_memory(device, mem, "naive"):
-        results["naive"] = median_time(naive_step_fn(model, device), R, max(1, S // 2 if cpu else S), device)
-    other["naive"] = FOREIGN["last"]
-    print(f"naive: {results['naive'] * 1e3:.1f} ms/step", flush=True)
+    timed("naive", naive_step_fn(model, device), useful, steps=max(1, S // 2 if cpu else S))
     del model
     gc.collect()
 
-    module = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device)
-    step, _ = raw_step_fn(module)
-    with peak_memory(device, mem, "ours/raw"):
-        results["ours/raw"] = median_time(step, R, S, device)
-    other["ours/raw"] = FOREIGN["last"]
-    print(f"ours/raw: {results['ours/raw'] * 1e3:.1f} ms/step", flush=True)
+    target = f"blocks.{LAYER}.hook_resid_pre:{UNIT}"
+    module = make_module(target, device)
+    timed("ours/raw", raw_step_fn(module)[0], useful)
+    if not cpu:
+        timed("ours/raw bf16", raw_step_fn(make_module(target, device), autocast=torch.bfloat16)[0], useful)
+    fits = {"ours/fit": ({}, "32-true")}
+    if not cpu:
+        fits["ours/fit bf16-mixed"] = ({}, "bf16-mixed")
+        fits["ours/fit tf32"] = ({"matmul_precision": "high"}, "32-true")
+    fits.update({f"ours/fit {m}": ({"compile_mode": m}, "32-true") for m in compile_modes})
     if not args.skip_fit:
-        with peak_memory(device, mem, "ours/fit"):
-            with ForeignLoad() as load:
-                results["ours/fit"], fit_wall = lightning_fit(module, device, S * 2, R)
-        other["ours/fit"] = load.value
-        print(f"ours/fit: {results['ours/fit'] * 1e3:.1f} ms/step (Trainer.fit of {S * 2 + 2} steps: "
-              f"{fit_wall:.2f} s wall)", flush=True)
-    del module, step
+        for key, (options, precision) in fits.items():
+            fit_module = make_module(target, device, **options)
+            with peak_memory(device, mem, key):
+                with ForeignLoad() as load:
+                    results[key], wall = lightning_fit(fit_module, device, S * 2, R, precision)
+            other[key], flops[key] = load.value, useful
+            print(f"{key}: {results[key] * 1e3:.1f} ms/step (Trainer.fit of {S * 2 + 2} steps: {wall:.2f} s wall)",
+                  flush=True)
+            del fit_module
+            gc.collect()
+    del module
     gc.collect()
 
-    atlas_flops = study_flops(768 * N_SEEDS)
     if not args.skip_atlas:
-        module = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device)
-        assert module.n_rows == 7680 and tuple(module.parameter.shape) == (7680, N_TOKENS, 768)
-        step, bounds = raw_step_fn(module, atlas_chunk)
-        with peak_memory(device, mem, "atlas"):
-            if cpu:  # warm up on one chunk only: a full CPU step takes about a minute
-                rows = slice(*bounds[0])
-                module.position_activations(module.parameter[rows], rows).sum().backward()
-                module.parameter.grad = None
-            results["atlas"] = median_time(step, atlas_repeats, atlas_steps, device, warmup=0 if cpu else 1)
-        other["atlas"] = FOREIGN["last"]
-        print(f"atlas: {results['atlas']:.2f} s/step ({len(bounds)} chunk(s) of {bounds[0][1] - bounds[0][0]} rows)",
-              flush=True)
-        del module, step
-        gc.collect()
+        width = d
+        atlas_flops = study_flops(width * N_SEEDS, d=d, d_mlp=d_mlp)
+        variants = {"atlas": None} if cpu else {"atlas": None, "atlas bf16": torch.bfloat16}
+        for key, autocast in variants.items():
+            atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device)
+            atlas.shard = (0, atlas.n_rows)
+            chunk = args.atlas_chunk or atlas._automatic_chunk_rows()
+            step, chunks = raw_step_fn(atlas, chunk, autocast=autocast)
+            print(f"{key}: {atlas.n_rows} rows in {len(chunks)} chunk(s) of {chunk}", flush=True)
+            timed(key, step, atlas_flops, atlas_repeats, atlas_steps, warmup=0 if cpu else 1)
+            del atlas, step
+            gc.collect()
 
-    flops = {k: useful for k in ("naive", "ours/raw", "ours/fit", "gemm floor")}
-    flops["atlas"] = atlas_flops
     naive = results["naive"]
+    units = CONFIG.n_embd
     print(f"\n# load average at end {os.getloadavg()[0]:.2f}; other% = CPU share other processes used meanwhile "
-          f"(> ~5% on CPU: rerun, the numbers are contended); ratio = naive time / case time (per study step; "
-          f"atlas: naive time x 768 units / atlas time); floor = useful FLOPs / square-matmul ceiling")
-    header = f"{'case':<11} {'ms/step':>10} {'x naive':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'%ceil':>6} " \
-             f"{'floor ms':>9} {'/floor':>7} {'peak MiB':>9} {'+MiB':>7} {'other%':>6}"
+          f"(> ~5% on CPU: rerun, the numbers are contended); x naive = naive time / case time (per study step; "
+          f"atlas: naive time x {units} units / atlas time); floor = useful FLOPs / fp32 square-matmul ceiling")
+    if numerics:
+        print("\n" + "\n".join(numerics))
+    failed = [c for c in CHECKS if not c[1] <= c[2]]
+    print(f"\ncorrectness checks: {len(CHECKS) - len(failed)} of {len(CHECKS)} passed"
+          + "".join(f"\n  FAILED: {what}" for what, _, _ in failed))
+    header = f"{'case':<24} {'ms/step':>10} {'x naive':>8} {'GFLOP':>8} {'TFLOP/s':>8} {'%ceil':>6} " \
+             f"{'/floor':>7} {'peak MiB':>9} {'+MiB':>7} {'other%':>6}"
     print(header)
     print("-" * len(header))
-    for key in ("naive", "ours/raw", "ours/fit", "gemm floor", "atlas"):
-        if key not in results:
-            continue
-        t = results[key]
-        ratio = naive * (768 if key == "atlas" else 1) / t
-        rate = flops[key] / t
-        floor = flops[key] / ceiling
+    for key, t in results.items():
+        work = flops[key]
+        ratio = naive * (units if key.startswith("atlas") else 1) / t
+        rate = work / t
+        floor = work / ceiling
         peak, delta = mem.get(key, (float("nan"), float("nan")))
-        print(f"{key:<11} {t * 1e3:>10.1f} {ratio:>8.2f} {flops[key] / 1e9:>8.1f} {rate / 1e9:>8.1f} "
-              f"{100 * rate / ceiling:>5.1f}% {floor * 1e3:>9.1f} {t / floor:>7.2f} {peak:>9.0f} {delta:>7.0f} "
+        print(f"{key:<24} {t * 1e3:>10.2f} {ratio:>8.2f} {work / 1e9:>8.1f} {rate / 1e12:>8.3f} "
+              f"{100 * rate / ceiling:>5.1f}% {t / floor:>7.2f} {peak:>9.0f} {delta:>7.0f} "
               f"{100 * other.get(key, float('nan')):>5.0f}%")
-    print(f"matmul ceiling {ceiling / 1e9:.1f} GFLOP/s ({'cpu' if cpu else torch.cuda.get_device_name()}); "
-          f"500-step study: naive {naive * 500:.0f} s, ours/fit "
-          f"{results.get('ours/fit', results['ours/raw']) * 500:.0f} s")
+    print(f"fp32 matmul ceiling {ceiling / 1e12:.3f} TFLOP/s ({name}); 500-step study: naive {naive * 500:.1f} s, "
+          f"ours/fit {results.get('ours/fit', results['ours/raw']) * 500:.1f} s")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -139,13 +139,12 @@ def main():
         "module (now)": mod_step,
         "fused gelu": make_step(model, p(), lambda e: residual_fast(model, e, LAYER)[..., UNIT]),
         "fused gelu + last col": make_step(model, p(), lambda e: residual_fast(model, e, LAYER, last_unit=UNIT)),
-        "gemm floor": lambda: None,
     }
-    floor = b.gemm_floor("cpu", b.N_SEEDS, args.repeats, args.steps)
+    floor = b.median_time(b.gemm_only_step("cpu", b.N_SEEDS), args.repeats, args.steps, "cpu")
     try:
         pm = packed_model(model, b.N_SEEDS * b.N_TOKENS, LAYER)
         fast = lambda e: residual_fast(pm, e, LAYER, last_unit=UNIT)  # noqa: E731
-        want = module.position_activations(init, slice(None))
+        want = module.position_activations(init, module.row_units)
         got = fast(init)
         print(f"oneDNN packed path max |diff| vs module: {float((want - got).abs().max()):.2e}", flush=True)
         fns["oneDNN packed + gelu + col"] = make_step(pm, p(), fast)
@@ -155,7 +154,7 @@ def main():
     if args.compile:
         torch._dynamo.config.cache_size_limit = 64
         for name, fwd in {
-            "compile fwd (module path)": lambda e: module.position_activations(e, slice(None)),
+            "compile fwd (module path)": lambda e: module.position_activations(e, module.row_units),
             "compile fwd (fused gelu+col)": lambda e: residual_fast(model, e, LAYER, last_unit=UNIT),
         }.items():
             cf = torch.compile(fwd)
@@ -165,7 +164,6 @@ def main():
             step()
             print(f"{name}: first step (compile) {time.perf_counter() - start:.1f} s", flush=True)
             fns[name] = step
-    del fns["gemm floor"]
     naive_model = b.random_gpt2("cpu")
     fns["naive (notebook loop)"] = b.naive_step_fn(naive_model, "cpu")
     with b.ForeignLoad() as load:

@@ -57,6 +57,7 @@ CASES = [
     (["--model.n_tokens", "0"], "n_tokens 0 is out of range"),
     (["--model.chunk_rows", "-1"], "chunk_rows -1 is out of range"),
     (["--threads", "0"], "threads 0 is out of range"),
+    (["--model.compile_mode", "fast"], "compile_mode 'fast' is unknown"),
     (["--model.chunk_rows", "lots"], "model.chunk_rows"),
     (["--model.matmul_precision", "tf32"], "matmul_precision 'tf32' is unknown"),
     (["--trainer.precision", "bf16-true"], "trainer.precision 'bf16-true' is not supported"),

@@ -14,10 +14,9 @@ from conftest import TINY_TARGET
 SEEDS = [0, 1, 2]
 
 
-def fit(folder, tmp_path, precision: str = "32-true", matmul_precision: str = "highest") -> tuple[ActMaxModule, dict]:
-    module = ActMaxModule(model_name_or_path=str(folder), target=TINY_TARGET, seeds=SEEDS, lr=1e-2,
-                          matmul_precision=matmul_precision)
-    trainer = Trainer(max_steps=20, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+def fit(folder, tmp_path, precision: str = "32-true", steps: int = 20, **options) -> tuple[ActMaxModule, dict]:
+    module = ActMaxModule(model_name_or_path=str(folder), target=TINY_TARGET, seeds=SEEDS, lr=1e-2, **options)
+    trainer = Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                       callbacks=[ResultsWriter(null_samples=200)])
     trainer.fit(module)
@@ -52,6 +51,15 @@ def test_matmul_precision_is_recorded_and_restored(tiny_gpt2_dir, tmp_path):
     _, results = fit(tiny_gpt2_dir, tmp_path / "high", matmul_precision="high")
     assert results["numerics"]["matmul_precision"] == "high"
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_compiled_step_matches_eager(tiny_gpt2_dir, tmp_path):
+    eager, eager_results = fit(tiny_gpt2_dir, tmp_path / "eager", steps=6)
+    compiled, compiled_results = fit(tiny_gpt2_dir, tmp_path / "compiled", steps=6, compile_mode="default")
+    assert compiled_results["numerics"]["compile_mode"] == "default"
+    assert compiled._compiled_forward is not compiled._forward_rows  # really went through torch.compile
+    torch.testing.assert_close(compiled.parameter.detach(), eager.parameter.detach(), rtol=1e-5, atol=1e-6)
+    assert [r["token_ids"] for r in compiled_results["runs"]] == [r["token_ids"] for r in eager_results["runs"]]
 
 
 def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):

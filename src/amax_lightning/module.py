@@ -32,6 +32,7 @@ def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> t
 
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")  # the learned embedding and Adam stay >= fp32
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def check_precision(precision: str) -> str:
@@ -82,6 +83,10 @@ class ActMaxModule(LightningModule):
     matmul_precision
         ``torch.set_float32_matmul_precision`` during the fit: ``highest`` (true fp32, the default), ``high``
         (TF32 on NVIDIA GPUs) or ``medium`` (bf16 products); restored when the fit ends.
+    compile_mode
+        ``none`` (eager, the default), or a ``torch.compile`` mode for the step's forward: ``default``,
+        ``reduce-overhead`` (CUDA graphs on GPU) or ``max-autotune``. Shapes are static; the first steps
+        pay the compile time (seconds to minutes).
     chunk_rows
         Rows (unit x seed) per forward/backward; 0 = automatic: all rows at once if their saved activations
         fit in half the device's free memory, else the most that do. The gradient of each row is exact
@@ -102,6 +107,7 @@ class ActMaxModule(LightningModule):
         priors: str = "",
         trust_remote_code: bool = False,
         matmul_precision: str = "highest",
+        compile_mode: str = "none",
         chunk_rows: int = 0,
     ):
         super().__init__()
@@ -113,6 +119,10 @@ class ActMaxModule(LightningModule):
         if matmul_precision not in MATMUL_PRECISIONS:
             raise UserError(f"matmul_precision {matmul_precision!r} is unknown; allowed: {', '.join(MATMUL_PRECISIONS)}")
         self.matmul_precision = matmul_precision
+        if compile_mode not in COMPILE_MODES:
+            raise UserError(f"compile_mode {compile_mode!r} is unknown; allowed: {', '.join(COMPILE_MODES)}")
+        self.compile_mode = compile_mode
+        self._compiled_forward = None
         self._previous_matmul_precision: str | None = None
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self.aggregate = check_aggregation(aggregate)
@@ -199,11 +209,11 @@ class ActMaxModule(LightningModule):
         return torch.cat([stacked[r, : stop - start] for r, (start, stop) in enumerate(bounds)])
 
     # --- the objective -------------------------------------------------------------------------------
-    def position_activations(self, model_input: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)."""
+    def position_activations(self, model_input: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)
+        and the rows' flat unit indices ``units`` (rows,) along the hook's last dimension."""
         values = self.backbone.hook_values(model_input, self.targets[0])  # (rows, n_tokens, hook width)
-        units = self.row_units[rows].view(-1, 1, 1).expand(-1, values.shape[1], 1)
-        return values.gather(-1, units).squeeze(-1)
+        return values.gather(-1, units.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(-1)
 
     def objective(self, activations: torch.Tensor) -> torch.Tensor:
         """Each seed's objective, shape (seeds,): its activations (seeds, n_tokens) reduced by ``aggregate``."""
@@ -223,10 +233,23 @@ class ActMaxModule(LightningModule):
         return loss
 
     def row_forward(self, parameter_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embedding (rows, T, d), activations (rows, T) and per-row loss (rows,) of parameter rows ``rows``."""
+        """Embedding (rows, T, d), activations (rows, T) and per-row loss (rows,) of parameter rows ``rows``.
+
+        Runs through ``torch.compile`` when ``compile_mode`` asks for it.
+        """
+        if self._compiled_forward is None:
+            self._compiled_forward = self._forward_rows
+            if self.compile_mode != "none":
+                mode = None if self.compile_mode == "default" else self.compile_mode
+                self._compiled_forward = torch.compile(self._forward_rows, mode=mode, dynamic=False)
+        if self.compile_mode == "reduce-overhead":  # CUDA graphs: this call starts a new step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled_forward(parameter_rows, self.row_units[rows])
+
+    def _forward_rows(self, parameter_rows: torch.Tensor, units: torch.Tensor):
         embedding = self.embeddings(parameter_rows)
         model_input = self.model_input(embedding)
-        activations = self.position_activations(model_input, rows)
+        activations = self.position_activations(model_input, units)
         return embedding, activations, self.per_seed_loss(embedding, model_input, activations)
 
     def row_chunks(self) -> list[slice]:
@@ -240,10 +263,10 @@ class ActMaxModule(LightningModule):
         if n_local <= PROBE_ROWS[-1]:
             return n_local
 
-        def probe(n: int) -> torch.Tensor:
+        def probe(n: int) -> torch.Tensor:  # eager: the saved tensors of the plain graph, and no extra compiles
+            rows = slice(self.shard[0], self.shard[0] + n)
             with torch.enable_grad():
-                piece = self.parameter[self.shard[0] : self.shard[0] + n].detach().requires_grad_()
-                return self.row_forward(piece, slice(self.shard[0], self.shard[0] + n))[2].sum()
+                return self._forward_rows(self.parameter[rows].detach().requires_grad_(), self.row_units[rows])[2].sum()
 
         per_row = saved_bytes_per_row(probe)
         free = free_memory_bytes(self.device)
@@ -285,7 +308,8 @@ class ActMaxModule(LightningModule):
     def local_activations(self, model_input: torch.Tensor) -> torch.Tensor:
         """Activations (shard rows, T) of this process's rows for model inputs (shard rows, T, d), in chunks."""
         start = self.shard[0]
-        return torch.cat([self.position_activations(model_input[r.start - start : r.stop - start], r) for r in self.row_chunks()])
+        chunks = self.row_chunks()
+        return torch.cat([self.position_activations(model_input[r.start - start : r.stop - start], self.row_units[r]) for r in chunks])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         """Apply the priors' projections (e.g. the norm clamp) to the parameter after the optimizer step."""
@@ -331,7 +355,7 @@ class ActMaxModule(LightningModule):
         """How the run computed: Lightning precision, fp32 matmul precision, rows per forward/backward chunk,
         torch's CPU threads."""
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        return {"precision": precision, "matmul_precision": self.matmul_precision,
+        return {"precision": precision, "matmul_precision": self.matmul_precision, "compile_mode": self.compile_mode,
                 "chunk_rows": self.chunk_rows_used, "cpu_threads": torch.get_num_threads()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
