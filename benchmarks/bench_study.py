@@ -25,11 +25,15 @@ compact tables come last; the exit status is 1 if a correctness check failed.
                  CUDA adds bf16-mixed and TF32, and every compile mode
    atlas         768 units x 10 seeds = 7,680 rows of 5 tokens, each row's own unit, chunked as a run would
                  chunk it (automatic, from measured memory; --atlas-chunk to fix); CUDA adds bf16 autocast
+"""
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import logging
+import warnings
 import os
 import statistics
 import sys
@@ -380,9 +384,9 @@ def study_outcome(device: str, steps: int, precision: str = "32-true", matmul: s
     return token_ids.cpu(), objective.cpu()
 
 
-def numerics_table(device: str, steps: int, compile_modes: list[str]) -> list[str]:
+def numerics_table(device: str, steps: int, compile_modes: list[str], gpu_variants: bool) -> list[str]:
     variants = {"bf16-mixed": {"precision": "bf16-mixed"}}
-    if device == "cuda":
+    if gpu_variants:
         variants["tf32 (matmul_precision=high)"] = {"matmul": "high"}
         variants["16-mixed"] = {"precision": "16-mixed"}
     variants.update({f"compile_mode={m}": {"compile_mode": m} for m in compile_modes})
@@ -417,17 +421,22 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-atlas", action="store_true")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-numerics", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="a 9-layer, 64-wide GPT-2: a smoke run of every code path")
+    ap.add_argument("--tiny", action="store_true", help="a 9-layer, 128-wide GPT-2: a smoke run of every code path")
+    ap.add_argument("--all-variants", action="store_true",
+                    help="on CPU too, run the variants timed by default only on CUDA (TF32, fp16, bf16 raw and atlas)")
     args = ap.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners between the numbers
+    warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|does not have many workers).*")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     if args.tiny:
-        CONFIG = GPT2Config(n_layer=LAYER + 1, n_embd=64, n_head=4, n_positions=32)
+        CONFIG = GPT2Config(n_layer=LAYER + 1, n_embd=128, n_head=4, n_positions=32)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # fp32 everywhere unless a variant says otherwise
     cpu = device == "cpu"
+    gpu_variants = not cpu or args.all_variants
     compile_modes = [m for m in (args.compile or ("none" if cpu else "default,reduce-overhead,max-autotune")).split(",")
                      if m and m != "none"]
     numerics_steps = args.numerics_steps or (40 if cpu else 500)
@@ -447,7 +456,7 @@ def main(argv=None) -> None:
     if not args.skip_numerics:
         print(f"\n## what opt-in numerics change: {numerics_steps} steps of the 10-seed study, then decode "
               f"(vs fp32 eager)", flush=True)
-        numerics = numerics_table(device, numerics_steps, compile_modes)
+        numerics = numerics_table(device, numerics_steps, compile_modes, gpu_variants)
 
     print("\n## timings", flush=True)
     results: dict[str, float] = {}
@@ -474,10 +483,10 @@ def main(argv=None) -> None:
     target = f"blocks.{LAYER}.hook_resid_pre:{UNIT}"
     module = make_module(target, device)
     timed("ours/raw", raw_step_fn(module)[0], useful)
-    if not cpu:
+    if gpu_variants:
         timed("ours/raw bf16", raw_step_fn(make_module(target, device), autocast=torch.bfloat16)[0], useful)
     fits = {"ours/fit": ({}, "32-true")}
-    if not cpu:
+    if gpu_variants:
         fits["ours/fit bf16-mixed"] = ({}, "bf16-mixed")
         fits["ours/fit tf32"] = ({"matmul_precision": "high"}, "32-true")
     fits.update({f"ours/fit {m}": ({"compile_mode": m}, "32-true") for m in compile_modes})
@@ -498,7 +507,7 @@ def main(argv=None) -> None:
     if not args.skip_atlas:
         width = d
         atlas_flops = study_flops(width * N_SEEDS, d=d, d_mlp=d_mlp)
-        variants = {"atlas": None} if cpu else {"atlas": None, "atlas bf16": torch.bfloat16}
+        variants = {"atlas": None, "atlas bf16": torch.bfloat16} if gpu_variants else {"atlas": None}
         for key, autocast in variants.items():
             atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device)
             atlas.shard = (0, atlas.n_rows)
