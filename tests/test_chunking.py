@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+import amax_lightning.chunking as chunking
 import amax_lightning.module as module_lib
 from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.chunking import _saved_bytes, choose_chunk_rows, chunk_slices, saved_bytes_per_row
@@ -89,12 +90,16 @@ def test_automatic_chunks_follow_free_memory(tiny_gpt2_dir, tmp_path, monkeypatc
     monkeypatch.setattr(module_lib, "free_memory_bytes", lambda device: 2 * 2 * per_row)  # half of it: 2 rows
     module, results = fit(tiny_gpt2_dir, tmp_path / "auto", chunk_rows=0, steps=3)
     assert module.chunk_rows_used == 2
-    assert "running 3 chunks of 2 rows" in caplog.text
+    assert "running 6 rows as 3 chunks of 2 rows" in caplog.text
     assert results["units"][0]["numerics"]["chunk_rows"] == 2
 
     monkeypatch.setattr(module_lib, "free_memory_bytes", lambda device: None)  # unknown: one chunk
     module, _ = fit(tiny_gpt2_dir, tmp_path / "unknown", chunk_rows=0, steps=1)
     assert module.chunk_rows_used == 6
+
+    monkeypatch.setattr(chunking, "CPU_CHUNK_TOKENS", 3 * 5)  # on CPU: at most the fastest chunk, 3 rows of 5 tokens
+    module, _ = fit(tiny_gpt2_dir, tmp_path / "fastest", chunk_rows=0, steps=1)
+    assert module.chunk_rows_used == 3
 
 
 def test_study_sized_runs_are_one_chunk(tiny_gpt2_dir, tmp_path):
@@ -117,11 +122,18 @@ def test_resumed_automatic_run_keeps_its_chunks(tiny_gpt2_dir):
 
 
 @pytest.mark.parametrize(
-    "rows, per_row, free, expected",
-    [(100, 10, None, 100), (100, 10, 10_000, 100), (100, 10, 1_000, 50), (100, 10, 5, 1), (7, 1, 10**12, 7)],
+    "rows, per_row, free, cap, expected",
+    [(100, 10, None, None, 100), (100, 10, 10_000, None, 100), (100, 10, 1_000, None, 50), (100, 10, 5, None, 1),
+     (7, 1, 10**12, None, 7), (100, 10, None, 30, 30), (100, 10, 1_000, 30, 30), (100, 10, 400, 30, 20)],
 )
-def test_choose_chunk_rows(rows, per_row, free, expected):
-    assert choose_chunk_rows(rows, per_row, free) == expected
+def test_choose_chunk_rows(rows, per_row, free, cap, expected):
+    assert choose_chunk_rows(rows, per_row, free, cap) == expected
+
+
+def test_fastest_chunk_is_a_cpu_rule():
+    assert chunking.fastest_chunk_rows(torch.device("cpu"), 5) == chunking.CPU_CHUNK_TOKENS // 5
+    assert chunking.fastest_chunk_rows(torch.device("cpu"), 10**6) == 1
+    assert chunking.fastest_chunk_rows(torch.device("meta"), 5) is None
 
 
 def test_chunk_slices_cover_rows_in_order():

@@ -3,7 +3,7 @@
 A step's memory is dominated by the tensors autograd saves for the backward, and those grow linearly with
 the rows in the batch. ``saved_bytes_per_row`` measures that slope exactly, on the run's own device, by
 counting the storages autograd saves for two small batches; ``choose_chunk_rows`` divides a share of the
-device's free memory by it.
+device's free memory by it. On CPU, chunks are also kept near the size that runs fastest per row.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import torch
 
 MEMORY_SHARE = 0.5  # of the free memory a step's saved tensors may use; the rest covers transient buffers
 PROBE_ROWS = (1, 3)
+# On CPU, big chunks run slower per row. GPT-2 small, block 8, 5 tokens, 2 cores, forward + input gradient
+# per row: 4.6 ms at 128 rows, 4.1-4.2 ms at 256-640, 5.4 ms at 1024, 6.4 ms at 3072, 7.5 ms at 7680 (one chunk).
+CPU_CHUNK_TOKENS = 2560
 
 
 def _saved_bytes(loss_of_rows: Callable[[int], torch.Tensor], rows: int) -> int:
@@ -59,14 +62,19 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def choose_chunk_rows(rows: int, bytes_per_row: int, free_bytes: int | None, share: float = MEMORY_SHARE) -> int:
-    """Rows per chunk: all ``rows`` if they fit in ``share`` of ``free_bytes``, else the most that do (>= 1).
+def fastest_chunk_rows(device: torch.device, n_tokens: int) -> int | None:
+    """The most rows per chunk before steps get slower per row: on CPU ``CPU_CHUNK_TOKENS`` token rows; else None."""
+    return max(1, CPU_CHUNK_TOKENS // n_tokens) if device.type == "cpu" else None
 
-    Unknown free memory (None) means one chunk of all rows.
+
+def choose_chunk_rows(rows: int, bytes_per_row: int, free_bytes: int | None, cap: int | None = None,
+                      share: float = MEMORY_SHARE) -> int:
+    """Rows per chunk: all ``rows`` if they fit in ``share`` of ``free_bytes`` and ``cap``, else the most that do.
+
+    Unknown free memory (None) sets no memory limit; the result is at least 1.
     """
-    if free_bytes is None:
-        return rows
-    return max(1, min(rows, int(free_bytes * share) // bytes_per_row))
+    fits = rows if free_bytes is None else int(free_bytes * share) // bytes_per_row
+    return max(1, min(rows, fits, cap if cap is not None else rows))
 
 
 def chunk_slices(start: int, stop: int, chunk_rows: int) -> list[slice]:

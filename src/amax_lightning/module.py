@@ -12,7 +12,14 @@ from torch import nn
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
 from amax_lightning.checks import check_int, check_number
-from amax_lightning.chunking import PROBE_ROWS, choose_chunk_rows, chunk_slices, free_memory_bytes, saved_bytes_per_row
+from amax_lightning.chunking import (
+    PROBE_ROWS,
+    choose_chunk_rows,
+    chunk_slices,
+    fastest_chunk_rows,
+    free_memory_bytes,
+    saved_bytes_per_row,
+)
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
@@ -270,12 +277,14 @@ class ActMaxModule(LightningModule):
 
         per_row = saved_bytes_per_row(probe)
         free = free_memory_bytes(self.device)
-        chunk = choose_chunk_rows(n_local, per_row, free)
+        fastest = fastest_chunk_rows(self.device, self.n_tokens)
+        chunk = choose_chunk_rows(n_local, per_row, free, cap=fastest)
         if chunk < n_local:
+            free_text = "unknown" if free is None else f"{free / 2**20:.0f} MiB"
             rank_zero_info(
-                f"amax_lightning: {n_local} rows need {per_row * n_local / 2**20:.1f} MiB of saved activations "
-                f"({free / 2**20:.1f} MiB free on {self.device.type}); running {math.ceil(n_local / chunk)} chunks "
-                f"of {chunk} rows (set --model.chunk_rows to choose)"
+                f"amax_lightning: running {n_local} rows as {math.ceil(n_local / chunk)} chunks of {chunk} rows: "
+                f"{per_row / 2**20:.2f} MiB saved per row, {free_text} free on {self.device.type}, fastest chunk "
+                f"{fastest or 'as large as fits'} rows (set --model.chunk_rows to choose)"
             )
         return chunk
 
