@@ -291,7 +291,6 @@ def lightning_fit(module, device: str, steps: int, repeats: int, precision: str 
     """(median per-step time inside Trainer.fit, median wall time of the whole fit of steps+2 steps)."""
     per_step, walls = [], []
     module._trainer = None
-    module.chunk_rows_used = None
     for _ in range(repeats):
         clock = _StepClock()
         trainer = Trainer(
@@ -350,16 +349,18 @@ def run_checks(device: str, compile_modes: list[str]) -> None:
         grads.append(sweep.parameter.grad.clone())
         sweep.parameter.grad = None
     check("chunked step gradient vs one batch (60 rows, chunks of 16)", relative_error(grads[1], grads[0]), 1e-5)
-    del sweep
-
     for mode in compile_modes:
         compiled = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=mode)
         start = time.perf_counter()
-        rows = slice(0, compiled.n_rows)
-        activations = compiled.row_forward(compiled.parameter, rows)[1]
+        activations = compiled.row_forward(compiled.parameter, slice(0, compiled.n_rows))[1].clone()
         sync(device)
         print(f"     compile_mode={mode}: first call {time.perf_counter() - start:.1f} s", flush=True)
         check(f"compile_mode={mode} activations vs eager", relative_error(activations, module.backbone(x, module.target)), 1e-4)
+        sweep = make_module(f"blocks.{LAYER}.hook_resid_pre:0-5", device, compile_mode=mode)
+        raw_step_fn(sweep, 20)  # three equal chunks: one compiled shape
+        sweep.training_step(None, 0).backward()
+        check(f"compile_mode={mode} chunked step gradient vs eager one batch", relative_error(sweep.parameter.grad, grads[0]), 1e-4)
+        del compiled, sweep
 
 
 # --- what opt-in numerics change ------------------------------------------------------------------------

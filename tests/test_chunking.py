@@ -12,7 +12,8 @@ import amax_lightning.chunking as chunking
 import amax_lightning.module as module_lib
 from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.chunking import _saved_bytes, choose_chunk_rows, chunk_slices, saved_bytes_per_row
-from amax_lightning.module import ActMaxModule
+from amax_lightning.errors import UserError
+from amax_lightning.module import ActMaxModule, check_world_size
 
 SWEEP = "blocks.1.mlp.hook_post:3,17,40"  # 3 units x 2 seeds = 6 rows
 SEEDS = [0, 3]
@@ -50,13 +51,19 @@ def test_chunked_steps_keep_prior_penalties(tiny_gpt2_dir, tmp_path):
     torch.testing.assert_close(chunked.parameter.detach(), whole.parameter.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_step_returns_the_true_loss_and_exact_gradient(tiny_gpt2_dir):
+class _LoopState:  # the Trainer attributes training_step reads
+    world_size, log_every_n_steps, global_step = 1, 10**9, 0
+
+    def __init__(self, loss_scale: float | None = None):
+        if loss_scale is not None:  # a 16-mixed run's GradScaler
+            scaler = type("Scaler", (), {"get_scale": lambda self: loss_scale, "is_enabled": lambda self: True})()
+            self.precision_plugin = type("Plugin", (), {"scaler": scaler})()
+
+
+@pytest.mark.parametrize("loss_scale", [None, 2.0**16])
+def test_chunked_step_returns_the_true_loss_and_exact_gradient(tiny_gpt2_dir, loss_scale):
     module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=SWEEP, seeds=SEEDS, chunk_rows=4)
-
-    class _Trainer:  # the two attributes training_step reads
-        world_size, log_every_n_steps, global_step = 1, 10**9, 0
-
-    module._trainer = _Trainer()
+    module._trainer = _LoopState(loss_scale)
     module.log_dict = module.log = lambda *a, **k: None
     returned = module.training_step(None, 0)
     returned.backward()
@@ -108,17 +115,24 @@ def test_study_sized_runs_are_one_chunk(tiny_gpt2_dir, tmp_path):
     assert module.row_chunks() == [slice(0, 10)]
 
 
-def test_resumed_automatic_run_keeps_its_chunks(tiny_gpt2_dir):
+def test_resumed_automatic_run_keeps_its_chunks_on_the_same_device_and_world(tiny_gpt2_dir):
     module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=SWEEP, seeds=SEEDS)
     module.chunk_rows_used = 4
     checkpoint = {"state_dict": {}}
     module.on_save_checkpoint(checkpoint)
-    resumed = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=SWEEP, seeds=SEEDS)
-    resumed.on_load_checkpoint(checkpoint)
-    assert resumed.chunk_rows_used == 4
-    chosen = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=SWEEP, seeds=SEEDS, chunk_rows=3)
-    chosen.on_load_checkpoint(checkpoint)
-    assert chosen.chunk_rows_used is None and chosen.chunk_rows == 3  # an explicit choice wins
+    assert checkpoint["chunk_rows"] == {"rows": 4, "device": "cpu", "world_size": 1}
+
+    def resumed(saved: dict, **options) -> ActMaxModule:
+        other = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=SWEEP, seeds=SEEDS, **options)
+        other.on_load_checkpoint({"chunk_rows": saved})
+        other.shard = (0, other.n_rows)
+        other.row_chunks()
+        return other
+
+    assert resumed(checkpoint["chunk_rows"]).chunk_rows_used == 4
+    assert resumed(checkpoint["chunk_rows"], chunk_rows=3).chunk_rows_used == 3  # an explicit choice wins
+    moved = {**checkpoint["chunk_rows"], "device": "cuda"}  # chosen for another device: measured again here
+    assert resumed(moved).chunk_rows_used == 6
 
 
 @pytest.mark.parametrize(
@@ -134,6 +148,12 @@ def test_fastest_chunk_is_a_cpu_rule():
     assert chunking.fastest_chunk_rows(torch.device("cpu"), 5) == chunking.CPU_CHUNK_TOKENS // 5
     assert chunking.fastest_chunk_rows(torch.device("cpu"), 10**6) == 1
     assert chunking.fastest_chunk_rows(torch.device("meta"), 5) is None
+
+
+def test_every_process_needs_a_row():
+    with pytest.raises(UserError, match="3 run\\(s\\) \\(units x seeds\\) for 4 processes"):
+        check_world_size(3, 4)
+    check_world_size(4, 4)
 
 
 def test_chunk_slices_cover_rows_in_order():

@@ -78,10 +78,13 @@ def test_fit_single_seed_and_config_with_overrides(tiny_gpt2_dir, tmp_path):
 
 
 def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
+    """Two processes, each running its shard (3 and 2 rows) in chunks of 2, equal one process in one batch."""
     args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "15", "--trainer.accelerator", "cpu",
                      "--model.priors", "clamp", "--results.null_samples", "2000")
     _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
-    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
+    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.chunk_rows", "2"],
+                                cwd=tmp_path / "ddp"))
+    assert ddp["numerics"]["chunk_rows"] == 2 and single["numerics"]["chunk_rows"] == 5
     assert len(list((tmp_path / "ddp").rglob("results.json"))) == 1
     assert ddp["uniqueness"] == single["uniqueness"] and ddp["null_model"] == single["null_model"]
     for key in ("position_agreement", "mean_pairwise_jaccard"):

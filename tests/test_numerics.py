@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
@@ -46,10 +47,28 @@ def test_bf16_autocast_keeps_fp32_parameter_and_stays_close(tiny_gpt2_dir, tmp_p
     assert 0 < relative < 0.05  # bf16 products really ran, and changed the optimum only slightly
 
 
-def test_matmul_precision_is_recorded_and_restored(tiny_gpt2_dir, tmp_path):
+def test_matmul_precision_holds_inside_steps_only_and_is_restored_after_errors(tiny_gpt2_dir, tmp_path, monkeypatch):
+    seen = []
+    forward = ActMaxModule._forward_rows
+
+    def recording(self, *args):
+        seen.append(torch.get_float32_matmul_precision())
+        return forward(self, *args)
+
+    monkeypatch.setattr(ActMaxModule, "_forward_rows", recording)
     before = torch.get_float32_matmul_precision()
-    _, results = fit(tiny_gpt2_dir, tmp_path / "high", matmul_precision="high")
+    _, results = fit(tiny_gpt2_dir, tmp_path / "high", steps=3, matmul_precision="high")
     assert results["numerics"]["matmul_precision"] == "high"
+    assert seen[:3] == ["high"] * 3  # the three steps (then the end-of-fit evaluation, outside any step)
+    assert torch.get_float32_matmul_precision() == before
+
+    def failing(self, *args):
+        assert torch.get_float32_matmul_precision() == "medium"
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ActMaxModule, "_forward_rows", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tiny_gpt2_dir, tmp_path / "failing", steps=3, matmul_precision="medium")
     assert torch.get_float32_matmul_precision() == before
 
 

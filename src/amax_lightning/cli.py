@@ -18,9 +18,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision
+from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision, check_world_size
 from amax_lightning.report import claim_version_folder
 from amax_lightning.seeds import parse_seeds
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up
 
 STUDY_DEFAULTS = {
     "trainer.max_steps": 500,
@@ -90,17 +92,15 @@ class AmaxCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
-        if config.threads is not None:
-            torch.set_num_threads(check_int("threads", config.threads, low=1, high=4096))
+        threads = DEFAULT_THREADS if config.threads is None else check_int("threads", config.threads, low=1, high=4096)
+        torch.set_num_threads(threads)  # also resets what an earlier fit in this process (a study) set
         steps = config.trainer.max_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise UserError(f"trainer.max_steps {steps!r} is out of range; the number of optimizer steps must be >= 1")
 
     def before_fit(self) -> None:
         check_precision(self.trainer.precision)
-        world = self.trainer.world_size
-        if self.model.n_rows < world:
-            raise UserError(f"{self.model.n_rows} run(s) (units x seeds) for {world} processes; give at least one per process")
+        check_world_size(self.model.n_rows, self.trainer.world_size)
         writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter)), None)
         if len(self.model.targets) > 1 and writer is not None and (writer.baseline_top_k or writer.baseline_text):
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")

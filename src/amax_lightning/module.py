@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,6 +51,23 @@ def check_precision(precision: str) -> str:
             "(the learned embedding and its Adam state must stay in fp32 or fp64)"
         )
     return str(precision)
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block; the previous setting after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def check_world_size(n_rows: int, world_size: int) -> None:
+    """Raise a UserError unless every process gets at least one row (unit x seed)."""
+    if n_rows < world_size:
+        raise UserError(f"{n_rows} run(s) (units x seeds) for {world_size} processes; give at least one per process")
 
 
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
@@ -130,8 +148,8 @@ class ActMaxModule(LightningModule):
             raise UserError(f"compile_mode {compile_mode!r} is unknown; allowed: {', '.join(COMPILE_MODES)}")
         self.compile_mode = compile_mode
         self._compiled_forward = None
-        self._previous_matmul_precision: str | None = None
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
+        self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
         self.aggregate = check_aggregation(aggregate)
         self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
         self.save_hyperparameters()
@@ -176,14 +194,9 @@ class ActMaxModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
+        check_world_size(self.n_rows, self.trainer.world_size)
         self.shard = shard_bounds(self.n_rows, self.trainer.world_size, self.trainer.global_rank)
-        self._previous_matmul_precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.matmul_precision)
-
-    def teardown(self, stage: str) -> None:
-        if self._previous_matmul_precision is not None:
-            torch.set_float32_matmul_precision(self._previous_matmul_precision)
-            self._previous_matmul_precision = None
+        self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
 
     def local_rows(self) -> slice:
         """This process's contiguous shard of rows (unit x seed)."""
@@ -194,8 +207,9 @@ class ActMaxModule(LightningModule):
         return parameter if self.softmax is None else self.softmax.embedding(parameter, self.backbone)
 
     def local_embedding(self) -> torch.Tensor:
-        """This process's shard of the embeddings, shape (shard rows, n_tokens, d_model)."""
-        return self.embeddings(self.parameter[self.local_rows()])
+        """This process's shard of the embeddings, shape (shard rows, n_tokens, d_model), built chunk by chunk
+        (the softmax prior's (rows, n_tokens, V) intermediate would not fit for a large sweep)."""
+        return torch.cat([self.embeddings(self.parameter[rows]) for rows in self.row_chunks()])
 
     def model_input(self, embedding: torch.Tensor) -> torch.Tensor:
         """What the model is fed for ``embedding``: the embedding, or its nearest tokens (straight-through)."""
@@ -262,8 +276,16 @@ class ActMaxModule(LightningModule):
     def row_chunks(self) -> list[slice]:
         """This process's rows as consecutive chunks of ``chunk_rows`` (decided once; see ``chunk_rows``)."""
         if self.chunk_rows_used is None:
-            self.chunk_rows_used = self.chunk_rows or self._automatic_chunk_rows()
+            self.chunk_rows_used = self.chunk_rows or self._resumed_chunk_rows() or self._automatic_chunk_rows()
         return chunk_slices(*self.shard, self.chunk_rows_used)
+
+    def _resumed_chunk_rows(self) -> int | None:
+        """The checkpoint's automatic chunk size if it was chosen on this kind of device and world size."""
+        saved = self._resumed_chunks
+        where = {"device": self.device.type, "world_size": self.trainer.world_size if self._trainer else 1}
+        if saved and all(saved.get(key) == value for key, value in where.items()):
+            return int(saved["rows"])
+        return None
 
     def _automatic_chunk_rows(self) -> int:
         n_local = self.shard[1] - self.shard[0]
@@ -289,25 +311,29 @@ class ActMaxModule(LightningModule):
         return chunk
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        chunks = self.row_chunks()
+        """Forward and exact gradient of every chunk of this process's rows, all inside ``matmul_precision``.
+
+        Each chunk's graph is freed once its gradient is taken. The returned surrogate has the true loss as
+        its value and exactly these gradients, so Lightning's backward, DDP's average and Adam see the same
+        step as for one batch, and no setting leaks past the step.
+        """
         scale = self.trainer.world_size
-        if len(chunks) == 1:
-            embedding, activations, loss = self.row_forward(self.parameter[chunks[0]], chunks[0])
-            self._check_finite(activations, loss)
-            self._log_step(embedding, activations, loss)
-            return loss.sum() * scale
-        # One chunk's graph at a time: its exact gradient is taken now and the graph freed; the returned
-        # surrogate has the true loss as value and exactly these gradients, so Lightning, DDP and Adam see
-        # the same step as for one big batch.
+        # Under 16-mixed each chunk's backward is loss-scaled as Lightning scales the returned loss, so fp16
+        # gradients neither underflow nor hide an overflow (inf/nan reaches the scaler, which skips the step).
+        scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local = self.parameter[self.local_rows()]
         grad = torch.zeros_like(local)
         parts = []
-        for rows in chunks:
-            piece = self.parameter[rows].detach().requires_grad_()
-            embedding, activations, loss = self.row_forward(piece, rows)
-            self._check_finite(activations, loss, first_row=rows.start)
-            (grad[rows.start - self.shard[0] : rows.stop - self.shard[0]],) = torch.autograd.grad(loss.sum() * scale, piece)
-            parts.append((embedding.detach(), activations.detach(), loss.detach()))
+        with float32_matmul_precision(self.matmul_precision):
+            for rows in self.row_chunks():
+                piece = self.parameter[rows].detach().requires_grad_()
+                embedding, activations, loss = self.row_forward(piece, rows)
+                self._check_finite(activations, loss, first_row=rows.start)
+                (chunk_grad,) = torch.autograd.grad(loss.sum() * (scale * loss_scale), piece)
+                grad[rows.start - self.shard[0] : rows.stop - self.shard[0]] = chunk_grad / loss_scale
+                # copies: with CUDA graphs (compile_mode reduce-overhead) the next call reuses the outputs' memory
+                parts.append((embedding.detach().clone(), activations.detach().clone(), loss.detach().clone()))
         embedding, activations, loss = (torch.cat(part) for part in zip(*parts))
         self._log_step(embedding, activations, loss)
         surrogate = (local * grad).sum()
@@ -400,11 +426,13 @@ class ActMaxModule(LightningModule):
             del state[key]
         steps, values = self.activation_history()
         checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
-        checkpoint["chunk_rows"] = self.chunk_rows_used  # a resumed automatic run keeps its chunks: same arithmetic
+        if self.chunk_rows_used is not None:  # a resumed automatic run keeps its chunks where it can: same arithmetic
+            world = self.trainer.world_size if self._trainer else 1
+            checkpoint["chunk_rows"] = {"rows": self.chunk_rows_used, "device": self.device.type, "world_size": world}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not self.chunk_rows and isinstance(checkpoint.get("chunk_rows"), int):
-            self.chunk_rows_used = checkpoint["chunk_rows"]
+        if isinstance(checkpoint.get("chunk_rows"), dict):
+            self._resumed_chunks = checkpoint["chunk_rows"]
         history = checkpoint.get("activation_history")
         if history is not None:
             self.history_steps = history["steps"].tolist()
