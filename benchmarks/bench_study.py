@@ -364,31 +364,29 @@ def run_checks(device: str, compile_modes: list[str]) -> None:
 
 
 # --- what opt-in numerics change ------------------------------------------------------------------------
-def study_outcome(device: str, steps: int, precision: str = "32-true", matmul: str = "highest",
-                  compile_mode: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded token ids (seeds, tokens) and final objectives (seeds,) after ``steps`` raw steps of the study."""
-    module = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=compile_mode)
+def study_outcome(device: str, steps: int, precision: str = "32-true", **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded token ids (seeds, tokens) and final objectives (seeds,) after ``steps`` raw steps of the study.
+
+    ``options`` go to ActMaxModule (``matmul_precision``, ``compile_mode``); ``precision`` picks the autocast
+    dtype as Lightning's ``bf16-mixed`` / ``16-mixed`` do (without 16-mixed's loss scaling). The final values are
+    evaluated in fp32, eager, as the ResultsWriter reports them.
+    """
+    module = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, **options)
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul)
-    try:
-        step, _ = raw_step_fn(module, autocast=autocast)
-        for _ in range(steps):
-            step()
-        with torch.no_grad():  # final values in fp32, as the ResultsWriter reports them
-            torch.set_float32_matmul_precision("highest")
-            embedding = module.local_embedding()
-            objective = module.objective(module.local_activations(module.model_input(embedding)))
-            token_ids, _ = nearest_tokens(embedding, module.backbone.vocab_embeddings)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    step, _ = raw_step_fn(module, autocast=autocast)
+    for _ in range(steps):
+        step()
+    with torch.no_grad():
+        embedding = module.local_embedding()
+        objective = module.objective(module.local_activations(module.model_input(embedding)))
+        token_ids, _ = nearest_tokens(embedding, module.backbone.vocab_embeddings)
     return token_ids.cpu(), objective.cpu()
 
 
 def numerics_table(device: str, steps: int, compile_modes: list[str], gpu_variants: bool) -> list[str]:
     variants = {"bf16-mixed": {"precision": "bf16-mixed"}}
     if gpu_variants:
-        variants["tf32 (matmul_precision=high)"] = {"matmul": "high"}
+        variants["tf32 (matmul_precision=high)"] = {"matmul_precision": "high"}
         variants["16-mixed"] = {"precision": "16-mixed"}
     variants.update({f"compile_mode={m}": {"compile_mode": m} for m in compile_modes})
     ids32, obj32 = study_outcome(device, steps)
@@ -486,6 +484,8 @@ def main(argv=None) -> None:
     timed("ours/raw", raw_step_fn(module)[0], useful)
     if gpu_variants:
         timed("ours/raw bf16", raw_step_fn(make_module(target, device), autocast=torch.bfloat16)[0], useful)
+    for mode in compile_modes:
+        timed(f"ours/raw {mode}", raw_step_fn(make_module(target, device, compile_mode=mode))[0], useful)
     fits = {"ours/fit": ({}, "32-true")}
     if gpu_variants:
         fits["ours/fit bf16-mixed"] = ({}, "bf16-mixed")
@@ -508,9 +508,12 @@ def main(argv=None) -> None:
     if not args.skip_atlas:
         width = d
         atlas_flops = study_flops(width * N_SEEDS, d=d, d_mlp=d_mlp)
-        variants = {"atlas": None, "atlas bf16": torch.bfloat16} if gpu_variants else {"atlas": None}
-        for key, autocast in variants.items():
-            atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device)
+        variants = {"atlas": (None, "none")}
+        if gpu_variants:
+            variants["atlas bf16"] = (torch.bfloat16, "none")
+            variants.update({f"atlas bf16 {mode}": (torch.bfloat16, mode) for mode in compile_modes})
+        for key, (autocast, mode) in variants.items():
+            atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device, compile_mode=mode)
             atlas.shard = (0, atlas.n_rows)
             chunk = args.atlas_chunk or atlas._automatic_chunk_rows()
             step, chunks = raw_step_fn(atlas, chunk, autocast=autocast)

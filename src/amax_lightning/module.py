@@ -329,12 +329,12 @@ class ActMaxModule(LightningModule):
             for rows in self.row_chunks():
                 piece = self.parameter[rows].detach().requires_grad_()
                 embedding, activations, loss = self.row_forward(piece, rows)
-                self._check_finite(activations, loss, first_row=rows.start)
                 (chunk_grad,) = torch.autograd.grad(loss.sum() * (scale * loss_scale), piece)
                 grad[rows.start - self.shard[0] : rows.stop - self.shard[0]] = chunk_grad / loss_scale
                 # copies: with CUDA graphs (compile_mode reduce-overhead) the next call reuses the outputs' memory
                 parts.append((embedding.detach().clone(), activations.detach().clone(), loss.detach().clone()))
         embedding, activations, loss = (torch.cat(part) for part in zip(*parts))
+        self._check_finite(activations, loss)  # once per step, after all chunks: one host sync, not one per chunk
         self._log_step(embedding, activations, loss)
         surrogate = (local * grad).sum()
         return surrogate - surrogate.detach() + loss.sum() * scale
@@ -351,12 +351,11 @@ class ActMaxModule(LightningModule):
         for prior in self.priors:
             prior.project_(self.parameter.data, self.backbone)
 
-    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor, first_row: int | None = None) -> None:
-        """Raise NonFiniteError naming the seeds of rows (from ``first_row``, default the shard's) that went non-finite."""
-        first_row = self.shard[0] if first_row is None else first_row
+    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
+        """Raise NonFiniteError naming the seeds of this process's rows that went non-finite."""
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
         if not bool(finite.all()):
-            bad = sorted({self.seeds[(first_row + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
+            bad = sorted({self.seeds[(self.shard[0] + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
             raise NonFiniteError(
                 f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
                 f"try a smaller lr (now {self.lr}) or an l2 penalty"
