@@ -1,4 +1,4 @@
-"""Checks of user-given numbers: each returns the value or raises a one-line UserError naming it."""
+"""Checks of user-given values: each returns the value or raises a one-line UserError naming it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import math
 import numpy as np
 
 from amax_lightning.errors import UserError
+
+
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``, else a UserError listing them."""
+    if value not in allowed:
+        raise UserError(f"{name} {value!r} is unknown; allowed: {', '.join(allowed)}")
+    return value
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:

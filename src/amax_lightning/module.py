@@ -12,7 +12,7 @@ from torch import nn
 
 from amax_lightning.backbone import load_backbone
 from amax_lightning.data import step_loader
-from amax_lightning.checks import check_int, check_number
+from amax_lightning.checks import check_choice, check_int, check_number
 from amax_lightning.chunking import (
     PROBE_ROWS,
     choose_chunk_rows,
@@ -24,7 +24,7 @@ from amax_lightning.chunking import (
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
 from amax_lightning.seeds import parse_seeds, shard_bounds
-from amax_lightning.targets import Target, check_aggregation, parse_targets
+from amax_lightning.targets import AGGREGATIONS, Target, parse_targets
 
 DEFAULT_SEEDS = list(range(10))
 
@@ -106,15 +106,16 @@ class ActMaxModule(LightningModule):
     trust_remote_code
         Passed to HF ``from_pretrained``; only set it for model code you trust.
     matmul_precision
-        ``torch.set_float32_matmul_precision`` during the fit: ``highest`` (true fp32, the default), ``high``
-        (TF32 on NVIDIA GPUs) or ``medium`` (bf16 products); restored when the fit ends.
+        ``torch.set_float32_matmul_precision`` inside each training step (forward and backward): ``highest``
+        (true fp32, the default), ``high`` (TF32 on NVIDIA GPUs) or ``medium`` (bf16 products).
     compile_mode
         ``none`` (eager, the default), or a ``torch.compile`` mode for the step's forward: ``default``,
         ``reduce-overhead`` (CUDA graphs on GPU) or ``max-autotune``. Shapes are static; the first steps
         pay the compile time (seconds to minutes).
     chunk_rows
         Rows (unit x seed) per forward/backward; 0 = automatic: all rows at once if their saved activations
-        fit in half the device's free memory, else the most that do. The gradient of each row is exact
+        fit in half the device's free memory, else the most that do (on CPU also at most
+        ``chunking.CPU_CHUNK_TOKENS`` token rows, the fastest size). The gradient of each row is exact
         either way (rows are independent), so this changes memory and speed, not the optimization.
     """
 
@@ -141,16 +142,12 @@ class ActMaxModule(LightningModule):
         l2 = check_number("l2", l2, low_open=False)
         n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
-        if matmul_precision not in MATMUL_PRECISIONS:
-            raise UserError(f"matmul_precision {matmul_precision!r} is unknown; allowed: {', '.join(MATMUL_PRECISIONS)}")
-        self.matmul_precision = matmul_precision
-        if compile_mode not in COMPILE_MODES:
-            raise UserError(f"compile_mode {compile_mode!r} is unknown; allowed: {', '.join(COMPILE_MODES)}")
-        self.compile_mode = compile_mode
+        self.matmul_precision = check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
+        self.compile_mode = check_choice("compile_mode", compile_mode, COMPILE_MODES)
         self._compiled_forward = None
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
-        self.aggregate = check_aggregation(aggregate)
+        self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
         self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
         self.save_hyperparameters()
         self.backbone = load_backbone(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -198,6 +195,11 @@ class ActMaxModule(LightningModule):
         self.shard = shard_bounds(self.n_rows, self.trainer.world_size, self.trainer.global_rank)
         self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
 
+    @property
+    def world_size(self) -> int:
+        """Processes in this fit (1 outside a Trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def local_rows(self) -> slice:
         """This process's contiguous shard of rows (unit x seed)."""
         return slice(*self.shard)
@@ -219,7 +221,7 @@ class ActMaxModule(LightningModule):
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = self.world_size
         if world == 1:
             return local
         size = math.ceil(self.n_rows / world)
@@ -282,7 +284,7 @@ class ActMaxModule(LightningModule):
     def _resumed_chunk_rows(self) -> int | None:
         """The checkpoint's automatic chunk size if it was chosen on this kind of device and world size."""
         saved = self._resumed_chunks
-        where = {"device": self.device.type, "world_size": self.trainer.world_size if self._trainer else 1}
+        where = {"device": self.device.type, "world_size": self.world_size}
         if saved and all(saved.get(key) == value for key, value in where.items()):
             return int(saved["rows"])
         return None
@@ -317,23 +319,26 @@ class ActMaxModule(LightningModule):
         its value and exactly these gradients, so Lightning's backward, DDP's average and Adam see the same
         step as for one batch, and no setting leaks past the step.
         """
-        scale = self.trainer.world_size
+        scale = self.world_size
         # Under 16-mixed each chunk's backward is loss-scaled as Lightning scales the returned loss, so fp16
         # gradients neither underflow nor hide an overflow (inf/nan reaches the scaler, which skips the step).
         scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local = self.parameter[self.local_rows()]
         grad = torch.zeros_like(local)
-        parts = []
+        outputs: list[torch.Tensor] = []  # embedding, activations, loss of every local row
         with float32_matmul_precision(self.matmul_precision):
             for rows in self.row_chunks():
                 piece = self.parameter[rows].detach().requires_grad_()
-                embedding, activations, loss = self.row_forward(piece, rows)
-                (chunk_grad,) = torch.autograd.grad(loss.sum() * (scale * loss_scale), piece)
-                grad[rows.start - self.shard[0] : rows.stop - self.shard[0]] = chunk_grad / loss_scale
-                # copies: with CUDA graphs (compile_mode reduce-overhead) the next call reuses the outputs' memory
-                parts.append((embedding.detach().clone(), activations.detach().clone(), loss.detach().clone()))
-        embedding, activations, loss = (torch.cat(part) for part in zip(*parts))
+                values = self.row_forward(piece, rows)
+                (chunk_grad,) = torch.autograd.grad(values[2].sum() * (scale * loss_scale), piece)
+                done = slice(rows.start - self.shard[0], rows.stop - self.shard[0])
+                grad[done] = chunk_grad / loss_scale
+                # copied out at once: the next chunk's call may reuse the outputs' memory (CUDA graphs)
+                outputs = outputs or [v.new_empty((len(local), *v.shape[1:])) for v in values]
+                for out, value in zip(outputs, values):
+                    out[done] = value.detach()
+        embedding, activations, loss = outputs
         self._check_finite(activations, loss)  # once per step, after all chunks: one host sync, not one per chunk
         self._log_step(embedding, activations, loss)
         surrogate = (local * grad).sum()
@@ -426,8 +431,7 @@ class ActMaxModule(LightningModule):
         steps, values = self.activation_history()
         checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
         if self.chunk_rows_used is not None:  # a resumed automatic run keeps its chunks where it can: same arithmetic
-            world = self.trainer.world_size if self._trainer else 1
-            checkpoint["chunk_rows"] = {"rows": self.chunk_rows_used, "device": self.device.type, "world_size": world}
+            checkpoint["chunk_rows"] = {"rows": self.chunk_rows_used, "device": self.device.type, "world_size": self.world_size}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if isinstance(checkpoint.get("chunk_rows"), dict):

@@ -171,9 +171,3 @@ def _expand(units: str, width: int) -> range:
         raise UserError(f"target units {units!r} are an empty range; write low-high, e.g. 0-127")
     return range(low, high + 1)
 
-
-def check_aggregation(name: str) -> str:
-    """Return ``name`` if it is a known way to reduce activations over positions, else raise a UserError."""
-    if name not in AGGREGATIONS:
-        raise UserError(f"aggregate {name!r} is unknown; allowed: {', '.join(AGGREGATIONS)}")
-    return name
