@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny models saved to temp folders (random init, real GPT-2 tokenizer), and a CLI runner."""
+"""Shared fixtures: tiny models saved to temp folders (random init, real GPT-2 tokenizer), ``fit_tiny`` (an
+in-process fit) and a CLI runner. Tiers: ``unit`` (no Trainer), ``integration`` (in-process fits), ``e2e``
+(subprocesses, signals, DDP; marked ``slow``, which every test under ``tests/e2e`` gets automatically)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +20,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "gpt2_tokenizer"
 REPO = Path(__file__).resolve().parents[1]
 TINY_TARGET = "blocks.2.hook_resid_pre:5"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +77,48 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env) -> subproce
         [sys.executable, "-m", "amax_lightning", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_gpt2_dir):
+    """The tiny GPT-2 loaded once; frozen and always in eval mode, so fits can share it."""
+    from amax_lightning.backbone import load_backbone
+
+    return load_backbone(str(tiny_gpt2_dir))
+
+
+@pytest.fixture
+def tiny_module(tiny_gpt2_dir, tiny_backbone):
+    """``tiny_module(**options)``: an ActMaxModule on the shared tiny GPT-2 (target ``TINY_TARGET``, seeds 0-2
+    unless given); no Trainer."""
+    from amax_lightning.module import ActMaxModule
+
+    def make(**options):
+        options = {"target": TINY_TARGET, "seeds": [0, 1, 2], **options}
+        return ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), backbone=tiny_backbone, **options)
+
+    return make
+
+
+@pytest.fixture
+def fit_tiny(tiny_module, tmp_path):
+    """``fit_tiny(name, steps=.., precision=.., callbacks=.., null_samples=.., **module_options)``: an in-process
+    ``Trainer.fit`` of ActMaxModule on the tiny GPT-2 in ``tmp_path / name``; returns (module, results.json)."""
+    from lightning.pytorch import Trainer
+
+    from amax_lightning.callbacks import ResultsWriter, find_callback
+
+    def fit(name: str = "run", steps: int = 20, precision: str = "32-true", callbacks=(), null_samples: int = 200,
+            trainer_options: dict | None = None, **module_options):
+        module = tiny_module(**module_options)
+        trainer = Trainer(**{
+            "max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": precision, "logger": False,
+            "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "default_root_dir": tmp_path / name,
+            "callbacks": [ResultsWriter(null_samples=null_samples), *callbacks], **(trainer_options or {})})
+        trainer.fit(module)
+        writer = find_callback(trainer, ResultsWriter)
+        with open(writer.results_path) as handle:
+            return module, json.load(handle)
+
+    return fit

@@ -1,6 +1,39 @@
-"""``python -m amax_lightning`` runs the CLI."""
+"""``python -m amax_lightning fit | study ...``: the one entry point; a user mistake is one line and exit code 2."""
 
-from amax_lightning.cli import main
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+
+from amax_lightning.errors import UserError
+
+
+def main(args: list[str] | None = None) -> None:
+    """``fit ...`` runs one study (``cli.py``), ``study ...`` a grid of them (``study.py``).
+
+    A user mistake prints one line on stderr and exits with code 2; Ctrl-C exits 130 (1 when Lightning
+    handled it), SIGTERM 143.
+    """
+    argv = sys.argv[1:] if args is None else args
+    try:
+        if argv[:1] == ["study"]:
+            from amax_lightning.study import run_study
+
+            run_study(argv[1:])
+        else:
+            from amax_lightning.cli import run
+
+            run(args)  # None: LightningCLI reads sys.argv itself
+    except (UserError, MisconfigurationException) as exc:
+        print(f"amax_lightning: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except SIGTERMException:
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("amax_lightning: interrupted", file=sys.stderr)
+        sys.exit(130)
+
 
 if __name__ == "__main__":
     main()

@@ -109,6 +109,13 @@ class Backbone(nn.Module):
         weight = self.model.get_input_embeddings().weight
         return weight[: min(weight.shape[0], len(self.tokenizer))]
 
+    @property
+    def embedding_std(self) -> float:
+        """Standard deviation of the input-embedding matrix: the scale of the study's initial embeddings."""
+        if not hasattr(self, "_embedding_std"):
+            self._embedding_std = float(self.model.get_input_embeddings().weight.detach().std())
+        return self._embedding_std
+
     def token_strings(self, token_ids: list[int]) -> list[str]:
         """Decode each token id on its own into its text, e.g. 995 -> ' world'."""
         return [self.tokenizer.decode([int(i)]) for i in token_ids]

@@ -1,8 +1,8 @@
-"""End of fit: decode every optimized vector, count unique tokens, write results.json and the summary."""
+"""Callbacks: interrupts that leave consistent state, and the end of fit (gather, analyze, write, TensorBoard)."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import signal
@@ -10,25 +10,90 @@ import sys
 import threading
 from typing import Optional
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from amax_lightning.baseline import overlap, top_contexts, top_tokens
+from amax_lightning.analysis import (
+    AtlasResults,
+    UnitResults,
+    analyze_unit,
+    atlas_of,
+    with_data_baseline,
+    with_null_model,
+)
 from amax_lightning.checks import check_int
-from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
-from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
-from amax_lightning.null_model import NullModelResult, expected_n_unique, null_token_distribution, unique_count_p_value
-from amax_lightning.priors import norm_range
-from amax_lightning.report import close_figures, summary_markdown, write_atlas, write_report, write_text_atomic
+from amax_lightning.runs import write_text_atomic
+
+MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 2 minutes on 2 CPU cores at GPT-2 small's size
+MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
+MAX_BASELINE_TOP_K = 100_000  # at most the vocabulary anyway
+MAX_BASELINE_CONTEXTS = 10_000
+
+
+def find_callback(trainer: Trainer, kind: type) -> Optional[Callback]:
+    """The trainer's first callback of type ``kind``, or None."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
+
+
+class DeferInterrupts(Callback):
+    """Ctrl-C during the steps takes effect at the end of the current step, so the checkpoint saved then is a
+    consistent state (parameter, Adam state and step count of one finished step). After the last step, Ctrl-C
+    and SIGTERM interrupt at once (``interrupt_now``): nothing reads Lightning's SIGTERM flag any more."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: dict[int, object] = {}
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        self.pending = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._note))
+
+    def _note(self, signum, frame) -> None:
+        self.pending = True
+        signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))  # a second Ctrl-C: at once
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.pending:  # parameters, Adam state and global_step all belong to the same finished step here
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interrupt_now(self, trainer: Trainer, earlier: bool = True):
+        """Inside the block, Ctrl-C raises KeyboardInterrupt and SIGTERM raises SIGTERMException at once; with
+        ``earlier``, one that came before (during the last step) raises on entry. The previous handlers come
+        back after it."""
+        if earlier and self.pending:
+            raise KeyboardInterrupt
+        if earlier and trainer.received_sigterm:
+            raise SIGTERMException
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def terminate(signum, frame):
+            raise SIGTERMException
+
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def teardown(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class ResultsWriter(Callback):
-    """At the end of fit: decode, measure, and write ``results.json`` and ``report.md`` into the run's folder.
+    """At the end of fit: decode, measure, and write ``results.json`` and the report into the run's folder.
 
-    Rank 0 writes. After ``fit``, ``results_path`` holds the path of ``results.json`` (None on other ranks).
+    Rank 0 writes. After ``fit``, ``results_path`` holds the path of ``results.json`` and ``results`` the
+    ``UnitResults`` or ``AtlasResults`` (None on other ranks, and when nothing was written).
 
     Parameters
     ----------
@@ -53,233 +118,123 @@ class ResultsWriter(Callback):
         baseline_text: Optional[str] = None,
         baseline_contexts: int = 10,
     ) -> None:
-        self.null_samples = check_int("results.null_samples", null_samples, low=0)
-        self.null_simulations = check_int("results.null_simulations", null_simulations, low=1)
-        self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0)
-        self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1)
+        self.null_samples = check_int("results.null_samples", null_samples, low=0, high=MAX_NULL_SAMPLES)
+        self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
+        self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0, high=MAX_BASELINE_TOP_K)
+        self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1, high=MAX_BASELINE_CONTEXTS)
         if baseline_text is not None and not os.path.isfile(baseline_text):
             raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
         self.baseline_text = baseline_text
         self.results_path: str | None = None
+        self.results: UnitResults | AtlasResults | None = None
+        self._analyzing = False
+        self._finished_checkpoint_step: int | None = None
+
+    @property
+    def uses_baseline(self) -> bool:
+        return bool(self.baseline_top_k or self.baseline_text)
+
+    def on_load_checkpoint(self, trainer: Trainer, module: LightningModule, checkpoint: dict) -> None:
+        self._finished_checkpoint_step = int(checkpoint.get("global_step", 0))
 
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
-        """Defer Ctrl-C to the end of the current step, so the checkpoint it saves is a consistent state."""
-        self._ctrl_c = False
-        self._previous_sigint = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._note_ctrl_c)
-
-    def _note_ctrl_c(self, signum, frame) -> None:
-        self._ctrl_c = True
-        signal.signal(signal.SIGINT, self._previous_sigint)  # a second Ctrl-C interrupts at once
-
-    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._ctrl_c:  # parameters, Adam state and global_step all belong to the same finished step here
-            raise KeyboardInterrupt
-
-    def teardown(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
-        if getattr(self, "_previous_sigint", None) is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        """A resumed run whose steps were all done (interrupted during its analysis) is analyzed here: Lightning
+        skips the loop, and its ``on_train_end``, when no step is left."""
+        self._analyzing = False
+        done, self._finished_checkpoint_step = self._finished_checkpoint_step, None
+        if done is not None and trainer.max_steps is not None and 0 <= trainer.max_steps <= done:
+            self._finish(trainer, module, steps=done, partial=False)
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
-        self._finish(trainer, module, partial=False)
+        self._finish(trainer, module, steps=trainer.global_step, partial=False)
 
     def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
-        """On Ctrl-C or SIGTERM: save ``last.ckpt`` and write results marked partial. Other errors write nothing."""
+        """On Ctrl-C or SIGTERM: save ``last.ckpt``; during the steps also write results marked partial.
+
+        Interrupted during the end-of-fit analysis, no results are written; resuming finishes the analysis.
+        Other errors write nothing.
+        """
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.global_step == 0:
             return
         checkpoint = None
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
             checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
             trainer.save_checkpoint(checkpoint, weights_only=False)
-        self._finish(trainer, module, partial=True)
+        resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
+        if self._analyzing:
+            if trainer.is_global_zero:
+                print(f"amax_lightning: interrupted during the end-of-fit analysis after step {trainer.global_step}: "
+                      f"no results written{resume}", file=sys.stderr, flush=True)
+            return
+        self._finish(trainer, module, steps=trainer.global_step, partial=True)
         if trainer.is_global_zero:
-            resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
             print(f"amax_lightning: interrupted at step {trainer.global_step}: partial results in "
                   f"{self.results_path}{resume}", file=sys.stderr, flush=True)
 
-    @torch.no_grad()
-    def _finish(self, trainer: Trainer, module: LightningModule, partial: bool) -> None:
-        backbone = module.backbone
-        embedding = module.local_embedding()
-        activations = module.local_activations(module.model_input(embedding))
-        token_ids, cosine = nearest_tokens(embedding, backbone.vocab_embeddings)
-        decoded_activations = module.local_activations(backbone.embed_tokens(token_ids))
-        per_row = {
-            "token_ids": module.gather_rows(token_ids),
-            "cosine": module.gather_rows(cosine),
-            "position_activations": module.gather_rows(activations),
-            "decoded_position_activations": module.gather_rows(decoded_activations),
-            "embedding": module.gather_rows(embedding),
-        }
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+    def _finish(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool) -> None:
+        """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
+        interrupts = find_callback(trainer, DeferInterrupts)
+        guard = interrupts.interrupt_now(trainer, earlier=not partial) if interrupts else contextlib.nullcontext()
+        self._analyzing = not partial
+        with guard:
+            results = self._analyze(trainer, module, steps, partial)
+            log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+            if results is not None:
+                self._write(trainer, module, log_dir, results, steps)
+        self._analyzing = False
+
+    def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
+        """Rank 0's UnitResults (one unit) or AtlasResults (a sweep); None on other ranks."""
+        tensors = module.evaluate()  # a collective under DDP: every rank takes part
         if not trainer.is_global_zero:
-            return
-        n_seeds = len(module.seeds)
-        units = [
-            build_results(module, target, trainer.global_step, {k: v[u * n_seeds : (u + 1) * n_seeds] for k, v in per_row.items()}, partial)
-            for u, target in enumerate(module.targets)
-        ]
-        self._add_null_model(module, units)
+            return None
+        protocol, layout, backbone = module.protocol(), module.layout, module.backbone
+        units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone)
+                 for u, target in enumerate(module.targets)]
+        units = with_null_model(units, backbone.vocab_embeddings, module.init_scale, self.null_samples,
+                                self.null_simulations)
+        if len(units) > 1:
+            return atlas_of(units)
+        return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
+                                  self.baseline_contexts)
+
+    def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
+        from amax_lightning import report  # plotting is imported only when a report is written
+
         os.makedirs(log_dir, exist_ok=True)
-        self.results_path = os.path.join(log_dir, "results.json")
-        steps, history = module.activation_history()
-        if len(units) == 1:
-            results = units[0]
-            results.update(self._data_baseline(module, results))
-            summary = summary_markdown(results)
-            figures = write_report(log_dir, results, summary, steps, history, module.seeds)
+        if isinstance(results, AtlasResults):
+            summary, figures = report.write_atlas(log_dir, results)
         else:
-            results = atlas_results(units)
-            summary, figures = write_atlas(log_dir, results)
-        write_text_atomic(self.results_path, json.dumps(results, indent=2) + "\n")
+            history_steps, history = module.activation_history()
+            summary = report.summary_markdown(results)
+            figures = report.write_report(log_dir, results, summary, history_steps, history, module.seeds)
+        path = os.path.join(log_dir, "results.json")
+        write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
+        self.results_path, self.results = path, results
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                log_to_tensorboard(logger, results, summary, figures, trainer.global_step)
-        close_figures(figures)
+                log_to_tensorboard(logger, results, summary, figures, steps)
+        report.close_figures(figures)
         print(summary, flush=True)
-
-    def _add_null_model(self, module: LightningModule, units: list[dict]) -> None:
-        """Add to each unit's results the chance expectation of n_unique and the p-value of its own count."""
-        if not self.null_samples:
-            return
-        n_vectors = units[0]["uniqueness"]["n_total"]
-        p = null_token_distribution(module.backbone.vocab_embeddings, self.null_samples, scale=module.init_scale, seed=0)
-        expected = expected_n_unique(p, n_vectors)
-        for results in units:
-            observed = results["uniqueness"]["n_unique"]
-            p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed, self.null_simulations, seed=0)
-            null = NullModelResult(n_vectors, self.null_samples, expected, observed, p_value, n_sim, se)
-            results["null_model"] = dataclasses.asdict(null)
-
-    def _data_baseline(self, module: LightningModule, results: dict) -> dict:
-        """The data-sampling baseline for a one-unit run, as configured."""
-        if not (self.baseline_top_k or self.baseline_text):
-            return {}
-        baseline = {}
-        if self.baseline_top_k:
-            top = top_tokens(module.backbone, module.target, k=self.baseline_top_k)
-            gradient_ids = [i for run in results["runs"] for i in run["token_ids"]]
-            baseline["top_tokens"] = dataclasses.asdict(top)
-            baseline["overlap"] = dataclasses.asdict(overlap(gradient_ids, top.token_ids))
-        if self.baseline_text:
-            contexts = top_contexts(module.backbone, module.target, self.baseline_text, k=self.baseline_contexts)
-            baseline["text"] = self.baseline_text
-            baseline["top_contexts"] = [dataclasses.asdict(c) for c in contexts]
-        return {"data_baseline": baseline}
-
-
-def log_to_tensorboard(logger: TensorBoardLogger, results: dict, summary: str, figures: dict, step: int) -> None:
-    """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
-    logger.experiment.add_text("decoded_tokens", summary, step)
-    if "units" in results:  # a sweep: the atlas
-        counts = [row["n_unique"] for row in results["atlas"]]
-        logger.log_metrics({"atlas/min_n_unique": min(counts), "atlas/mean_n_unique": sum(counts) / len(counts)}, step)
-        for name, figure in figures.items():
-            logger.experiment.add_figure(f"report/{name}", figure, step)
-        logger.experiment.flush()
-        return
-    repro = results["reproducibility"]
-    scalars = {"uniqueness/n_unique": results["uniqueness"]["n_unique"]}
-    scalars.update({f"reproducibility/{key}": repro[key] for key in SCALAR_METRICS})
-    if "null_model" in results:
-        scalars["uniqueness/null_expected_n_unique"] = results["null_model"]["expected_n_unique"]
-        scalars["uniqueness/null_p_value"] = results["null_model"]["p_value"]
-    logger.log_metrics(scalars, step)
-    for name, figure in figures.items():
-        logger.experiment.add_figure(f"report/{name}", figure, step)
-    logger.experiment.flush()
 
 
 SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pairwise_cosine", "mean_nearest_cosine",
                   "mean_decoded_gap", "mean_embedding_norm")
 
 
-def build_results(module: LightningModule, target, steps: int, per_seed: dict, partial: bool) -> dict:
-    """The ``results.json`` document of one unit: protocol, one record per seed (sorted by seed), uniqueness
-    and reproducibility metrics. ``per_seed`` holds that unit's rows in the module's seed order.
-
-    Activations are in the model's units; ``final_activation`` and ``decoded_activation`` are the objective
-    (positions reduced by ``aggregate``) at the optimized input and at its decoded tokens.
-    """
-    backbone = module.backbone
-    local = {"sync_on_compute": False}  # rows are already gathered; rank 0 alone computes
-    metrics = {"uniqueness": UniqueTokens(**local), "agreement": TokenAgreement(**local),
-               "similarity": EmbeddingSimilarity(**local)}
-    metrics["uniqueness"].update(per_seed["token_ids"])
-    metrics["agreement"].update(per_seed["token_ids"])
-    metrics["similarity"].update(per_seed["embedding"])
-    computed = {name: metric.compute() for name, metric in metrics.items()}
-    norms = per_seed["embedding"].norm(dim=-1)
-    runs = []
-    for i, seed in enumerate(module.seeds):
-        ids = per_seed["token_ids"][i].tolist()
-        positions = per_seed["position_activations"][i]
-        decoded = per_seed["decoded_position_activations"][i]
-        final, decoded_value = (float(module.objective(a[None])[0]) for a in (positions, decoded))
-        runs.append(
-            {
-                "seed": seed,
-                "token_ids": ids,
-                "tokens": backbone.token_strings(ids),
-                "cosine": per_seed["cosine"][i].tolist(),
-                "final_activation": final,
-                "position_activations": positions.tolist(),
-                "decoded_activation": decoded_value,
-                "decoded_position_activations": decoded.tolist(),
-                "decoded_gap": final - decoded_value,
-                "embedding_norm": norms[i].tolist(),
-            }
-        )
-    runs.sort(key=lambda run: run["seed"])
-    low, high = norm_range(backbone)
-    agreement, similarity = computed["agreement"], computed["similarity"]
-    order = sorted(range(len(module.seeds)), key=lambda i: module.seeds[i])
-    matrix = [[similarity["matrix"][i][j] for j in order] for i in order]
-    return {
-        "model": module.model_name_or_path,
-        "target": target.spec,
-        "aggregate": module.aggregate,
-        "priors": [prior.describe() for prior in module.priors],
-        "n_tokens": module.n_tokens,
-        "steps": steps,
-        "partial": partial,
-        "lr": module.lr,
-        "l2": module.l2,
-        "seeds": sorted(module.seeds),
-        "init_scale": module.init_scale,
-        "vocab_norm": module.vocab_norm,
-        "numerics": module.numerics(),
-        "runs": runs,
-        "uniqueness": {**computed["uniqueness"], "tokens": backbone.token_strings(computed["uniqueness"]["token_ids"])},
-        "reproducibility": {
-            **agreement,
-            "mean_pairwise_cosine": similarity["mean_pairwise_cosine"],
-            "embedding_cosine_matrix": matrix,
-            "mean_nearest_cosine": sum(c for r in runs for c in r["cosine"]) / (len(runs) * module.n_tokens),
-            "mean_decoded_gap": sum(r["decoded_gap"] for r in runs) / len(runs),
-            "mean_embedding_norm": sum(n for r in runs for n in r["embedding_norm"]) / (len(runs) * module.n_tokens),
-            "vocab_norm_range": [low, high],
-        },
-    }
-
-
-def atlas_results(units: list[dict]) -> dict:
-    """The ``results.json`` of a sweep: one study-format document per unit under ``units``, plus the atlas rows."""
-    return {"targets": [u["target"] for u in units], "atlas": [atlas_row(u) for u in units], "units": units}
-
-
-def atlas_row(unit: dict) -> dict:
-    """One line of atlas.csv: a unit's n_unique over its seeds x positions, activations, decoded-token cosine."""
-    finals = [run["final_activation"] for run in unit["runs"]]
-    null = unit.get("null_model") or {}
-    return {
-        "target": unit["target"],
-        "n_unique": unit["uniqueness"]["n_unique"],
-        "n_total": unit["uniqueness"]["n_total"],
-        "mean_final_activation": sum(finals) / len(finals),
-        "min_final_activation": min(finals),
-        "mean_nearest_cosine": unit["reproducibility"]["mean_nearest_cosine"],
-        "null_p_value": null.get("p_value"),
-    }
+def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, figures: dict, step: int) -> None:
+    """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
+    logger.experiment.add_text("decoded_tokens", summary, step)
+    if isinstance(results, AtlasResults):
+        counts = [row.n_unique for row in results.atlas]
+        scalars = {"atlas/min_n_unique": min(counts), "atlas/mean_n_unique": sum(counts) / len(counts)}
+    else:
+        scalars = {"uniqueness/n_unique": results.uniqueness.n_unique}
+        scalars.update({f"reproducibility/{key}": getattr(results.reproducibility, key) for key in SCALAR_METRICS})
+        if results.null_model is not None:
+            scalars["uniqueness/null_expected_n_unique"] = results.null_model.expected_n_unique
+            scalars["uniqueness/null_p_value"] = results.null_model.p_value
+    logger.log_metrics(scalars, step)
+    for name, figure in figures.items():
+        logger.experiment.add_figure(f"report/{name}", figure, step)
+    logger.experiment.flush()

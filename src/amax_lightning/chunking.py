@@ -80,3 +80,53 @@ def choose_chunk_rows(rows: int, bytes_per_row: int, free_bytes: int | None, cap
 def chunk_slices(start: int, stop: int, chunk_rows: int) -> list[slice]:
     """Consecutive slices of at most ``chunk_rows`` rows covering ``[start, stop)``."""
     return [slice(a, min(a + chunk_rows, stop)) for a in range(start, stop, chunk_rows)]
+
+
+def chunked_value_and_grad(forward: Callable[[torch.Tensor, slice], tuple[torch.Tensor, ...]], parameter: torch.Tensor,
+                           chunks: list[slice], grad_scale: float = 1.0, loss_scale: float = 1.0
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The exact gradient of ``grad_scale * sum(loss)`` over the rows in ``chunks``, one chunk's graph at a time.
+
+    Parameters
+    ----------
+    forward
+        ``forward(parameter_rows, rows)`` returns a tuple of per-row tensors whose last entry is the loss (rows,).
+    parameter
+        The full parameter (rows, ...); only the rows in ``chunks`` are used.
+    chunks
+        Consecutive slices covering this process's rows (``chunk_slices``).
+    grad_scale
+        Multiplies the gradient (the world size under DDP, whose gradient average then equals the sum).
+    loss_scale
+        Under fp16 autocast, each chunk's backward runs on the loss times this (a GradScaler's scale) and the
+        gradient is divided by it again, so fp16 gradients neither underflow nor hide an overflow.
+
+    Returns
+    -------
+    grad, outputs
+        ``grad`` of shape (chunk rows, ...), and ``forward``'s outputs for all chunk rows, detached.
+        Each chunk's outputs are copied out at once: the next call may reuse their memory (CUDA graphs).
+    """
+    start = chunks[0].start
+    n_rows = chunks[-1].stop - start
+    grad = parameter.new_zeros((n_rows, *parameter.shape[1:]))
+    outputs: list[torch.Tensor] = []
+    for rows in chunks:
+        piece = parameter[rows].detach().requires_grad_()
+        values = forward(piece, rows)
+        (chunk_grad,) = torch.autograd.grad(values[-1].sum() * (grad_scale * loss_scale), piece)
+        done = slice(rows.start - start, rows.stop - start)
+        grad[done] = chunk_grad / loss_scale
+        outputs = outputs or [v.new_empty((n_rows, *v.shape[1:])) for v in values]
+        for out, value in zip(outputs, values):
+            out[done] = value.detach()
+    return grad, outputs
+
+
+def surrogate_loss(parameter_rows: torch.Tensor, grad: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A scalar whose value is ``value`` and whose gradient with respect to ``parameter_rows`` is ``grad``.
+
+    Lightning's backward, DDP's gradient average and the optimizer then see the step computed in chunks.
+    """
+    linear = (parameter_rows * grad).sum()
+    return linear - linear.detach() + value.detach()

@@ -1,28 +1,26 @@
-"""``python -m amax_lightning fit ...``: LightningCLI with the study's defaults and ``--seed`` / ``--seeds``."""
+"""``fit``: LightningCLI with the study's defaults, ``--seed`` / ``--seeds``, input checks and run folders."""
 
 from __future__ import annotations
 
-import glob
+import logging
 import os
-import sys
 import warnings
 from typing import Optional, Union
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from amax_lightning.callbacks import ResultsWriter
+from amax_lightning.callbacks import DeferInterrupts, ResultsWriter, find_callback
 from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision, check_world_size
-from amax_lightning.report import claim_version_folder
+from amax_lightning.runs import RunLogger, find_last_checkpoint
 from amax_lightning.seeds import parse_seeds
 
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up
+MAX_STEPS = 10_000_000  # optimizer steps; the activation history keeps one value per row and step
 
 STUDY_DEFAULTS = {
     "trainer.max_steps": 500,
@@ -30,16 +28,17 @@ STUDY_DEFAULTS = {
     "checkpoint.every_n_train_steps": 50,  # resumable: last.ckpt every 50 steps, at the end and on interrupt
     "checkpoint.save_last": True,
     "checkpoint.save_top_k": 0,
+    "trainer.enable_model_summary": False,  # a frozen backbone and one parameter: the table says nothing new
 }
 
 
-def choose_seeds(seed: Optional[int], seeds: Optional[Union[int, list[int], str]]) -> list[int]:
-    """The seed list from ``--seed`` or ``--seeds`` (at most one of them); the study's 0-9 if neither is given."""
+def choose_seeds(seed: Optional[int], seeds: Optional[Union[int, list[int], str]]) -> str:
+    """The seeds from ``--seed`` or ``--seeds`` (at most one of them; the study's 0-9 if neither is given), as
+    ``"0,1,2"``: one string is checked at once by the parser, where a list of 10,000 seeds took a minute."""
     if seed is not None and seeds is not None:
         raise UserError(f"--seed {seed} and --seeds {seeds} both given; use one of them")
-    if seed is not None:
-        return parse_seeds(seed)
-    return parse_seeds(seeds) if seeds is not None else list(DEFAULT_SEEDS)
+    chosen = parse_seeds(seed) if seed is not None else parse_seeds(seeds) if seeds is not None else DEFAULT_SEEDS
+    return ",".join(map(str, chosen))
 
 
 def _user_error_in(exc: BaseException | None) -> UserError | None:
@@ -94,16 +93,31 @@ class AmaxCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         threads = DEFAULT_THREADS if config.threads is None else check_int("threads", config.threads, low=1, high=4096)
         torch.set_num_threads(threads)  # also resets what an earlier fit in this process (a study) set
-        steps = config.trainer.max_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise UserError(f"trainer.max_steps {steps!r} is out of range; the number of optimizer steps must be >= 1")
+        check_int("trainer.max_steps", config.trainer.max_steps, low=1, high=MAX_STEPS)
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with amax_lightning's default logger (exclusive run folders), a progress bar counting
+        steps, and the interrupt handling."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            root = config.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = RunLogger(save_dir=root)
+        if config.get("enable_progress_bar") in (None, True):
+            kwargs["callbacks"] = [*(config.get("callbacks") or []), StepProgressBar(), DeferInterrupts()]
+        else:
+            kwargs["callbacks"] = [*(config.get("callbacks") or []), DeferInterrupts()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         check_precision(self.trainer.precision)
         check_world_size(self.model.n_rows, self.trainer.world_size)
-        writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter)), None)
-        if len(self.model.targets) > 1 and writer is not None and (writer.baseline_top_k or writer.baseline_text):
+        writer = find_callback(self.trainer, ResultsWriter)
+        if len(self.model.targets) > 1 and writer is not None and writer.uses_baseline:
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")
+        vocabulary = self.model.backbone.vocab_embeddings.shape[0]
+        if writer is not None and writer.baseline_top_k > vocabulary:
+            raise UserError(f"results.baseline_top_k {writer.baseline_top_k} is out of range; this model's "
+                            f"vocabulary allows 0..{vocabulary}")
         fit_args = self.config_init[self.subcommand]
         if fit_args.weights_only is None:
             fit_args.weights_only = True  # checkpoints are loaded with torch.load(weights_only=True)
@@ -112,36 +126,35 @@ class AmaxCLI(LightningCLI):
             fit_args.ckpt_path = self._resume_in_place()
         if fit_args.ckpt_path is not None:
             self.model.check_resumable(load_checkpoint(fit_args.ckpt_path))
-        if not resume_last and isinstance(self.trainer.logger, TensorBoardLogger) and rank_zero_only.rank == 0:
-            claim_new_version(self.trainer.logger)  # last: nothing is written before every check has passed
+        if not resume_last and isinstance(self.trainer.logger, RunLogger) and rank_zero_only.rank == 0:
+            self.trainer.logger.claim()  # last: nothing is written before every check has passed
 
     def _resume_in_place(self) -> str:
         """Find the newest ``version_*/checkpoints/last.ckpt`` and continue that run in its own log folder."""
         logger = self.trainer.logger
-        if not isinstance(logger, TensorBoardLogger):
+        if not isinstance(logger, RunLogger):
             raise UserError("--ckpt_path last needs the default TensorBoard logger; pass a checkpoint file instead")
         found = find_last_checkpoint(logger.root_dir)
         if found is None:
             raise UserError(f"--ckpt_path last: no version_*/checkpoints/last.ckpt under {logger.root_dir!r}")
         path, version = found
-        logger._version = version  # write into the interrupted run's folder, not a new version
+        logger.resume(version)  # write into the interrupted run's folder, not a new version
         return path
 
     def after_fit(self) -> None:
-        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, ResultsWriter))
+        writer = find_callback(self.trainer, ResultsWriter)
         if writer.results_path is not None:
             print(writer.results_path, flush=True)
 
 
-def claim_new_version(logger: TensorBoardLogger) -> None:
-    """Create the logger's ``version_N`` folder exclusively, moving to N+1, N+2, ... while another run has it.
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting optimizer steps out of ``max_steps`` (there are no epochs here)."""
 
-    Two runs started at the same moment would otherwise both pick the next free version and write over
-    each other's results; ``os.mkdir`` lets exactly one of them have each folder.
-    """
-    if logger._version is not None:  # a version the user chose (or a resumed run) is used as given
-        return
-    logger._version = claim_version_folder(logger.root_dir, first=logger.version)
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.set_description("steps")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -157,26 +170,12 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def find_last_checkpoint(logs_root: str) -> tuple[str, int] | None:
-    """The most recently written ``<logs_root>/version_N/checkpoints/last.ckpt`` and its N, or None."""
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(logs_root), "version_*", "checkpoints", "last.ckpt")):
-        suffix = os.path.basename(os.path.dirname(os.path.dirname(path)))[len("version_") :]
-        if suffix.isdigit():
-            found.append((os.path.getmtime(path), int(suffix), path))
-    if not found:
-        return None
-    _, version, path = max(found)
-    return path, version
-
-
-def run(args: list[str] | None = None) -> str | None:
-    """Run the CLI in this process and return the path of the ``results.json`` it wrote (None if none).
+def run(args: list[str] | None = None) -> ResultsWriter | None:
+    """Run ``fit ...`` in this process; return its ResultsWriter (``results_path``, ``results``), or None.
 
     Raises UserError (and Lightning's MisconfigurationException) for user mistakes.
     """
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone, on purpose
+    quiet_console()
     cli = AmaxCLI(
         ActMaxModule,
         parser_class=OneLineErrorParser,
@@ -186,28 +185,27 @@ def run(args: list[str] | None = None) -> str | None:
         args=args,
     )
     trainer = getattr(cli, "trainer", None)
-    writer = next((cb for cb in trainer.callbacks if isinstance(cb, ResultsWriter)), None) if trainer else None
-    return writer.results_path if writer else None
+    return find_callback(trainer, ResultsWriter) if trainer else None
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point: ``fit ...`` runs one study, ``study ...`` a grid of them (see ``study.py``).
+NOT_ABOUT_THE_RUN = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer.fit` stopped")
 
-    A user mistake prints one line on stderr and exits with code 2.
-    """
-    argv = sys.argv[1:] if args is None else args
-    try:
-        if argv[:1] == ["study"]:
-            from amax_lightning.study import run_study
 
-            run_study(argv[1:])
-        else:
-            run(args)
-    except (UserError, MisconfigurationException) as exc:
-        print(f"amax_lightning: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except SIGTERMException:
-        sys.exit(143)
-    except KeyboardInterrupt:
-        print("amax_lightning: interrupted", file=sys.stderr)
-        sys.exit(130)
+class _DropLightningChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(NOT_ABOUT_THE_RUN)
+
+
+def quiet_console() -> None:
+    """Keep warnings, tips and banners that are not about the user's run out of the console."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        chatter = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningChatter) for f in chatter.filters):
+            chatter.addFilter(_DropLightningChatter())
+    for message in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",  # the frozen backbone
+                    ".*treespec.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+

@@ -1,46 +1,44 @@
-"""ActMaxModule: the learnable input embeddings of all seeds, the frozen backbone, the loss and its logging."""
+"""ActMaxModule: Lightning glue around the row objective (``objective.py``) and Adam: steps, logging, DDP, checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from amax_lightning.backbone import load_backbone
-from amax_lightning.data import step_loader
+from amax_lightning.analysis import Protocol, RowTensors
+from amax_lightning.backbone import Backbone, load_backbone
 from amax_lightning.checks import check_choice, check_int, check_number
 from amax_lightning.chunking import (
     PROBE_ROWS,
     choose_chunk_rows,
     chunk_slices,
+    chunked_value_and_grad,
     fastest_chunk_rows,
     free_memory_bytes,
     saved_bytes_per_row,
+    surrogate_loss,
 )
+from amax_lightning.data import step_loader
+from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import NonFiniteError, UserError
-from amax_lightning.priors import L2, Fluency, VocabSoftmax, parse_priors
-from amax_lightning.seeds import parse_seeds, shard_bounds
-from amax_lightning.targets import AGGREGATIONS, Target, parse_targets
+from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective
+from amax_lightning.priors import L2, parse_priors
+from amax_lightning.seeds import parse_seeds
+from amax_lightning.targets import Target, parse_targets
 
 DEFAULT_SEEDS = list(range(10))
-
-
-def initial_embedding(seed: int, n_tokens: int, d_model: int, scale: float) -> torch.Tensor:
-    """The study's start point: ``randn(n_tokens, d_model)`` from a CPU generator seeded ``seed``, times ``scale``.
-
-    A CPU generator per seed makes a seed start at the same point on every device and in every batch.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n_tokens, d_model, generator=generator) * scale
-
-
-PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")  # the learned embedding and Adam stay >= fp32
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")  # the learned parameter and Adam stay >= fp32
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
+MAX_ROWS = 1_000_000  # units x seeds in one run
+MAX_PARAMETER_ELEMENTS = 2**31  # rows x n_tokens x width: 8 GiB in fp32, 24 GiB with Adam's two moments
 
 
 def check_precision(precision: str) -> str:
@@ -51,6 +49,24 @@ def check_precision(precision: str) -> str:
             "(the learned embedding and its Adam state must stay in fp32 or fp64)"
         )
     return str(precision)
+
+
+def check_world_size(n_rows: int, world_size: int) -> None:
+    """Raise a UserError unless every process gets at least one row (unit x seed)."""
+    if n_rows < world_size:
+        raise UserError(f"{n_rows} run(s) (units x seeds) for {world_size} processes; give at least one per process")
+
+
+def check_run_size(n_rows: int, n_tokens: int, width: int) -> None:
+    """Raise a UserError if the run's rows or learned parameter exceed ``MAX_ROWS`` / ``MAX_PARAMETER_ELEMENTS``."""
+    if n_rows > MAX_ROWS:
+        raise UserError(f"{n_rows} runs (units x seeds) are too many; at most {MAX_ROWS} are allowed")
+    elements = n_rows * n_tokens * width
+    if elements > MAX_PARAMETER_ELEMENTS:
+        raise UserError(
+            f"the learned parameter would hold {n_rows} x {n_tokens} x {width} = {elements} numbers; at most "
+            f"{MAX_PARAMETER_ELEMENTS} are allowed (fewer units, seeds or tokens)"
+        )
 
 
 @contextlib.contextmanager
@@ -64,43 +80,30 @@ def float32_matmul_precision(precision: str):
         torch.set_float32_matmul_precision(previous)
 
 
-def check_world_size(n_rows: int, world_size: int) -> None:
-    """Raise a UserError unless every process gets at least one row (unit x seed)."""
-    if n_rows < world_size:
-        raise UserError(f"{n_rows} run(s) (units x seeds) for {world_size} processes; give at least one per process")
-
-
-MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
-
-
 class ActMaxModule(LightningModule):
-    """Activation maximization of one unit of a frozen language model, for many seeds at once.
+    """Activation maximization of units of a frozen language model, for many seeds at once.
 
-    All seeds share one parameter of shape (seeds, n_tokens, d_model) (or (seeds, n_tokens, V) logits with
-    the ``softmax`` prior). The loss is a sum of per-seed terms, ``-aggregate_t activation[seed, t]`` plus the
-    priors' penalties, and Adam is elementwise, so every seed follows exactly the trajectory it would follow
-    alone.
-
-    Under DDP each process holds the full parameter but runs the forward only on its contiguous shard of
-    seeds; its loss is multiplied by the world size so that DDP's gradient *average* equals the exact
-    per-seed gradient, and every process ends with the same full parameter.
+    All rows (units x seeds) share one parameter of shape (rows, n_tokens, d_model) (or (rows, n_tokens, V)
+    logits with the ``softmax`` prior); ``objective`` turns it into per-row losses. Under DDP each process
+    holds the full parameter but runs only its contiguous shard of rows; its gradient is multiplied by the
+    world size so that DDP's gradient *average* equals the exact per-row gradient.
 
     Parameters
     ----------
     model_name_or_path
         HF hub id (``gpt2``) or local model folder; the model and tokenizer are loaded from it.
     target
-        Unit to maximize in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``; see ``targets.HOOKS``.
+        Unit(s) to maximize in TransformerLens naming, e.g. ``blocks.8.hook_resid_pre:91``; see ``targets.py``.
     n_tokens
-        Number of input positions learned per seed.
+        Number of input positions learned per row.
     lr
         Adam learning rate, in (0, 1e6].
     l2
-        Weight of the squared L2 norm of each seed's embedding (sum over tokens and dims) in the loss; 0 = off.
+        Weight of the squared L2 norm of each row's embedding (sum over tokens and dims) in the loss; 0 = off.
     seeds
         Seeds, one optimization each; set from the CLI's ``--seed`` / ``--seeds``.
     aggregate
-        How a seed's activations over positions become its objective: ``mean`` (the study), ``last`` or ``max``.
+        How a row's activations over positions become its objective: ``mean`` (the study), ``last`` or ``max``.
     priors
         Comma-separated priors, e.g. ``"clamp,vocab_distance=0.1,straight_through"``; see ``priors.parse_priors``.
     trust_remote_code
@@ -110,13 +113,12 @@ class ActMaxModule(LightningModule):
         (true fp32, the default), ``high`` (TF32 on NVIDIA GPUs) or ``medium`` (bf16 products).
     compile_mode
         ``none`` (eager, the default), or a ``torch.compile`` mode for the step's forward: ``default``,
-        ``reduce-overhead`` (CUDA graphs on GPU) or ``max-autotune``. Shapes are static; the first steps
-        pay the compile time (seconds to minutes).
+        ``reduce-overhead`` (CUDA graphs on GPU) or ``max-autotune``. Shapes are static.
     chunk_rows
-        Rows (unit x seed) per forward/backward; 0 = automatic: all rows at once if their saved activations
-        fit in half the device's free memory, else the most that do (on CPU also at most
-        ``chunking.CPU_CHUNK_TOKENS`` token rows, the fastest size). The gradient of each row is exact
-        either way (rows are independent), so this changes memory and speed, not the optimization.
+        Rows (unit x seed) per forward/backward; 0 = automatic (``chunking.py``). Each row's gradient is exact
+        either way, so this changes memory and speed, not the optimization.
+    backbone
+        A ready ``Backbone`` to use instead of loading ``model_name_or_path`` (tests, benchmarks, notebooks).
     """
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors")
@@ -128,60 +130,64 @@ class ActMaxModule(LightningModule):
         n_tokens: int = 5,
         lr: float = 1e-3,
         l2: float = 0.0,
-        seeds: list[int] = DEFAULT_SEEDS,
+        seeds: Union[str, list[int]] = DEFAULT_SEEDS,
         aggregate: str = "mean",
         priors: str = "",
         trust_remote_code: bool = False,
         matmul_precision: str = "highest",
         compile_mode: str = "none",
         chunk_rows: int = 0,
+        backbone: Optional[Backbone] = None,
     ):
         super().__init__()
         seeds = parse_seeds(seeds)
-        lr = check_number("lr", lr, low_open=True, high=MAX_LR)
-        l2 = check_number("l2", l2, low_open=False)
-        n_tokens = check_int("n_tokens", n_tokens, low=1)
+        self.lr = check_number("lr", lr, low_open=True, high=MAX_LR)
+        self.l2 = check_number("l2", l2, low_open=False)
+        self.n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
         self.matmul_precision = check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
         self.compile_mode = check_choice("compile_mode", compile_mode, COMPILE_MODES)
-        self._compiled_forward = None
+        check_choice("aggregate", aggregate, AGGREGATIONS)
+        parsed = parse_priors(priors)
+        priors_used = parsed.priors + ([L2(self.l2)] if self.l2 else [])
+        self.prior_names = parsed.names + ([priors_used[-1].describe()] if self.l2 else [])
+        self.save_hyperparameters(ignore=["backbone"])
+        backbone = backbone if backbone is not None else load_backbone(model_name_or_path, trust_remote_code)
+        if backbone.max_positions is not None and self.n_tokens > backbone.max_positions:
+            raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
+        targets = parse_targets(target, backbone.shape)
+        if not backbone.supports(targets[0]):
+            raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
+        if any(p.needs_gpt2 for p in priors_used) and not backbone.is_gpt2:
+            raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
+        layout = RowLayout(len(targets), tuple(seeds))
+        check_run_size(layout.n_rows, self.n_tokens, parsed.parameterization.width(backbone))
+        self.objective = RowObjective(backbone, targets, layout, aggregate, parsed.parameterization, priors_used)
+        self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
+        self.model_name_or_path = model_name_or_path
+        self.init_scale = backbone.embedding_std
+        self.vocab_norm = float(backbone.vocab_embeddings.detach().norm(dim=-1).mean())
+        self.precision_name = "32-true"  # Lightning's precision, set in setup
+        self._step_forward = None  # the objective, or its torch.compile
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
-        self.aggregate = check_choice("aggregate", aggregate, AGGREGATIONS)
-        self.priors = parse_priors(priors) + ([L2(l2)] if l2 else [])
-        self.save_hyperparameters()
-        self.backbone = load_backbone(model_name_or_path, trust_remote_code=trust_remote_code)
-        if self.backbone.max_positions is not None and n_tokens > self.backbone.max_positions:
-            raise UserError(
-                f"n_tokens {n_tokens} is out of range; this model's context allows 1..{self.backbone.max_positions}"
-            )
-        self.targets = parse_targets(target, self.backbone.shape)
-        if not self.backbone.supports(self.targets[0]):
-            raise UserError(f"target hook {self.targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
-        if any(isinstance(p, Fluency) for p in self.priors) and not self.backbone.is_gpt2:
-            raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
-        self.seeds = seeds
-        self.model_name_or_path, self.lr, self.l2, self.n_tokens = model_name_or_path, lr, l2, n_tokens
-        wte = self.backbone.model.get_input_embeddings().weight.detach()
-        self.init_scale = float(wte.std())
-        self.vocab_norm = float(self.backbone.vocab_embeddings.detach().norm(dim=-1).mean())
-        self.softmax = next((p for p in self.priors if isinstance(p, VocabSoftmax)), None)
-        if self.softmax is None:
-            init = [initial_embedding(s, n_tokens, self.backbone.d_model, self.init_scale) for s in seeds]
-        else:  # logits per position over the vocabulary, standard normal from the seed's generator
-            n_vocab = self.backbone.vocab_embeddings.shape[0]
-            init = [initial_embedding(s, n_tokens, n_vocab, 1.0) for s in seeds]
-        self.parameter = nn.Parameter(torch.stack(init).repeat(len(self.targets), 1, 1))
-        self.n_rows = len(self.targets) * len(seeds)  # row r optimizes unit r // len(seeds) from seed r % len(seeds)
-        d_head = self.backbone.shape.d_head
-        row_units = [t.flat_index(d_head) for t in self.targets for _ in seeds]
-        self.register_buffer("row_units", torch.tensor(row_units, dtype=torch.long), persistent=False)
-        self.shard = (0, self.n_rows)
         self.history_steps: list[int] = []
         self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
-    # --- sharding across processes -------------------------------------------------------------------
+    # --- what the run is ----------------------------------------------------------------------------
+    @property
+    def backbone(self) -> Backbone:
+        return self.objective.backbone
+
+    @property
+    def layout(self) -> RowLayout:
+        return self.objective.layout
+
+    @property
+    def targets(self) -> list[Target]:
+        return self.objective.targets
+
     @property
     def target(self) -> Target:
         """The target, for runs of one unit."""
@@ -189,115 +195,64 @@ class ActMaxModule(LightningModule):
             raise AttributeError("this run sweeps several units; use .targets")
         return self.targets[0]
 
-    def setup(self, stage: str) -> None:
-        check_precision(self.trainer.precision)
-        check_world_size(self.n_rows, self.trainer.world_size)
-        self.shard = shard_bounds(self.n_rows, self.trainer.world_size, self.trainer.global_rank)
-        self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.layout.seeds)
 
     @property
-    def world_size(self) -> int:
-        """Processes in this fit (1 outside a Trainer)."""
-        return self.trainer.world_size if self._trainer is not None else 1
+    def n_rows(self) -> int:
+        return self.layout.n_rows
 
-    def local_rows(self) -> slice:
-        """This process's contiguous shard of rows (unit x seed)."""
-        return slice(*self.shard)
+    @property
+    def aggregate(self) -> str:
+        return self.objective.aggregation
 
-    def embeddings(self, parameter: torch.Tensor) -> torch.Tensor:
-        """The input embeddings (rows, n_tokens, d_model) a slice of the learned parameter stands for."""
-        return parameter if self.softmax is None else self.softmax.embedding(parameter, self.backbone)
+    def protocol(self) -> Protocol:
+        """The settings every unit's results repeat."""
+        return Protocol(
+            model=self.model_name_or_path, aggregate=self.aggregate, priors=list(self.prior_names),
+            n_tokens=self.n_tokens, lr=self.lr, l2=self.l2, seeds=self.seeds, init_scale=self.init_scale,
+            vocab_norm=self.vocab_norm, numerics=self.numerics(),
+        )
 
-    def local_embedding(self) -> torch.Tensor:
-        """This process's shard of the embeddings, shape (shard rows, n_tokens, d_model), built chunk by chunk
-        (the softmax prior's (rows, n_tokens, V) intermediate would not fit for a large sweep)."""
-        return torch.cat([self.embeddings(self.parameter[rows]) for rows in self.row_chunks()])
+    def numerics(self) -> dict:
+        """How the run computed: Lightning precision, fp32 matmul precision, compile mode, rows per chunk, CPU threads."""
+        return {"precision": self.precision_name, "matmul_precision": self.matmul_precision,
+                "compile_mode": self.compile_mode, "chunk_rows": self.chunk_rows_used,
+                "cpu_threads": torch.get_num_threads()}
 
-    def model_input(self, embedding: torch.Tensor) -> torch.Tensor:
-        """What the model is fed for ``embedding``: the embedding, or its nearest tokens (straight-through)."""
-        for prior in self.priors:
-            embedding = prior.model_input(embedding, self.backbone)
-        return embedding
-
-    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
-        world = self.world_size
-        if world == 1:
-            return local
-        size = math.ceil(self.n_rows / world)
-        padded = local.new_zeros((size, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        stacked = self.all_gather(padded)  # (world, size, ...)
-        bounds = [shard_bounds(self.n_rows, world, r) for r in range(world)]
-        return torch.cat([stacked[r, : stop - start] for r, (start, stop) in enumerate(bounds)])
-
-    # --- the objective -------------------------------------------------------------------------------
-    def position_activations(self, model_input: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)
-        and the rows' flat unit indices ``units`` (rows,) along the hook's last dimension."""
-        values = self.backbone.hook_values(model_input, self.targets[0])  # (rows, n_tokens, hook width)
-        return values.gather(-1, units.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(-1)
-
-    def objective(self, activations: torch.Tensor) -> torch.Tensor:
-        """Each seed's objective, shape (seeds,): its activations (seeds, n_tokens) reduced by ``aggregate``."""
-        if self.aggregate == "mean":
-            return activations.mean(dim=-1)
-        if self.aggregate == "last":
-            return activations[:, -1]
-        return activations.max(dim=-1).values
-
-    def per_seed_loss(self, embedding: torch.Tensor, model_input: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        """Each seed's loss, shape (seeds,): minus its objective, plus every prior's penalty."""
-        loss = -self.objective(activations)
-        for prior in self.priors:
-            penalty = prior.penalty(embedding, model_input, self.backbone)
-            if penalty is not None:
-                loss = loss + penalty
-        return loss
-
-    def row_forward(self, parameter_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embedding (rows, T, d), activations (rows, T) and per-row loss (rows,) of parameter rows ``rows``.
-
-        Runs through ``torch.compile`` when ``compile_mode`` asks for it.
-        """
-        if self._compiled_forward is None:
-            self._compiled_forward = self._forward_rows
-            if self.compile_mode != "none":
-                mode = None if self.compile_mode == "default" else self.compile_mode
-                self._compiled_forward = torch.compile(self._forward_rows, mode=mode, dynamic=False)
-        if self.compile_mode == "reduce-overhead":  # CUDA graphs: this call starts a new step's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled_forward(parameter_rows, self.row_units[rows])
-
-    def _forward_rows(self, parameter_rows: torch.Tensor, units: torch.Tensor):
-        embedding = self.embeddings(parameter_rows)
-        model_input = self.model_input(embedding)
-        activations = self.position_activations(model_input, units)
-        return embedding, activations, self.per_seed_loss(embedding, model_input, activations)
+    # --- processes and chunks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.precision_name = check_precision(self.trainer.precision)
+        check_world_size(self.n_rows, self.trainer.world_size)
+        self.objective.layout = self.layout.for_process(self.trainer.world_size, self.trainer.global_rank)
+        self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
 
     def row_chunks(self) -> list[slice]:
         """This process's rows as consecutive chunks of ``chunk_rows`` (decided once; see ``chunk_rows``)."""
         if self.chunk_rows_used is None:
             self.chunk_rows_used = self.chunk_rows or self._resumed_chunk_rows() or self._automatic_chunk_rows()
-        return chunk_slices(*self.shard, self.chunk_rows_used)
+        shard = self.layout.shard
+        return chunk_slices(shard.start, shard.stop, self.chunk_rows_used)
 
     def _resumed_chunk_rows(self) -> int | None:
         """The checkpoint's automatic chunk size if it was chosen on this kind of device and world size."""
         saved = self._resumed_chunks
-        where = {"device": self.device.type, "world_size": self.world_size}
+        where = {"device": self.device.type, "world_size": self.layout.world_size}
         if saved and all(saved.get(key) == value for key, value in where.items()):
             return int(saved["rows"])
         return None
 
     def _automatic_chunk_rows(self) -> int:
-        n_local = self.shard[1] - self.shard[0]
+        shard = self.layout.shard
+        n_local = shard.stop - shard.start
         if n_local <= PROBE_ROWS[-1]:
             return n_local
 
         def probe(n: int) -> torch.Tensor:  # eager: the saved tensors of the plain graph, and no extra compiles
-            rows = slice(self.shard[0], self.shard[0] + n)
+            rows = slice(shard.start, shard.start + n)
             with torch.enable_grad():
-                return self._forward_rows(self.parameter[rows].detach().requires_grad_(), self.row_units[rows])[2].sum()
+                return self.objective(self.parameter[rows].detach().requires_grad_(), rows).loss.sum()
 
         per_row = saved_bytes_per_row(probe)
         free = free_memory_bytes(self.device)
@@ -312,55 +267,69 @@ class ActMaxModule(LightningModule):
             )
         return chunk
 
+    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
+        layout = self.layout
+        if layout.world_size == 1:
+            return local
+        size = math.ceil(layout.n_rows / layout.world_size)
+        padded = local.new_zeros((size, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        stacked = self.all_gather(padded)  # (world, size, ...)
+        shards = [layout.shard_of(rank) for rank in range(layout.world_size)]
+        return torch.cat([stacked[rank, : s.stop - s.start] for rank, s in enumerate(shards)])
+
+    # --- the step ------------------------------------------------------------------------------------
+    def step_forward(self, parameter_rows: torch.Tensor, rows: slice):
+        """The objective on parameter rows ``rows``, through ``torch.compile`` when ``compile_mode`` asks for it."""
+        if self._step_forward is None:
+            self._step_forward = self.objective
+            if self.compile_mode != "none":
+                mode = None if self.compile_mode == "default" else self.compile_mode
+                self._step_forward = torch.compile(self.objective.forward, mode=mode, dynamic=False)
+        if self.compile_mode == "reduce-overhead":  # CUDA graphs: this call starts a new step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step_forward(parameter_rows, rows)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Forward and exact gradient of every chunk of this process's rows, all inside ``matmul_precision``.
 
-        Each chunk's graph is freed once its gradient is taken. The returned surrogate has the true loss as
-        its value and exactly these gradients, so Lightning's backward, DDP's average and Adam see the same
-        step as for one batch, and no setting leaks past the step.
+        Returns a surrogate with the true loss as its value and exactly these gradients, so Lightning's
+        backward, DDP's average and Adam see the same step as for one batch.
         """
-        scale = self.world_size
-        # Under 16-mixed each chunk's backward is loss-scaled as Lightning scales the returned loss, so fp16
-        # gradients neither underflow nor hide an overflow (inf/nan reaches the scaler, which skips the step).
-        scaler = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None)
+        world = self.layout.world_size
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed: scale each chunk's backward too
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        local = self.parameter[self.local_rows()]
-        grad = torch.zeros_like(local)
-        outputs: list[torch.Tensor] = []  # embedding, activations, loss of every local row
         with float32_matmul_precision(self.matmul_precision):
-            for rows in self.row_chunks():
-                piece = self.parameter[rows].detach().requires_grad_()
-                values = self.row_forward(piece, rows)
-                (chunk_grad,) = torch.autograd.grad(values[2].sum() * (scale * loss_scale), piece)
-                done = slice(rows.start - self.shard[0], rows.stop - self.shard[0])
-                grad[done] = chunk_grad / loss_scale
-                # copied out at once: the next chunk's call may reuse the outputs' memory (CUDA graphs)
-                outputs = outputs or [v.new_empty((len(local), *v.shape[1:])) for v in values]
-                for out, value in zip(outputs, values):
-                    out[done] = value.detach()
-        embedding, activations, loss = outputs
-        self._check_finite(activations, loss)  # once per step, after all chunks: one host sync, not one per chunk
+            grad, (embedding, activations, loss) = chunked_value_and_grad(
+                self.step_forward, self.parameter, self.row_chunks(), grad_scale=world, loss_scale=loss_scale)
+        self._check_finite(activations, loss)  # once per step, after all chunks: one host sync
         self._log_step(embedding, activations, loss)
-        surrogate = (local * grad).sum()
-        return surrogate - surrogate.detach() + loss.sum() * scale
+        return surrogate_loss(self.parameter[self.layout.shard], grad, loss.sum() * world)
 
-    @torch.no_grad()
-    def local_activations(self, model_input: torch.Tensor) -> torch.Tensor:
-        """Activations (shard rows, T) of this process's rows for model inputs (shard rows, T, d), in chunks."""
-        start = self.shard[0]
-        chunks = self.row_chunks()
-        return torch.cat([self.position_activations(model_input[r.start - start : r.stop - start], self.row_units[r]) for r in chunks])
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the parameter; the priors' projections run inside every optimizer step, after the update,
+        so a checkpoint or an interrupt never sees an unprojected parameter."""
+        optimizer = torch.optim.Adam([self.parameter], lr=self.lr)
+        optimizer.register_step_post_hook(lambda *_: self.objective.project_(self.parameter.data))
+        return optimizer
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """Apply the priors' projections (e.g. the norm clamp) to the parameter after the optimizer step."""
-        for prior in self.priors:
-            prior.project_(self.parameter.data, self.backbone)
+    def train_dataloader(self):
+        return step_loader()
+
+    def configure_callbacks(self):
+        """The end-of-fit ResultsWriter and the interrupt handling, unless the Trainer already has them."""
+        from amax_lightning.callbacks import DeferInterrupts, ResultsWriter
+
+        present = {type(cb) for cb in self.trainer.callbacks}
+        return [cls() for cls in (DeferInterrupts, ResultsWriter) if cls not in present]
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
         """Raise NonFiniteError naming the seeds of this process's rows that went non-finite."""
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
         if not bool(finite.all()):
-            bad = sorted({self.seeds[(self.shard[0] + i) % len(self.seeds)] for i in (~finite).nonzero().flatten().tolist()})
+            start = self.layout.shard.start
+            bad = sorted({self.layout.seed_of(start + i) for i in (~finite).nonzero().flatten().tolist()})
             raise NonFiniteError(
                 f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
                 f"try a smaller lr (now {self.lr}) or an l2 penalty"
@@ -368,7 +337,7 @@ class ActMaxModule(LightningModule):
 
     def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
         with torch.no_grad():
-            stats = torch.stack([self.objective(activations), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
+            stats = torch.stack([self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
             stats = self.gather_rows(stats)  # (rows, 3): objective, loss, mean vector norm
         self.history_steps.append(self.global_step)
         self.history.append(stats[:, 0].detach())
@@ -390,48 +359,54 @@ class ActMaxModule(LightningModule):
             return [], torch.empty(0, self.n_rows)
         return list(self.history_steps), torch.stack(self.history).cpu()
 
-    def numerics(self) -> dict:
-        """How the run computed: Lightning precision, fp32 matmul precision, rows per forward/backward chunk,
-        torch's CPU threads."""
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        return {"precision": precision, "matmul_precision": self.matmul_precision, "compile_mode": self.compile_mode,
-                "chunk_rows": self.chunk_rows_used, "cpu_threads": torch.get_num_threads()}
+    # --- end of fit ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> RowTensors:
+        """Every row's end-of-fit tensors (gathered from all processes; a collective under DDP), outside autocast.
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.parameter], lr=self.lr)
+        Each row's optimized embedding, its nearest tokens (cosine), and the unit's activations at the optimized
+        model input and at the decoded token ids.
+        """
+        chunks = self.row_chunks()
+        embedding = torch.cat([self.objective.embeddings(self.parameter[rows]) for rows in chunks])
+        token_ids, cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings)
+        start = chunks[0].start
 
-    def train_dataloader(self):
-        return step_loader()
+        def activations(model_input: torch.Tensor) -> torch.Tensor:
+            local = lambda rows: model_input[rows.start - start : rows.stop - start]  # noqa: E731
+            return torch.cat([self.objective.position_activations(local(rows), rows) for rows in chunks])
 
-    def configure_callbacks(self):
-        """A default ResultsWriter, unless the Trainer already has one (the CLI adds one from ``--results.*``)."""
-        from amax_lightning.callbacks import ResultsWriter
+        optimized = activations(self.objective.model_input(embedding))
+        decoded = activations(self.backbone.embed_tokens(token_ids))
+        return RowTensors(*(self.gather_rows(t) for t in (token_ids, cosine, optimized, decoded, embedding)))
 
-        present = any(isinstance(cb, ResultsWriter) for cb in self.trainer.callbacks)
-        return [] if present else [ResultsWriter()]
-
+    # --- checkpoints ---------------------------------------------------------------------------------
     def check_resumable(self, checkpoint: dict) -> None:
         """Raise a UserError if ``checkpoint`` was made with another protocol (model, target, seeds, lr, ...)."""
         saved = checkpoint.get("hyper_parameters", {})
         for key in self.PROTOCOL_KEYS:
-            if key in saved and saved[key] != self.hparams[key]:
+            if key not in saved:
+                continue
+            theirs, ours = saved[key], self.hparams[key]
+            if key == "seeds":  # "0,1,2", "0-2" and [0, 1, 2] are the same seeds
+                theirs, ours = parse_seeds(theirs), parse_seeds(ours)
+            if theirs != ours:
                 raise UserError(
-                    f"checkpoint was made with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
+                    f"checkpoint was made with {key}={theirs!r} but this run has {key}={ours!r}; "
                     "resume with the same settings"
                 )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints small: drop the frozen backbone's weights (they are reloaded from the model source).
+        """Keep checkpoints small: only the learned parameter (the frozen backbone is reloaded from its source).
 
         The activation history rides along, so a resumed run's report shows the whole optimization.
         """
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("backbone.")]:
-            del state[key]
+        checkpoint["state_dict"] = {"parameter": checkpoint["state_dict"]["parameter"]}
         steps, values = self.activation_history()
         checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
         if self.chunk_rows_used is not None:  # a resumed automatic run keeps its chunks where it can: same arithmetic
-            checkpoint["chunk_rows"] = {"rows": self.chunk_rows_used, "device": self.device.type, "world_size": self.world_size}
+            checkpoint["chunk_rows"] = {"rows": self.chunk_rows_used, "device": self.device.type,
+                                        "world_size": self.layout.world_size}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if isinstance(checkpoint.get("chunk_rows"), dict):

@@ -1,8 +1,9 @@
-"""Priors on the optimized embedding: small composable pieces, each off by default.
+"""Priors on the optimized embedding: penalties and projections, small composable pieces, each off by default.
 
-A prior can add a per-seed penalty to the loss, change what the model sees (``model_input``), or project the
-parameter after each optimizer step (``project_``). ``VocabSoftmax`` instead changes what is learned: logits
-over the vocabulary per position, whose temperature softmax mixes the vocabulary's embedding rows.
+A prior can add a per-row penalty to the loss, change what the model sees (``model_input``), or project the
+parameter inside each optimizer step (``project_``). What is learned (the embedding, or logits over the
+vocabulary) is a parameterization (``param.py``); ``softmax=T`` is spelled among the priors on the command line
+and parsed here into one.
 
 On the command line they are one string, ``--model.priors "clamp,vocab_distance=0.1,straight_through"``;
 the L2 penalty of the original protocol is ``--model.l2``.
@@ -15,15 +16,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from typing import NamedTuple
+
 from amax_lightning.backbone import Backbone
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
+from amax_lightning.param import TokenEmbedding, VocabSoftmax
 
 
 class Prior:
     """Base class: no penalty, the model sees the embedding as is, no projection."""
 
     name = "prior"
+    needs_gpt2 = False  # True if the prior uses GPT-2's tied LM head
 
     def penalty(self, embedding: torch.Tensor, model_input: torch.Tensor, backbone: Backbone) -> torch.Tensor | None:
         """Per-seed penalty, shape (seeds,), added to the loss; None for none."""
@@ -103,6 +108,7 @@ class Fluency(Prior):
     """
 
     name = "fluency"
+    needs_gpt2 = True
 
     def __init__(self, weight: float):
         self.weight = weight
@@ -119,21 +125,6 @@ class Fluency(Prior):
         return f"fluency={self.weight:g}"
 
 
-class VocabSoftmax(Prior):
-    """Learn logits (seeds, tokens, V); the embedding is ``softmax(logits / temperature) @ vocab``."""
-
-    name = "softmax"
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-
-    def embedding(self, logits: torch.Tensor, backbone: Backbone) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=-1) @ backbone.vocab_embeddings
-
-    def describe(self) -> str:
-        return f"softmax={self.temperature:g}"
-
-
 @torch.no_grad()
 def norm_range(backbone: Backbone) -> tuple[float, float]:
     """Smallest and largest L2 norm of the vocabulary's embedding rows."""
@@ -146,10 +137,19 @@ _PLAIN = {"clamp": NormClamp, "straight_through": StraightThrough}
 PRIOR_NAMES = (*_PLAIN, *_WEIGHTED)
 
 
-def parse_priors(spec: str | None) -> list[Prior]:
-    """Parse ``"clamp,vocab_distance=0.1,straight_through,softmax=0.5,fluency=0.05"`` into priors.
+class ParsedPriors(NamedTuple):
+    """A ``--model.priors`` string, parsed: what is learned, the priors, and each item's name in the given order."""
 
-    ``vocab_distance`` and ``fluency`` take a weight >= 0, ``softmax`` a temperature > 0; ``clamp`` and
+    parameterization: TokenEmbedding
+    priors: list[Prior]
+    names: list[str]
+
+
+def parse_priors(spec: str | None) -> ParsedPriors:
+    """Parse ``"clamp,vocab_distance=0.1,straight_through,softmax=0.5,fluency=0.05"``.
+
+    ``vocab_distance`` and ``fluency`` take a weight >= 0, ``softmax`` a temperature > 0 (it selects the
+    ``VocabSoftmax`` parameterization; without it the embedding is learned); ``clamp`` and
     ``straight_through`` take no value. Each may appear once. Empty or None gives no priors.
 
     Raises
@@ -157,7 +157,7 @@ def parse_priors(spec: str | None) -> list[Prior]:
     UserError
         On an unknown name, a missing or bad value, a repeat, or a combination that cannot work.
     """
-    priors: list[Prior] = []
+    items: list = []
     for item in (spec or "").split(","):
         item = item.strip()
         if not item:
@@ -169,18 +169,20 @@ def parse_priors(spec: str | None) -> list[Prior]:
         if name in _PLAIN:
             if value:
                 raise UserError(f"prior {name!r} takes no value; write it as {name}")
-            priors.append(_PLAIN[name]())
+            items.append(_PLAIN[name]())
         elif name in _WEIGHTED:
-            priors.append(_WEIGHTED[name](_prior_value(name, value)))
+            items.append(_WEIGHTED[name](_prior_value(name, value)))
         else:
             raise UserError(f"prior {name!r} is unknown; allowed: {', '.join(PRIOR_NAMES)}")
-    names = [p.name for p in priors]
+    names = [p.name for p in items]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"priors {spec!r} repeat {repeated}; each prior may appear once")
     if "softmax" in names and "clamp" in names:
         raise UserError("priors 'softmax' and 'clamp' cannot be combined: softmax mixtures are not a free parameter")
-    return priors
+    parameterization = next((p for p in items if isinstance(p, VocabSoftmax)), TokenEmbedding())
+    priors = [p for p in items if isinstance(p, Prior)]
+    return ParsedPriors(parameterization, priors, [p.describe() for p in items])
 
 
 def _prior_value(name: str, text: str) -> float:

@@ -1,10 +1,10 @@
-"""Human-readable views of a results dict: the summary table, report.md with its plots, atomic file writing."""
+"""Presentation only: the summary table, report.md with its plots, and a sweep's atlas, from typed results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
 
 import matplotlib
 
@@ -12,95 +12,52 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from amax_lightning.analysis import AtlasResults, AtlasRow, UnitResults  # noqa: E402
+from amax_lightning.runs import write_atomic, write_text_atomic  # noqa: E402
 
-def summary_markdown(results: dict) -> str:
+
+def summary_markdown(results: UnitResults) -> str:
     """A markdown table (seed, tokens, cosines, final activation, decoded activation) and the uniqueness line."""
-    priors = ", ".join(results["priors"]) or "none"
+    priors = ", ".join(results.priors) or "none"
     lines = [
-        f"target {results['target']} ({results['aggregate']} over positions) of {results['model']}, "
-        f"{results['steps']} steps, lr {results['lr']}, priors: {priors}" + (" — PARTIAL" if results["partial"] else ""),
+        f"target {results.target} ({results.aggregate} over positions) of {results.model}, "
+        f"{results.steps} steps, lr {results.lr}, priors: {priors}" + (" — PARTIAL" if results.partial else ""),
         "",
         "| seed | tokens | cosine | final activation | decoded activation |",
         "|---:|---|---|---:|---:|",
     ]
-    for run in results["runs"]:
-        tokens = " ".join(json.dumps(t) for t in run["tokens"])
-        cosines = " ".join(f"{c:.3f}" for c in run["cosine"])
-        lines.append(
-            f"| {run['seed']} | {tokens} | {cosines} | {run['final_activation']:.4g} | {run['decoded_activation']:.4g} |"
-        )
-    u = results["uniqueness"]
-    repeated = [f"{json.dumps(t)} x{c}" for t, c in zip(u["tokens"], u["counts"]) if c > 1]
-    lines += ["", f"unique tokens: {u['n_unique']} of {u['n_total']}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
-    null = results.get("null_model")
+    for run in results.runs:
+        tokens = " ".join(json.dumps(t) for t in run.tokens)
+        cosines = " ".join(f"{c:.3f}" for c in run.cosine)
+        lines.append(f"| {run.seed} | {tokens} | {cosines} | {run.final_activation:.4g} | {run.decoded_activation:.4g} |")
+    u = results.uniqueness
+    repeated = [f"{json.dumps(t)} x{c}" for t, c in zip(u.tokens, u.counts) if c > 1]
+    lines += ["", f"unique tokens: {u.n_unique} of {u.n_total}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
+    null = results.null_model
     if null:
         lines.append(
-            f"chance (random directions decoded): expected {null['expected_n_unique']:.1f} unique of {null['n_vectors']}, "
-            f"p-value of {u['n_unique']} or fewer = {null['p_value']:.3g}"
+            f"chance (random directions decoded): expected {null.expected_n_unique:.1f} unique of {null.n_vectors}, "
+            f"p-value of {u.n_unique} or fewer = {null.p_value:.3g}"
         )
-    data = results.get("data_baseline", {}).get("overlap")
-    if data:
+    data = results.data_baseline
+    if data and data.overlap:
         lines.append(
-            f"data baseline: {data['count']} of {data['n_gradient']} gradient-ascent tokens are among the top "
-            f"{len(results['data_baseline']['top_tokens']['token_ids'])} one-token activations"
+            f"data baseline: {data.overlap.count} of {data.overlap.n_gradient} gradient-ascent tokens are among the top "
+            f"{len(data.top_tokens.token_ids)} one-token activations"
         )
-    repro = results.get("reproducibility")
-    if repro:
-        lines.append(
-            f"position agreement {repro['mean_position_agreement']:.2f}, pairwise Jaccard {repro['mean_pairwise_jaccard']:.2f}, "
-            f"pairwise embedding cosine {repro['mean_pairwise_cosine']:.2f}, nearest-token cosine {repro['mean_nearest_cosine']:.2f}, "
-            f"decoding loses {repro['mean_decoded_gap']:.4g} of the activation on average"
-        )
+    repro = results.reproducibility
+    lines.append(
+        f"position agreement {repro.mean_position_agreement:.2f}, pairwise Jaccard {repro.mean_pairwise_jaccard:.2f}, "
+        f"pairwise embedding cosine {repro.mean_pairwise_cosine:.2f}, nearest-token cosine {repro.mean_nearest_cosine:.2f}, "
+        f"decoding loses {repro.mean_decoded_gap:.4g} of the activation on average"
+    )
     return "\n".join(lines)
-
-
-def claim_version_folder(root: str, first: int = 0) -> int:
-    """Create ``<root>/version_N`` exclusively for the smallest N >= ``first`` no one has; return N.
-
-    ``os.mkdir`` fails if the folder exists, so two runs started at the same moment never share one.
-    """
-    os.makedirs(root, exist_ok=True)
-    version = first
-    while True:
-        try:
-            os.mkdir(os.path.join(root, f"version_{version}"))
-            return version
-        except FileExistsError:
-            version += 1
-
-
-def write_atomic(path: str, write) -> None:
-    """Call ``write(temp_path)`` for a temp file beside ``path``, then rename it over ``path``.
-
-    Readers never see half a file, and a failed write leaves no temp file behind.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    write_atomic(path, write)
 
 
 PLOTS = ("activation_curves", "token_frequency", "embedding_similarity", "nearest_cosine")
 
 
-def write_report(log_dir: str, results: dict, summary: str, steps: list[int], history: torch.Tensor,
+def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[int], history: torch.Tensor,
                  history_seeds: list[int]) -> dict:
     """Write ``report.md``, its PNG plots and ``activation_history.csv`` into ``log_dir``; return the figures.
 
@@ -133,31 +90,31 @@ def _save_figure(figure, path: str) -> None:
     write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
 
 
-def _curves(results: dict, steps: list[int], history: torch.Tensor, history_seeds: list[int]):
+def _curves(results: UnitResults, steps: list[int], history: torch.Tensor, history_seeds: list[int]):
     figure, axes = plt.subplots(figsize=(7, 4))
     for column, seed in enumerate(history_seeds if steps else []):
         axes.plot(steps, history[:, column].numpy(), lw=1, label=f"seed {seed}")
-    axes.set(xlabel="step", ylabel=f"objective ({results['aggregate']} activation)", title=results["target"])
+    axes.set(xlabel="step", ylabel=f"objective ({results.aggregate} activation)", title=results.target)
     if steps and len(history_seeds) <= 12:
         axes.legend(fontsize=7, ncol=2)
     return figure
 
 
-def _token_frequency(results: dict, top: int = 30):
-    u = results["uniqueness"]
-    pairs = sorted(zip(u["counts"], u["tokens"]), key=lambda pair: -pair[0])[:top]
+def _token_frequency(results: UnitResults, top: int = 30):
+    u = results.uniqueness
+    pairs = sorted(zip(u.counts, u.tokens), key=lambda pair: -pair[0])[:top]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.bar(range(len(pairs)), [count for count, _ in pairs])
     axes.set_xticks(range(len(pairs)), [json.dumps(token)[1:-1] for _, token in pairs], rotation=90, fontsize=7)
-    axes.set(ylabel="vectors decoded to it", title=f"{u['n_unique']} unique tokens of {u['n_total']}")
+    axes.set(ylabel="vectors decoded to it", title=f"{u.n_unique} unique tokens of {u.n_total}")
     return figure
 
 
-def _similarity(results: dict):
-    matrix = results["reproducibility"]["embedding_cosine_matrix"]
+def _similarity(results: UnitResults):
+    matrix = results.reproducibility.embedding_cosine_matrix
     figure, axes = plt.subplots(figsize=(5, 4))
     image = axes.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
-    seeds = results["seeds"]
+    seeds = results.seeds
     if len(seeds) <= 20:
         axes.set_xticks(range(len(seeds)), seeds, fontsize=7)
         axes.set_yticks(range(len(seeds)), seeds, fontsize=7)
@@ -166,45 +123,44 @@ def _similarity(results: dict):
     return figure
 
 
-def _nearest_cosine(results: dict):
-    cosines = [c for run in results["runs"] for c in run["cosine"]]
+def _nearest_cosine(results: UnitResults):
+    cosines = [c for run in results.runs for c in run.cosine]
     figure, axes = plt.subplots(figsize=(5, 4))
     axes.hist(cosines, bins=20, range=(-1, 1))
     axes.set(xlabel="cosine to nearest vocabulary token", ylabel="vectors", title="how token-like the optimum is")
     return figure
 
 
-ATLAS_COLUMNS = ("target", "n_unique", "n_total", "mean_final_activation", "min_final_activation",
-                 "mean_nearest_cosine", "null_p_value")
+ATLAS_COLUMNS = tuple(f.name for f in dataclasses.fields(AtlasRow))
 
 
-def write_atlas(log_dir: str, results: dict, top: int = 10) -> tuple[str, dict]:
+def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str, dict]:
     """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep.
 
     Returns the summary text (the most reproducible units first) and the figure, for TensorBoard.
     """
-    rows = results["atlas"]
+    rows = results.atlas
+    cell = lambda v: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [",".join(ATLAS_COLUMNS)]
-    lines += [",".join("" if row[c] is None else (f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c]))
-                       for c in ATLAS_COLUMNS) for row in rows]
+    lines += [",".join(cell(getattr(row, c)) for c in ATLAS_COLUMNS) for row in rows]
     write_text_atomic(os.path.join(log_dir, "atlas.csv"), "\n".join(lines) + "\n")
-    ranked = sorted(rows, key=lambda row: (row["n_unique"], -row["mean_final_activation"]))
-    counts = sorted(row["n_unique"] for row in rows)
+    ranked = sorted(rows, key=lambda row: (row.n_unique, -row.mean_final_activation))
+    counts = sorted(row.n_unique for row in rows)
     summary = [
-        f"sweep of {len(rows)} units x {rows[0]['n_total']} vectors each: n_unique min {counts[0]}, "
+        f"sweep of {len(rows)} units x {rows[0].n_total} vectors each: n_unique min {counts[0]}, "
         f"median {counts[len(counts) // 2]}, max {counts[-1]}",
         "",
         "| target | n_unique | mean final activation | mean nearest cosine | null p-value |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in ranked[:top]:
-        p_value = "-" if row["null_p_value"] is None else f"{row['null_p_value']:.3g}"
-        summary.append(f"| {row['target']} | {row['n_unique']} of {row['n_total']} | {row['mean_final_activation']:.4g} "
-                       f"| {row['mean_nearest_cosine']:.3f} | {p_value} |")
+        p_value = "-" if row.null_p_value is None else f"{row.null_p_value:.3g}"
+        summary.append(f"| {row.target} | {row.n_unique} of {row.n_total} | {row.mean_final_activation:.4g} "
+                       f"| {row.mean_nearest_cosine:.3f} | {p_value} |")
     text = "\n".join(summary)
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(range(len(counts)), counts, lw=1)
-    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0]['n_total']}", title="atlas: reproducibility per unit")
+    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0].n_total}", title="atlas: reproducibility per unit")
     _save_figure(figure, os.path.join(log_dir, "atlas.png"))
     write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization atlas\n\n{text}\n\n![atlas](atlas.png)\n")
     return text, {"atlas": figure}

@@ -1,13 +1,14 @@
-"""Seed lists: parse the user's seed spec and split the seeds into contiguous per-process shards."""
+"""Seed lists: parse the user's seed spec (``3``, ``0-9``, ``0,4,7``, ``[0,4,7]``) into distinct seeds."""
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from amax_lightning.errors import UserError
 
 MAX_SEED = 2**63 - 1
-MAX_SEEDS = 100_000  # seeds in one run; each holds n_tokens x d_model floats of parameter and Adam state
+MAX_SEEDS = 100_000  # seeds in one run; each holds n_tokens x width floats of parameter and Adam state
 _RANGE = re.compile(r"^\s*([0-9]+)\s*-\s*([0-9]+)\s*$")
 
 
@@ -65,18 +66,7 @@ def parse_seeds(spec: int | str | list | tuple) -> list[int]:
     for seed in seeds:
         if not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed {seed} is out of range; seeds must lie in [0, {MAX_SEED}]")
-    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    duplicates = sorted(s for s, n in Counter(seeds).items() if n > 1)
     if duplicates:
         raise UserError(f"seeds {spec!r} repeat {duplicates}; each seed may appear once")
     return seeds
-
-
-def shard_bounds(n_seeds: int, world_size: int, rank: int) -> tuple[int, int]:
-    """Return ``(start, stop)`` of process ``rank``'s contiguous shard of ``n_seeds`` seeds.
-
-    Shards differ in size by at most one, earlier ranks take the larger ones, and concatenating the shards
-    in rank order gives the seeds in their original order.
-    """
-    base, extra = divmod(n_seeds, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 
 import yaml
 
+from amax_lightning.analysis import UnitResults
 from amax_lightning.cli import run
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.report import claim_version_folder, write_text_atomic
+from amax_lightning.runs import claim_version_folder, write_text_atomic
 
 COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
            "results")
@@ -69,26 +69,24 @@ def run_study(args: list[str]) -> str:
             fit_args = ["fit"] + (["--config", study["fit_config"]] if study["fit_config"] else [])
             fit_args += ["--model.target", target]
             fit_args += [f"--{key}={value}" for key, value in variant.items()]
-            path = run([*fit_args, *extra])
-            if path is None:
+            writer = run([*fit_args, *extra])
+            if writer is None or not isinstance(writer.results, UnitResults):
                 raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
-            rows.append(study_row(variant_label(variant), path))
+            rows.append(study_row(variant_label(variant), writer.results, writer.results_path))
     return write_study(rows)
 
 
-def study_row(variant: str, results_path: str) -> dict:
-    """One table row from a fit's results.json."""
-    with open(results_path, encoding="utf-8") as handle:
-        results = json.load(handle)
-    null = results.get("null_model") or {}
+def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
+    """One table row from a fit's results."""
+    null = results.null_model
     return {
-        "target": results["target"],
+        "target": results.target,
         "variant": variant,
-        "n_unique": results["uniqueness"]["n_unique"],
-        "n_total": results["uniqueness"]["n_total"],
-        "null_expected_n_unique": null.get("expected_n_unique"),
-        "null_p_value": null.get("p_value"),
-        "mean_decoded_gap": results["reproducibility"]["mean_decoded_gap"],
+        "n_unique": results.uniqueness.n_unique,
+        "n_total": results.uniqueness.n_total,
+        "null_expected_n_unique": null.expected_n_unique if null else None,
+        "null_p_value": null.p_value if null else None,
+        "mean_decoded_gap": results.reproducibility.mean_decoded_gap,
         "results": results_path,
     }
 

@@ -24,7 +24,6 @@ from amax_lightning.errors import UserError
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
 HOOKS = (*RESIDUAL_HOOKS, "mlp.hook_post", *HEAD_HOOKS)
-AGGREGATIONS = ("mean", "last", "max")
 _SPEC = re.compile(r"^blocks\.(?P<layer>-?[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+):(?P<unit>-?[0-9]+(\.-?[0-9]+)?)$")
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from amax_lightning.cli import main
+from amax_lightning.__main__ import main
 from conftest import REPO
 
 STUDY = """

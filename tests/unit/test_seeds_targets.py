@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from amax_lightning.errors import UserError
-from amax_lightning.seeds import parse_seeds, shard_bounds
+from amax_lightning.objective import shard_bounds
+from amax_lightning.seeds import parse_seeds
 from amax_lightning.targets import ModelShape, Target, parse_target
 
 GPT2_SMALL = ModelShape(n_layer=12, d_model=768, d_mlp=3072, n_head=12)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from amax_lightning.cli import main
+from amax_lightning.__main__ import main
 from amax_lightning.module import ActMaxModule
 from conftest import TINY_TARGET
 
 
 @pytest.fixture(scope="module")
-def bad(tiny_gpt2_dir, tmp_path_factory) -> dict[str, str]:
+def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
     """Damaged files and folders, made once, outside the folder each case runs in."""
     root = tmp_path_factory.mktemp("hostile")
     files = {
@@ -31,7 +31,7 @@ def bad(tiny_gpt2_dir, tmp_path_factory) -> dict[str, str]:
     torch.save({"hello": torch.zeros(1)}, root / "foreign.ckpt")
     torch.save({"state_dict": {"parameter": torch.zeros(1)}, "x": Path("/")}, root / "unsafe.ckpt")
 
-    module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[5])
+    module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[5], backbone=tiny_backbone)
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=root / "run")
     trainer.fit(module)
@@ -125,6 +125,15 @@ CASES = [
     (["--model.target", "blocks.1.hook_resid_pre:*", "--results.baseline_top_k", "3"], "not a sweep"),
     # analysis options
     (["--results.null_samples", "-1"], "results.null_samples -1 is out of range"),
+    # sizes that set the run's cost are bounded
+    (["--results.null_samples", "100000000000"], "results.null_samples 100000000000 is out of range; it must be in 0..1000000"),
+    (["--results.null_simulations", "10000000000"], "results.null_simulations 10000000000 is out of range"),
+    (["--results.baseline_top_k", "100000000"], "results.baseline_top_k 100000000 is out of range"),
+    (["--results.baseline_top_k", "60000"], "vocabulary allows 0..50257"),
+    (["--results.baseline_contexts", "10000000"], "results.baseline_contexts 10000000 is out of range"),
+    (["--trainer.max_steps", "100000000000"], "trainer.max_steps 100000000000 is out of range"),
+    (["--model.target", "blocks.1.mlp.hook_post:*", "--seeds", "0-9999"], "are too many; at most 1000000"),
+    (["--model.priors", "softmax=1", "--seeds", "0-9999"], "numbers; at most 2147483648 are allowed"),
     (["--results.baseline_top_k", "x"], "results.baseline_top_k"),
     (["--results.baseline_text", "no-such.txt"], "is not a file"),
     (["--model.aggregate", "median"], "aggregate 'median' is unknown"),

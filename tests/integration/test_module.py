@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from transformers import AutoModel
 
-from amax_lightning.callbacks import ResultsWriter
 from amax_lightning.module import ActMaxModule
 from conftest import TINY_TARGET
 
 LAYER, UNIT, N_TOKENS, LR, STEPS = 2, 5, 5, 1e-2, 30
-
-
-def fit(folder, tmp_path, seeds, steps=STEPS, l2=0.0, callbacks=(), **trainer_kwargs) -> tuple[ActMaxModule, dict]:
-    module = ActMaxModule(model_name_or_path=str(folder), target=TINY_TARGET, n_tokens=N_TOKENS, lr=LR, l2=l2, seeds=seeds)
-    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=tmp_path,
-                      callbacks=list(callbacks), **{**options, **trainer_kwargs})
-    trainer.fit(module)
-    writer = next(cb for cb in trainer.callbacks if isinstance(cb, ResultsWriter))
-    with open(writer.results_path) as handle:
-        return module, json.load(handle)
 
 
 def reference_study(folder, seeds, steps=STEPS, l2=0.0):
@@ -52,9 +38,9 @@ def reference_study(folder, seeds, steps=STEPS, l2=0.0):
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.05])
-def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, tmp_path, l2):
+def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, fit_tiny, l2):
     seeds = [0, 3]
-    module, results = fit(tiny_gpt2_dir, tmp_path, seeds, l2=l2)
+    module, results = fit_tiny(seeds=seeds, steps=STEPS, lr=LR, l2=l2, n_tokens=N_TOKENS)
     reference = reference_study(tiny_gpt2_dir, seeds, l2=l2)
     for i, run in enumerate(results["runs"]):
         x_ref, tokens_ref, final_ref = reference[run["seed"]]
@@ -73,9 +59,9 @@ class AssertEvalMode(Callback):
         assert not any(m.training for m in module.backbone.modules())
 
 
-def test_seed_in_batch_equals_seed_alone(tiny_gpt2_dir, tmp_path):
-    batched, batched_results = fit(tiny_gpt2_dir, tmp_path / "batch", [4, 1, 9], callbacks=[AssertEvalMode()])
-    alone, alone_results = fit(tiny_gpt2_dir, tmp_path / "alone", [1])
+def test_seed_in_batch_equals_seed_alone(fit_tiny):
+    batched, batched_results = fit_tiny("batch", seeds=[4, 1, 9], steps=STEPS, lr=LR, callbacks=[AssertEvalMode()])
+    alone, alone_results = fit_tiny("alone", seeds=[1], steps=STEPS, lr=LR)
     torch.testing.assert_close(batched.parameter[1].detach(), alone.parameter[0].detach(), rtol=1e-5, atol=1e-6)
     run_in_batch = next(r for r in batched_results["runs"] if r["seed"] == 1)
     assert run_in_batch["token_ids"] == alone_results["runs"][0]["token_ids"]
@@ -90,8 +76,8 @@ def test_initial_embedding_is_the_protocols(tiny_gpt2_dir):
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["parameter"]
 
 
-def test_checkpoint_holds_the_embedding_not_the_backbone(tiny_gpt2_dir, tmp_path):
-    fit(tiny_gpt2_dir, tmp_path, [0], steps=3, enable_checkpointing=True)
+def test_checkpoint_holds_the_embedding_not_the_backbone(fit_tiny, tmp_path):
+    fit_tiny(seeds=[0], steps=3, trainer_options={"enable_checkpointing": True})
     (ckpt,) = tmp_path.rglob("*.ckpt")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert list(state) == ["parameter"]

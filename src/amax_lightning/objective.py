@@ -1,0 +1,171 @@
+"""The row objective, usable without Lightning: parameter rows -> input embeddings -> activations -> loss per row.
+
+A run optimizes rows = units x seeds (``RowLayout``): row ``r`` maximizes unit ``r // n_seeds`` starting from
+seed ``seeds[r % n_seeds]``. The loss is a sum of per-row terms (minus the row's objective plus its priors'
+penalties) and each row starts from its own generator, so every row follows exactly the trajectory it would
+follow alone; that is what makes batching, chunking and sharding rows across processes honest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from amax_lightning.backbone import Backbone
+from amax_lightning.param import TokenEmbedding
+from amax_lightning.priors import Prior
+from amax_lightning.targets import Target
+
+AGGREGATIONS = ("mean", "last", "max")
+
+
+def aggregate(activations: torch.Tensor, how: str) -> torch.Tensor:
+    """Each row's objective, shape (rows,), from its activations (rows, n_tokens): ``mean``, ``last`` or ``max``."""
+    if how == "mean":
+        return activations.mean(dim=-1)
+    if how == "last":
+        return activations[:, -1]
+    if how == "max":
+        return activations.max(dim=-1).values
+    raise ValueError(f"aggregation {how!r} is unknown; allowed: {', '.join(AGGREGATIONS)}")
+
+
+def shard_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``(start, stop)`` of process ``rank``'s contiguous shard of ``n_rows`` rows.
+
+    Shards differ in size by at most one, earlier ranks take the larger ones, and concatenating the shards
+    in rank order gives the rows in their original order.
+    """
+    base, extra = divmod(n_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Which unit and seed each row optimizes, and which rows process ``rank`` of ``world_size`` runs."""
+
+    n_units: int
+    seeds: tuple[int, ...]
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_units * self.n_seeds
+
+    def unit_of(self, row: int) -> int:
+        """Index (into the run's targets) of the unit row ``row`` maximizes."""
+        return row // self.n_seeds
+
+    def seed_of(self, row: int) -> int:
+        """The seed row ``row`` starts from."""
+        return self.seeds[row % self.n_seeds]
+
+    def unit_rows(self, unit: int) -> slice:
+        """The rows of unit ``unit``, one per seed in the run's seed order."""
+        return slice(unit * self.n_seeds, (unit + 1) * self.n_seeds)
+
+    def shard_of(self, rank: int) -> slice:
+        """Process ``rank``'s contiguous rows."""
+        return slice(*shard_bounds(self.n_rows, self.world_size, rank))
+
+    @property
+    def shard(self) -> slice:
+        """This process's contiguous rows."""
+        return self.shard_of(self.rank)
+
+    def for_process(self, world_size: int, rank: int) -> "RowLayout":
+        """The same rows, sharded over ``world_size`` processes, seen from process ``rank``."""
+        return dataclasses.replace(self, world_size=world_size, rank=rank)
+
+
+class RowValues(NamedTuple):
+    """What the objective computes for a slice of rows."""
+
+    embedding: torch.Tensor  # (rows, n_tokens, d_model): the input embeddings the parameter stands for
+    activations: torch.Tensor  # (rows, n_tokens): each row's own unit at every position
+    loss: torch.Tensor  # (rows,): minus the aggregated activation, plus the priors' penalties
+
+
+class RowObjective(nn.Module):
+    """The loss of every row: parameterization -> priors' model input -> frozen backbone -> unit -> aggregate.
+
+    Parameters
+    ----------
+    backbone
+        The frozen model; all targets must be units of one hook of it.
+    targets
+        The units, in row order (``layout.unit_of``).
+    layout
+        Rows = units x seeds.
+    aggregate
+        How a row's activations over positions become its objective (``AGGREGATIONS``).
+    parameterization
+        What a parameter row is (``param.py``): the embedding itself, or logits over the vocabulary.
+    priors
+        Penalties, model-input changes and projections (``priors.py``), applied in order.
+    """
+
+    def __init__(self, backbone: Backbone, targets: list[Target], layout: RowLayout, aggregate: str = "mean",
+                 parameterization: TokenEmbedding | None = None, priors: list[Prior] = ()) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.targets = list(targets)
+        self.layout = layout
+        self.aggregation = aggregate
+        self.parameterization = parameterization or TokenEmbedding()
+        self.priors = list(priors)
+        d_head = backbone.shape.d_head
+        units = [self.targets[layout.unit_of(row)].flat_index(d_head) for row in range(layout.n_rows)]
+        self.register_buffer("row_units", torch.tensor(units, dtype=torch.long), persistent=False)
+
+    def initial_parameter(self, n_tokens: int) -> torch.Tensor:
+        """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit."""
+        per_seed = self.parameterization.initial(list(self.layout.seeds), n_tokens, self.backbone)
+        return per_seed.repeat(self.layout.n_units, 1, 1)
+
+    def embeddings(self, parameter_rows: torch.Tensor) -> torch.Tensor:
+        """The input embeddings (rows, n_tokens, d_model) that parameter rows stand for."""
+        return self.parameterization.embedding(parameter_rows, self.backbone)
+
+    def model_input(self, embedding: torch.Tensor) -> torch.Tensor:
+        """What the model is fed for ``embedding``: the embedding, or what a prior makes of it (straight-through)."""
+        for prior in self.priors:
+            embedding = prior.model_input(embedding, self.backbone)
+        return embedding
+
+    def position_activations(self, model_input: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)."""
+        values = self.backbone.hook_values(model_input, self.targets[0])  # (rows, n_tokens, hook width)
+        units = self.row_units[rows]
+        return values.gather(-1, units.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(-1)
+
+    def objective(self, activations: torch.Tensor) -> torch.Tensor:
+        """Each row's objective, shape (rows,): its activations (rows, n_tokens) reduced by the aggregation."""
+        return aggregate(activations, self.aggregation)
+
+    def forward(self, parameter_rows: torch.Tensor, rows: slice) -> RowValues:
+        """Embedding, activations and loss of the parameter rows ``parameter_rows`` = rows ``rows`` of the run."""
+        embedding = self.embeddings(parameter_rows)
+        model_input = self.model_input(embedding)
+        activations = self.position_activations(model_input, rows)
+        loss = -self.objective(activations)
+        for prior in self.priors:
+            penalty = prior.penalty(embedding, model_input, self.backbone)
+            if penalty is not None:
+                loss = loss + penalty
+        return RowValues(embedding, activations, loss)
+
+    @torch.no_grad()
+    def project_(self, parameter: torch.Tensor) -> None:
+        """Apply every prior's projection (e.g. the norm clamp) to the parameter, in place."""
+        for prior in self.priors:
+            prior.project_(parameter, self.backbone)

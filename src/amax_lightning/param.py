@@ -1,0 +1,62 @@
+"""Parameterizations: what is learned per row, and the input embedding it stands for (lucent's ``param``).
+
+``TokenEmbedding`` learns the input embedding itself (the study's protocol); ``VocabSoftmax`` learns logits over
+the vocabulary per position, whose temperature softmax mixes the vocabulary's embedding rows. Both start from
+``randn`` drawn with the row's seed on its own CPU generator, so a seed starts at the same point on every
+device and in every batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amax_lightning.backbone import Backbone
+
+
+def seeded_randn(seed: int, *shape: int) -> torch.Tensor:
+    """``randn(*shape)`` from a CPU generator seeded ``seed``: the same numbers on every device and in every batch."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class TokenEmbedding:
+    """Learn the input embedding (rows, n_tokens, d_model) directly; it starts as ``randn * std(W_E)``."""
+
+    name = "embedding"
+
+    def width(self, backbone: Backbone) -> int:
+        """Last dimension of the learned parameter."""
+        return backbone.d_model
+
+    def initial(self, seeds: list[int], n_tokens: int, backbone: Backbone) -> torch.Tensor:
+        """The study's start points, shape (seeds, n_tokens, d_model): ``randn`` times ``std(W_E)``."""
+        scale = backbone.embedding_std
+        return torch.stack([seeded_randn(seed, n_tokens, backbone.d_model) * scale for seed in seeds])
+
+    def embedding(self, parameter: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+        """The input embedding a slice of the parameter stands for: itself."""
+        return parameter
+
+    def describe(self) -> str | None:
+        """How the parameterization is listed under ``priors`` in results.json (None: not listed)."""
+        return None
+
+
+class VocabSoftmax(TokenEmbedding):
+    """Learn logits (rows, n_tokens, V), standard normal at the start; the embedding is ``softmax(logits / T) @ W_E``."""
+
+    name = "softmax"
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def width(self, backbone: Backbone) -> int:
+        return backbone.vocab_embeddings.shape[0]
+
+    def initial(self, seeds: list[int], n_tokens: int, backbone: Backbone) -> torch.Tensor:
+        return torch.stack([seeded_randn(seed, n_tokens, self.width(backbone)) for seed in seeds])
+
+    def embedding(self, parameter: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+        return torch.softmax(parameter / self.temperature, dim=-1) @ backbone.vocab_embeddings
+
+    def describe(self) -> str | None:
+        return f"softmax={self.temperature:g}"
