@@ -19,7 +19,8 @@ compact tables come last; the exit status is 1 if a correctness check failed.
    naive         10 seeds one after another, batch 1, full HF forward (12 blocks, output_hidden_states=True),
                  loss = -hidden_states[8][0, :, 91].mean(), one Adam per seed (the course notebook)
    matmuls only  only the matmuls of the forward + input-gradient backward at the study's shapes (M = 50)
-   ours/raw      ActMaxModule.training_step, backward, Adam step -- no Lightning (CUDA: also under bf16 autocast)
+   ours/raw      the module's step without Lightning: chunked forward + exact gradient of its objective (under
+                 its matmul precision), finiteness check, Adam with the priors' projections (CUDA: also bf16 autocast)
    ours/fit      the same module under Trainer.fit (logger off, no checkpoints); per step = median interval
                  between consecutive on_train_batch_start calls, the first (compiling) step left out;
                  CUDA adds bf16-mixed and TF32, and every compile mode
@@ -51,7 +52,9 @@ sys.path.insert(0, str(REPO / "src"))
 import amax_lightning.module as am_module  # noqa: E402
 from amax_lightning.backbone import Backbone  # noqa: E402
 from amax_lightning.callbacks import ResultsWriter  # noqa: E402
+from amax_lightning.chunking import chunked_value_and_grad  # noqa: E402
 from amax_lightning.decode import nearest_tokens  # noqa: E402
+from amax_lightning.errors import NonFiniteError  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "gpt2_tokenizer"
@@ -209,15 +212,10 @@ def random_gpt2(device: str) -> GPT2Model:
 
 
 def make_module(target: str, device: str, **options) -> am_module.ActMaxModule:
-    """The real ActMaxModule, with load_backbone swapped for a random-init GPT-2 (no hub, no disk)."""
-    tokenizer = GPT2Tokenizer.from_pretrained(TOKENIZER_DIR)
-    original = am_module.load_backbone
-    am_module.load_backbone = lambda *a, **k: Backbone(random_gpt2("cpu"), tokenizer)
-    try:
-        module = am_module.ActMaxModule(model_name_or_path="gpt2", target=target, n_tokens=N_TOKENS, lr=LR,
-                                        seeds=list(range(N_SEEDS)), **options)
-    finally:
-        am_module.load_backbone = original
+    """The real ActMaxModule on a ready random-init GPT-2 backbone (no hub, no disk)."""
+    backbone = Backbone(random_gpt2("cpu"), GPT2Tokenizer.from_pretrained(TOKENIZER_DIR))
+    module = am_module.ActMaxModule(model_name_or_path="gpt2", target=target, n_tokens=N_TOKENS, lr=LR,
+                                    seeds=list(range(N_SEEDS)), backbone=backbone, **options)
     return module.to(device)
 
 
@@ -242,40 +240,53 @@ def naive_step_fn(model: GPT2Model, device: str):
     return step
 
 
-class _LoopState:
-    """The three Trainer attributes ActMaxModule.training_step reads, for stepping it without Lightning."""
+def raw_gradient(module: am_module.ActMaxModule, chunks: list[slice]) -> torch.Tensor:
+    """The module's step without Lightning: every chunk's forward and exact gradient (``step_forward``, so
+    compiled when ``compile_mode`` asks) inside its matmul precision, one finiteness check, the activation history.
 
-    world_size, global_step, log_every_n_steps = 1, 0, 10**9
+    Returns the gradient of the summed loss with respect to the rows in ``chunks`` (single process: all rows).
+    """
+    with am_module.float32_matmul_precision(module.matmul_precision):
+        grad, (_, activations, loss) = chunked_value_and_grad(module.step_forward, module.parameter, chunks)
+    if not bool(torch.isfinite(activations).all() & torch.isfinite(loss).all()):  # once per step: one host sync
+        raise NonFiniteError(f"non-finite loss or activation at raw step {len(module.history)}")
+    with torch.no_grad():
+        module.history_steps.append(len(module.history))
+        module.history.append(module.objective.objective(activations))
+    return grad
 
 
 def raw_step_fn(module: am_module.ActMaxModule, chunk: int = 0, autocast: torch.dtype | None = None):
-    """ActMaxModule.training_step (chunks, priors, finiteness check, history), backward, Adam; no Lightning.
+    """The module's step (chunks, priors, finiteness check, history; ``raw_gradient``), then Adam; no Lightning.
 
     ``chunk`` > 0 fixes the rows per forward/backward chunk; ``autocast`` runs the step as Lightning's
-    ``bf16-mixed`` / ``16-mixed`` precision does.
+    ``bf16-mixed`` / ``16-mixed`` precision does. Adam is ``configure_optimizers``' (it projects after each step).
+    Returns ``(step, chunks)``.
     """
-    module._trainer = loop = _LoopState()
-    module.shard = (0, module.n_rows)
     module.chunk_rows_used = chunk or module.n_rows
+    chunks = module.row_chunks()  # the whole run: one process, no Trainer (layout.shard is every row)
     opt = module.configure_optimizers()
     context = (lambda: torch.autocast(module.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
 
     def step():
-        module._trainer = loop  # again each step: a Trainer.fit in between attaches its own trainer
         with context():
-            loss = module.training_step(None, 0)
-        loss.backward()
+            grad = raw_gradient(module, chunks)
+        module.parameter.grad = grad
         opt.step()
         opt.zero_grad()
 
-    return step, module.row_chunks()
+    return step, chunks
 
 
-class _NoResults(ResultsWriter):
-    """Stands in for the end-of-fit ResultsWriter (decode, null model, files): not per-step work."""
+def _no_results() -> ResultsWriter:
+    """A ResultsWriter that skips the end-of-fit work (decode, null model, files): not per-step work.
 
-    def on_train_end(self, trainer, module) -> None:
-        pass
+    An instance of ResultsWriter itself with its hook switched off, not a subclass: the module's
+    ``configure_callbacks`` adds its own ResultsWriter unless the Trainer has one of exactly that type.
+    """
+    writer = ResultsWriter()
+    writer.on_train_end = lambda trainer, module: None
+    return writer
 
 
 class _StepClock(Callback):
@@ -290,13 +301,12 @@ class _StepClock(Callback):
 def lightning_fit(module, device: str, steps: int, repeats: int, precision: str = "32-true") -> tuple[float, float]:
     """(median per-step time inside Trainer.fit, median wall time of the whole fit of steps+2 steps)."""
     per_step, walls = [], []
-    module._trainer = None
     for _ in range(repeats):
         clock = _StepClock()
         trainer = Trainer(
             accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps + 2, logger=False,
             precision=precision, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-            callbacks=[_NoResults(), clock], default_root_dir="/tmp/amax_bench",
+            callbacks=[_no_results(), clock], default_root_dir="/tmp/amax_bench",
         )
         start = time.perf_counter()
         trainer.fit(module)
@@ -344,22 +354,20 @@ def run_checks(device: str, compile_modes: list[str]) -> None:
     sweep = make_module(f"blocks.{LAYER}.hook_resid_pre:0-5", device)  # 60 rows: one batch vs chunks of 16
     grads = []
     for chunk in (0, 16):
-        raw_step_fn(sweep, chunk)
-        sweep.training_step(None, 0).backward()
-        grads.append(sweep.parameter.grad.clone())
-        sweep.parameter.grad = None
+        _, chunks = raw_step_fn(sweep, chunk)
+        grads.append(raw_gradient(sweep, chunks))
     check("chunked step gradient vs one batch (60 rows, chunks of 16)", relative_error(grads[1], grads[0]), 1e-5)
     for mode in compile_modes:
         compiled = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=mode)
         start = time.perf_counter()
-        activations = compiled.row_forward(compiled.parameter, slice(0, compiled.n_rows))[1].clone()
+        activations = compiled.step_forward(compiled.parameter, slice(0, compiled.n_rows)).activations.clone()
         sync(device)
         print(f"     compile_mode={mode}: first call {time.perf_counter() - start:.1f} s", flush=True)
         check(f"compile_mode={mode} activations vs eager", relative_error(activations, module.backbone(x, module.target)), 1e-4)
         sweep = make_module(f"blocks.{LAYER}.hook_resid_pre:0-5", device, compile_mode=mode)
-        raw_step_fn(sweep, 20)  # three equal chunks: one compiled shape
-        sweep.training_step(None, 0).backward()
-        check(f"compile_mode={mode} chunked step gradient vs eager one batch", relative_error(sweep.parameter.grad, grads[0]), 1e-4)
+        _, chunks = raw_step_fn(sweep, 20)  # three equal chunks: one compiled shape
+        check(f"compile_mode={mode} chunked step gradient vs eager one batch",
+              relative_error(raw_gradient(sweep, chunks), grads[0]), 1e-4)
         del compiled, sweep
 
 
@@ -377,8 +385,10 @@ def study_outcome(device: str, steps: int, precision: str = "32-true", **options
     for _ in range(steps):
         step()
     with torch.no_grad():
-        embedding = module.local_embedding()
-        objective = module.objective(module.local_activations(module.model_input(embedding)))
+        row_objective = module.objective
+        embedding = row_objective.embeddings(module.parameter)
+        activations = row_objective.position_activations(row_objective.model_input(embedding), slice(0, module.n_rows))
+        objective = row_objective.objective(activations)
         token_ids, _ = nearest_tokens(embedding, module.backbone.vocab_embeddings)
     return token_ids.cpu(), objective.cpu()
 
@@ -514,7 +524,6 @@ def main(argv=None) -> None:
             variants.update({f"atlas bf16 {mode}": (torch.bfloat16, mode) for mode in compile_modes})
         for key, (autocast, mode) in variants.items():
             atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device, compile_mode=mode)
-            atlas.shard = (0, atlas.n_rows)
             chunk = args.atlas_chunk or atlas._automatic_chunk_rows()
             step, chunks = raw_step_fn(atlas, chunk, autocast=autocast)
             print(f"{key}: {atlas.n_rows} rows in {len(chunks)} chunk(s) of {chunk}", flush=True)

@@ -60,7 +60,7 @@ class RowTensors:
     decoded_position_activations: torch.Tensor  # (seeds, n_tokens) the unit at the decoded token ids
     embedding: torch.Tensor  # (seeds, n_tokens, d_model) the optimized input embeddings
 
-    def rows(self, selected: slice) -> "RowTensors":
+    def rows(self, selected: slice) -> RowTensors:
         """The same tensors for the rows ``selected``."""
         return RowTensors(*(getattr(self, f.name)[selected] for f in dataclasses.fields(self)))
 

@@ -74,7 +74,7 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.eval()
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """Keep the model in eval mode always: GPT-2's dropout would otherwise make every step noisy."""
         return super().train(False)
 

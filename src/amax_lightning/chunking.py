@@ -8,7 +8,7 @@ device's free memory by it. On CPU, chunks are also kept near the size that runs
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from amax_lightning.decode import nearest_tokens
 from amax_lightning.checks import check_int
+from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
 
 _SIM_CHUNK = 4096  # simulated studies held in memory at once; fixed so results do not depend on memory

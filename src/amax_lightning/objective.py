@@ -82,7 +82,7 @@ class RowLayout:
         """This process's contiguous rows."""
         return self.shard_of(self.rank)
 
-    def for_process(self, world_size: int, rank: int) -> "RowLayout":
+    def for_process(self, world_size: int, rank: int) -> RowLayout:
         """The same rows, sharded over ``world_size`` processes, seen from process ``rank``."""
         return dataclasses.replace(self, world_size=world_size, rank=rank)
 

@@ -12,11 +12,10 @@ the L2 penalty of the original protocol is ``--model.l2``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from amax_lightning.backbone import Backbone
 from amax_lightning.decode import nearest_tokens

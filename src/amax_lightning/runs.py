@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from lightning.pytorch.loggers import TensorBoardLogger
 

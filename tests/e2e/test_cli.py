@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import REPO, TINY_TARGET, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_KEYS = {"seed", "token_ids", "tokens", "cosine", "final_activation", "position_activations"}
 TOP_KEYS = {"model", "target", "n_tokens", "steps", "lr", "runs", "uniqueness"}

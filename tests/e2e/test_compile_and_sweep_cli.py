@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import run_cli
 
 
@@ -18,7 +17,7 @@ def test_compiled_step_matches_eager(fit_tiny):
     assert [r["token_ids"] for r in compiled_results["runs"]] == [r["token_ids"] for r in eager_results["runs"]]
 
 
-def test_sweep_of_every_unit_from_the_cli(fit_tiny, tmp_path):
+def test_sweep_of_every_unit_from_the_cli(tiny_gpt2_dir, tmp_path):
     proc = run_cli(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target",
                     "blocks.2.hook_resid_pre:*", "--seeds", "0-1", "--trainer.max_steps", "3",
                     "--results.null_samples", "500"], cwd=tmp_path)

@@ -1,29 +1,40 @@
-"""Trustworthy runs: byte-identical reruns, exact resume after SIGKILL / SIGINT / SIGTERM, non-finite stops."""
+"""Trustworthy runs: byte-identical reruns; exact resume after SIGKILL / SIGINT / SIGTERM during the steps, also
+with a projecting prior; SIGINT / SIGTERM during the end-of-fit analysis stop at once; non-finite stops.
+
+Interrupts come from the run itself at a fixed step (``signal_at.SignalAt``), so no test races the optimization.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-from amax_lightning.errors import NonFiniteError
-from amax_lightning.module import ActMaxModule
 from conftest import REPO, TINY_TARGET, run_cli
 
-STEPS, EVERY = 1500, 100
+from amax_lightning.errors import NonFiniteError
+
+STEPS, EVERY, SIGNAL_STEP = 300, 50, 100
+HELPERS = str(Path(__file__).parent)
+PRIORS = {"none": ["--model.lr", "0.001"], "clamp": ["--model.priors", "clamp", "--model.lr", "0.05"]}
 
 
-def study_args(folder: Path, *extra: str) -> list[str]:
+def study_args(folder: Path, priors: str, *extra: str) -> list[str]:
     return ["fit", "--model.model_name_or_path", str(folder), "--model.target", TINY_TARGET, "--seeds", "0-2",
             "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(EVERY),
-            "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.enable_progress_bar", "false", *PRIORS[priors], *extra]
+
+
+def signal_args(name: str, step: int) -> list[str]:
+    return ["--trainer.callbacks+=signal_at.SignalAt", "--trainer.callbacks.signal", name,
+            "--trainer.callbacks.step", str(step)]
+
+
+def run_with_helpers(args: list[str], cwd: Path):
+    return run_cli(args, cwd=cwd, PYTHONPATH=f"{REPO / 'src'}:{HELPERS}")
 
 
 def results_file(root: Path) -> Path:
@@ -32,69 +43,84 @@ def results_file(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_gpt2_dir, tmp_path_factory) -> bytes:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    proc = run_cli(study_args(tiny_gpt2_dir), cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return results_file(root).read_bytes()
+def uninterrupted(tiny_gpt2_dir, tmp_path_factory) -> dict[str, bytes]:
+    """The results.json of an uninterrupted run, per prior setting, run on first use."""
+    done: dict[str, bytes] = {}
+
+    class Runs(dict):
+        def __missing__(self, priors: str) -> bytes:
+            root = tmp_path_factory.mktemp(f"uninterrupted_{priors}")
+            proc = run_cli(study_args(tiny_gpt2_dir, priors), cwd=root)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            self[priors] = results_file(root).read_bytes()
+            return self[priors]
+
+    return Runs(done)
 
 
 def test_same_config_gives_byte_identical_results(tiny_gpt2_dir, tmp_path, uninterrupted):
-    proc = run_cli(study_args(tiny_gpt2_dir), cwd=tmp_path)
+    proc = run_cli(study_args(tiny_gpt2_dir, "none"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert results_file(tmp_path).read_bytes() == uninterrupted
+    assert results_file(tmp_path).read_bytes() == uninterrupted["none"]
 
 
-def start_and_wait_for_checkpoint(folder: Path, cwd: Path) -> subprocess.Popen:
-    """Start the study in a subprocess and return once its first last.ckpt exists (the run still going)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "amax_lightning", *study_args(folder)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if CI ignores it
-    checkpoint = cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    return proc
-
-
-def resume_and_compare(folder: Path, cwd: Path, uninterrupted: bytes) -> None:
-    proc = run_cli(study_args(folder, "--ckpt_path", "last"), cwd=cwd)
+def resume_and_compare(folder: Path, cwd: Path, priors: str, uninterrupted: bytes) -> None:
+    proc = run_cli(study_args(folder, priors, "--ckpt_path", "last"), cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((cwd / "lightning_logs").iterdir()) == [cwd / "lightning_logs" / "version_0"]  # resumed in place
     assert results_file(cwd).read_bytes() == uninterrupted
 
 
-def test_resume_after_sigkill_is_exact(tiny_gpt2_dir, tmp_path, uninterrupted):
-    proc = start_and_wait_for_checkpoint(tiny_gpt2_dir, tmp_path)
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+def checkpoint_of(cwd: Path) -> dict:
+    return torch.load(cwd / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+
+
+@pytest.mark.parametrize("priors", ["none", "clamp"])
+def test_resume_after_sigkill_is_exact(tiny_gpt2_dir, tmp_path, uninterrupted, priors):
+    proc = run_with_helpers(study_args(tiny_gpt2_dir, priors, *signal_args("SIGKILL", SIGNAL_STEP)), tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (tmp_path / "lightning_logs" / "version_0" / "results.json").exists()
-    resume_and_compare(tiny_gpt2_dir, tmp_path, uninterrupted)
+    assert checkpoint_of(tmp_path)["global_step"] == SIGNAL_STEP
+    resume_and_compare(tiny_gpt2_dir, tmp_path, priors, uninterrupted[priors])
+    if priors == "clamp":  # the clamp really binds in this run, so an unprojected checkpoint would show
+        high = json.loads(uninterrupted[priors])["reproducibility"]["vocab_norm_range"][1]
+        norms = [n for run in json.loads(uninterrupted[priors])["runs"] for n in run["embedding_norm"]]
+        assert max(norms) == pytest.approx(high, rel=1e-5)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_saves_checkpoint_and_partial_results(tiny_gpt2_dir, tmp_path, uninterrupted, signum):
-    proc = start_and_wait_for_checkpoint(tiny_gpt2_dir, tmp_path)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+@pytest.mark.parametrize("name, priors", [("SIGINT", "none"), ("SIGINT", "clamp"), ("SIGTERM", "none")])
+def test_interrupt_saves_checkpoint_and_partial_results(tiny_gpt2_dir, tmp_path, uninterrupted, name, priors):
+    proc = run_with_helpers(study_args(tiny_gpt2_dir, priors, *signal_args(name, SIGNAL_STEP)), tmp_path)
     assert proc.returncode != 0
-    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    assert "interrupted at step" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     partial = json.loads(results_file(tmp_path).read_text())
-    assert partial["partial"] is True and EVERY <= partial["steps"] < STEPS
-    saved = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    assert saved["global_step"] == partial["steps"]
-    resume_and_compare(tiny_gpt2_dir, tmp_path, uninterrupted)
-    assert json.loads(uninterrupted)["partial"] is False
+    assert partial["partial"] is True and SIGNAL_STEP <= partial["steps"] <= SIGNAL_STEP + 1
+    assert checkpoint_of(tmp_path)["global_step"] == partial["steps"]
+    resume_and_compare(tiny_gpt2_dir, tmp_path, priors, uninterrupted[priors])
+    assert json.loads(uninterrupted[priors])["partial"] is False
 
 
-def test_non_finite_activation_stops_naming_seeds_and_step(tiny_gpt2_dir, tmp_path):
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 1)])
+def test_interrupt_during_the_analysis_stops_at_once_and_resume_finishes_it(tiny_gpt2_dir, tmp_path, uninterrupted,
+                                                                           name, code):
+    """A million-sample null model (over a minute here) is interrupted 1 s in: the run stops within seconds,
+    keeps last.ckpt of the final step, writes no results; the resumed run only analyzes."""
+    slow = ["--results.null_samples", "1000000", *signal_args(name, -1)]
+    started = time.monotonic()
+    proc = run_with_helpers(study_args(tiny_gpt2_dir, "none", *slow), tmp_path)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "interrupted during the end-of-fit analysis" in proc.stderr and "Traceback" not in proc.stderr
+    assert elapsed < 40, f"took {elapsed:.0f} s to stop"
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob(".tmp-*"))
+    assert checkpoint_of(tmp_path)["global_step"] == STEPS
+    resume_and_compare(tiny_gpt2_dir, tmp_path, "none", uninterrupted["none"])
+
+
+def test_non_finite_activation_stops_naming_seeds_and_step(tiny_module, tmp_path):
     from lightning.pytorch import Trainer
 
-    module = ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), target=TINY_TARGET, seeds=[2, 7], lr=1e-3)
+    module = tiny_module(seeds=[2, 7], lr=1e-3)
     with torch.no_grad():
         module.parameter[1, 0, 0] = float("nan")  # seed 7 is broken from the start
     trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -112,15 +138,3 @@ def test_overflowing_loss_stops_with_one_line_and_no_results(tiny_gpt2_dir, tmp_
     assert last.startswith("amax_lightning: error: non-finite loss or activation for seed(s) [0] at step"), last
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("results.json"))
-
-
-def test_a_new_run_claims_a_version_folder_no_other_run_has(tmp_path, monkeypatch):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from amax_lightning.cli import claim_new_version
-
-    logger = TensorBoardLogger(tmp_path, name="lightning_logs")
-    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)
-    monkeypatch.setattr(logger, "_get_next_version", lambda: 0)  # as if another run took version_0 just now
-    claim_new_version(logger)
-    assert logger.version == 1 and (tmp_path / "lightning_logs" / "version_1").is_dir()

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TARGET
 from lightning.pytorch import Trainer
 
 from amax_lightning.__main__ import main
 from amax_lightning.module import ActMaxModule
-from conftest import TINY_TARGET
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TARGET
 from lightning.pytorch import Callback
 from transformers import AutoModel
 
 from amax_lightning.module import ActMaxModule
-from conftest import TINY_TARGET
 
 LAYER, UNIT, N_TOKENS, LR, STEPS = 2, 5, 5, 1e-2, 30
 

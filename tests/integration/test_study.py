@@ -6,9 +6,9 @@ import csv
 import json
 
 import pytest
+from conftest import REPO
 
 from amax_lightning.__main__ import main
-from conftest import REPO
 
 STUDY = """
 targets: [blocks.2.hook_resid_pre:5, blocks.1.mlp.hook_post:7]
