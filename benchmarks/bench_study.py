@@ -34,11 +34,11 @@ import argparse
 import contextlib
 import gc
 import logging
-import warnings
 import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
@@ -49,13 +49,14 @@ from transformers import GPT2Config, GPT2Model, GPT2Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+
 import amax_lightning.module as am_module  # noqa: E402
 from amax_lightning.backbone import Backbone  # noqa: E402
 from amax_lightning.callbacks import ResultsWriter  # noqa: E402
 from amax_lightning.chunking import chunked_value_and_grad  # noqa: E402
 from amax_lightning.decode import nearest_tokens  # noqa: E402
 from amax_lightning.errors import NonFiniteError  # noqa: E402
-from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "gpt2_tokenizer"
 LAYER, UNIT, N_TOKENS, N_SEEDS, LR = 8, 91, 5, 10, 1e-3

@@ -13,7 +13,6 @@ import statistics
 import time
 
 import torch
-
 from bench_study import make_module, sync
 
 

@@ -2,7 +2,10 @@
 
     python benchmarks/gemm_variants.py [--threads N]
 """
-import argparse, statistics, time
+import argparse
+import statistics
+import time
+
 import torch
 
 ap = argparse.ArgumentParser(); ap.add_argument("--threads", type=int, default=0); ap.add_argument("--m", type=int, default=50)

@@ -89,13 +89,15 @@ def tiny_backbone(tiny_gpt2_dir):
 
 @pytest.fixture
 def tiny_module(tiny_gpt2_dir, tiny_backbone):
-    """``tiny_module(**options)``: an ActMaxModule on the shared tiny GPT-2 (target ``TINY_TARGET``, seeds 0-2
-    unless given); no Trainer."""
+    """``tiny_module(fresh=False, **options)``: an ActMaxModule on the shared tiny GPT-2 (target ``TINY_TARGET``,
+    seeds 0-2 unless given); no Trainer. ``fresh`` loads its own backbone, for runs that change its dtype."""
+    from amax_lightning.backbone import load_backbone
     from amax_lightning.module import ActMaxModule
 
-    def make(**options):
+    def make(fresh: bool = False, **options):
         options = {"target": TINY_TARGET, "seeds": [0, 1, 2], **options}
-        return ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), backbone=tiny_backbone, **options)
+        backbone = load_backbone(str(tiny_gpt2_dir)) if fresh else tiny_backbone
+        return ActMaxModule(model_name_or_path=str(tiny_gpt2_dir), backbone=backbone, **options)
 
     return make
 
@@ -110,7 +112,7 @@ def fit_tiny(tiny_module, tmp_path):
 
     def fit(name: str = "run", steps: int = 20, precision: str = "32-true", callbacks=(), null_samples: int = 200,
             trainer_options: dict | None = None, **module_options):
-        module = tiny_module(**module_options)
+        module = tiny_module(fresh=precision == "64-true", **module_options)  # 64-true casts the backbone
         trainer = Trainer(**{
             "max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": precision, "logger": False,
             "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,

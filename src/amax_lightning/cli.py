@@ -150,11 +150,29 @@ class AmaxCLI(LightningCLI):
 class StepProgressBar(TQDMProgressBar):
     """Lightning's progress bar, counting optimizer steps out of ``max_steps`` (there are no epochs here)."""
 
+    @property
+    def train_description(self) -> str:
+        return "steps"
+
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self.on_train_epoch_start(trainer)  # a resumed run may start inside its epoch, without that hook
+
     def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.reset(total=trainer.max_steps)
-        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.n = trainer.global_step  # a resumed run continues its count
         self.train_progress_bar.set_description("steps")
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step % self.refresh_rate == 0 or trainer.global_step == trainer.max_steps:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, trainer.lightning_module))
+            self.train_progress_bar.refresh()
+
+    def get_metrics(self, trainer, module) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)  # the run's folder is printed at the end
+        return metrics
 
 
 def load_checkpoint(path: str) -> dict:

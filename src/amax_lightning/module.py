@@ -321,8 +321,8 @@ class ActMaxModule(LightningModule):
         """The end-of-fit ResultsWriter and the interrupt handling, unless the Trainer already has them."""
         from amax_lightning.callbacks import DeferInterrupts, ResultsWriter
 
-        present = {type(cb) for cb in self.trainer.callbacks}
-        return [cls() for cls in (DeferInterrupts, ResultsWriter) if cls not in present]
+        present = lambda kind: any(isinstance(cb, kind) for cb in self.trainer.callbacks)  # noqa: E731
+        return [kind() for kind in (DeferInterrupts, ResultsWriter) if not present(kind)]
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
         """Raise NonFiniteError naming the seeds of this process's rows that went non-finite."""

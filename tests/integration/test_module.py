@@ -48,6 +48,12 @@ def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, fit_tiny, l
         assert run["token_ids"] == tokens_ref
         torch.testing.assert_close(torch.tensor(run["position_activations"]), torch.tensor(final_ref), rtol=1e-4, atol=1e-5)
     assert results["steps"] == STEPS
+    assert list(results) == ["model", "target", "aggregate", "priors", "n_tokens", "steps", "partial", "lr", "l2",
+                             "seeds", "init_scale", "vocab_norm", "numerics", "runs", "uniqueness", "reproducibility",
+                             "null_model"]  # the schema users read, in its order
+    assert list(results["runs"][0]) == ["seed", "token_ids", "tokens", "cosine", "final_activation",
+                                        "position_activations", "decoded_activation", "decoded_position_activations",
+                                        "decoded_gap", "embedding_norm"]
     moved = (module.parameter[0].detach() - reference_study(tiny_gpt2_dir, [0], steps=0)[0][0]).abs().max()
     assert moved > 0.05  # the optimizer really moved the embedding
 
