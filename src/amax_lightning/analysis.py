@@ -17,7 +17,7 @@ from amax_lightning.backbone import Backbone
 from amax_lightning.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.null_model import NullModelResult, expected_n_unique, null_token_distribution, unique_count_p_value
-from amax_lightning.objective import aggregate
+from amax_lightning.objective import RowTensors, aggregate
 from amax_lightning.priors import norm_range
 from amax_lightning.targets import Target
 
@@ -48,21 +48,6 @@ class Protocol:
     init_scale: float  # std of the input-embedding matrix: the scale of the initial embeddings
     vocab_norm: float  # mean L2 norm of the vocabulary's embedding rows
     numerics: dict  # precision, matmul_precision, compile_mode, chunk_rows, cpu_threads
-
-
-@dataclass(frozen=True)
-class RowTensors:
-    """End-of-fit tensors of a unit's rows (one per seed, in the run's seed order), on any device."""
-
-    token_ids: torch.Tensor  # (seeds, n_tokens) nearest token of each optimized vector (cosine)
-    cosine: torch.Tensor  # (seeds, n_tokens) that token's cosine with the vector
-    position_activations: torch.Tensor  # (seeds, n_tokens) the unit at the optimized input
-    decoded_position_activations: torch.Tensor  # (seeds, n_tokens) the unit at the decoded token ids
-    embedding: torch.Tensor  # (seeds, n_tokens, d_model) the optimized input embeddings
-
-    def rows(self, selected: slice) -> RowTensors:
-        """The same tensors for the rows ``selected``."""
-        return RowTensors(*(getattr(self, f.name)[selected] for f in dataclasses.fields(self)))
 
 
 @dataclass(frozen=True)

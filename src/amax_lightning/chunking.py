@@ -8,9 +8,11 @@ device's free memory by it. On CPU, chunks are also kept near the size that runs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 MEMORY_SHARE = 0.5  # of the free memory a step's saved tensors may use; the rest covers transient buffers
 PROBE_ROWS = (1, 3)
@@ -75,6 +77,29 @@ def choose_chunk_rows(rows: int, bytes_per_row: int, free_bytes: int | None, cap
     """
     fits = rows if free_bytes is None else int(free_bytes * share) // bytes_per_row
     return max(1, min(rows, fits, cap if cap is not None else rows))
+
+
+def automatic_chunk_rows(loss_of_rows: Callable[[int], torch.Tensor], n_rows: int, device: torch.device,
+                         n_tokens: int) -> int:
+    """Rows per chunk for ``n_rows`` rows: measured bytes per row against free memory, capped by the fastest size.
+
+    ``loss_of_rows(n)`` builds the step's graph for the first ``n`` rows. Says so when the rows need chunks.
+    """
+    if n_rows <= PROBE_ROWS[-1]:
+        return n_rows
+    with torch.enable_grad():
+        per_row = saved_bytes_per_row(loss_of_rows)
+    free = free_memory_bytes(device)
+    fastest = fastest_chunk_rows(device, n_tokens)
+    chunk = choose_chunk_rows(n_rows, per_row, free, cap=fastest)
+    if chunk < n_rows:
+        free_text = "unknown" if free is None else f"{free / 2**20:.0f} MiB"
+        rank_zero_info(
+            f"amax_lightning: running {n_rows} rows as {math.ceil(n_rows / chunk)} chunks of {chunk} rows: "
+            f"{per_row / 2**20:.2f} MiB saved per row, {free_text} free on {device.type}, fastest chunk "
+            f"{fastest or 'as large as fits'} rows (set --model.chunk_rows to choose)"
+        )
+    return chunk
 
 
 def chunk_slices(start: int, stop: int, chunk_rows: int) -> list[slice]:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from amax_lightning.callbacks import DeferInterrupts, ResultsWriter, find_callback
 from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule, check_precision, check_world_size
+from amax_lightning.module import DEFAULT_SEEDS, ActMaxModule
 from amax_lightning.runs import RunLogger, find_last_checkpoint
 from amax_lightning.seeds import parse_seeds
 
@@ -109,8 +109,7 @@ class AmaxCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        check_precision(self.trainer.precision)
-        check_world_size(self.model.n_rows, self.trainer.world_size)
+        self.model.check_trainer(self.trainer)
         writer = find_callback(self.trainer, ResultsWriter)
         if len(self.model.targets) > 1 and writer is not None and writer.uses_baseline:
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")

@@ -8,65 +8,30 @@ from typing import Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from amax_lightning.analysis import Protocol, RowTensors
+from amax_lightning.analysis import Protocol
 from amax_lightning.backbone import Backbone, load_backbone
-from amax_lightning.checks import check_choice, check_int, check_number
-from amax_lightning.chunking import (
-    PROBE_ROWS,
-    choose_chunk_rows,
-    chunk_slices,
-    chunked_value_and_grad,
-    fastest_chunk_rows,
-    free_memory_bytes,
-    saved_bytes_per_row,
-    surrogate_loss,
+from amax_lightning.checks import (
+    COMPILE_MODES,
+    MATMUL_PRECISIONS,
+    check_choice,
+    check_int,
+    check_number,
+    check_precision,
+    check_run_size,
+    check_world_size,
 )
+from amax_lightning.chunking import automatic_chunk_rows, chunk_slices, chunked_value_and_grad, surrogate_loss
 from amax_lightning.data import step_loader
-from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import NonFiniteError, UserError
-from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective
+from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective, RowTensors
 from amax_lightning.priors import L2, parse_priors
 from amax_lightning.seeds import parse_seeds
 from amax_lightning.targets import Target, parse_targets
 
 DEFAULT_SEEDS = list(range(10))
-PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")  # the learned parameter and Adam stay >= fp32
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
-MAX_ROWS = 1_000_000  # units x seeds in one run
-MAX_PARAMETER_ELEMENTS = 2**31  # rows x n_tokens x width: 8 GiB in fp32, 24 GiB with Adam's two moments
-
-
-def check_precision(precision: str) -> str:
-    """Return Lightning's ``precision`` if the run may use it; a UserError for half-precision parameters."""
-    if str(precision) not in PRECISIONS:
-        raise UserError(
-            f"trainer.precision {precision!r} is not supported; allowed: {', '.join(PRECISIONS)} "
-            "(the learned embedding and its Adam state must stay in fp32 or fp64)"
-        )
-    return str(precision)
-
-
-def check_world_size(n_rows: int, world_size: int) -> None:
-    """Raise a UserError unless every process gets at least one row (unit x seed)."""
-    if n_rows < world_size:
-        raise UserError(f"{n_rows} run(s) (units x seeds) for {world_size} processes; give at least one per process")
-
-
-def check_run_size(n_rows: int, n_tokens: int, width: int) -> None:
-    """Raise a UserError if the run's rows or learned parameter exceed ``MAX_ROWS`` / ``MAX_PARAMETER_ELEMENTS``."""
-    if n_rows > MAX_ROWS:
-        raise UserError(f"{n_rows} runs (units x seeds) are too many; at most {MAX_ROWS} are allowed")
-    elements = n_rows * n_tokens * width
-    if elements > MAX_PARAMETER_ELEMENTS:
-        raise UserError(
-            f"the learned parameter would hold {n_rows} x {n_tokens} x {width} = {elements} numbers; at most "
-            f"{MAX_PARAMETER_ELEMENTS} are allowed (fewer units, seeds or tokens)"
-        )
 
 
 @contextlib.contextmanager
@@ -222,9 +187,15 @@ class ActMaxModule(LightningModule):
                 "cpu_threads": torch.get_num_threads()}
 
     # --- processes and chunks -----------------------------------------------------------------------
+    def check_trainer(self, trainer) -> None:
+        """Raise a UserError if ``trainer`` cannot run this module: a half-precision parameter, or fewer rows than
+        processes. The CLI calls it before anything is written; ``setup`` calls it for every other Trainer."""
+        check_precision(trainer.precision)
+        check_world_size(self.n_rows, trainer.world_size)
+
     def setup(self, stage: str) -> None:
-        self.precision_name = check_precision(self.trainer.precision)
-        check_world_size(self.n_rows, self.trainer.world_size)
+        self.check_trainer(self.trainer)
+        self.precision_name = str(self.trainer.precision)
         self.objective.layout = self.layout.for_process(self.trainer.world_size, self.trainer.global_rank)
         self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
 
@@ -245,27 +216,12 @@ class ActMaxModule(LightningModule):
 
     def _automatic_chunk_rows(self) -> int:
         shard = self.layout.shard
-        n_local = shard.stop - shard.start
-        if n_local <= PROBE_ROWS[-1]:
-            return n_local
 
         def probe(n: int) -> torch.Tensor:  # eager: the saved tensors of the plain graph, and no extra compiles
             rows = slice(shard.start, shard.start + n)
-            with torch.enable_grad():
-                return self.objective(self.parameter[rows].detach().requires_grad_(), rows).loss.sum()
+            return self.objective(self.parameter[rows].detach().requires_grad_(), rows).loss.sum()
 
-        per_row = saved_bytes_per_row(probe)
-        free = free_memory_bytes(self.device)
-        fastest = fastest_chunk_rows(self.device, self.n_tokens)
-        chunk = choose_chunk_rows(n_local, per_row, free, cap=fastest)
-        if chunk < n_local:
-            free_text = "unknown" if free is None else f"{free / 2**20:.0f} MiB"
-            rank_zero_info(
-                f"amax_lightning: running {n_local} rows as {math.ceil(n_local / chunk)} chunks of {chunk} rows: "
-                f"{per_row / 2**20:.2f} MiB saved per row, {free_text} free on {self.device.type}, fastest chunk "
-                f"{fastest or 'as large as fits'} rows (set --model.chunk_rows to choose)"
-            )
-        return chunk
+        return automatic_chunk_rows(probe, shard.stop - shard.start, self.device, self.n_tokens)
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
@@ -360,25 +316,11 @@ class ActMaxModule(LightningModule):
         return list(self.history_steps), torch.stack(self.history).cpu()
 
     # --- end of fit ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> RowTensors:
-        """Every row's end-of-fit tensors (gathered from all processes; a collective under DDP), outside autocast.
-
-        Each row's optimized embedding, its nearest tokens (cosine), and the unit's activations at the optimized
-        model input and at the decoded token ids.
-        """
-        chunks = self.row_chunks()
-        embedding = torch.cat([self.objective.embeddings(self.parameter[rows]) for rows in chunks])
-        token_ids, cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings)
-        start = chunks[0].start
-
-        def activations(model_input: torch.Tensor) -> torch.Tensor:
-            local = lambda rows: model_input[rows.start - start : rows.stop - start]  # noqa: E731
-            return torch.cat([self.objective.position_activations(local(rows), rows) for rows in chunks])
-
-        optimized = activations(self.objective.model_input(embedding))
-        decoded = activations(self.backbone.embed_tokens(token_ids))
-        return RowTensors(*(self.gather_rows(t) for t in (token_ids, cosine, optimized, decoded, embedding)))
+        """Every row's end-of-fit tensors (``RowObjective.evaluate``), gathered from all processes (a collective
+        under DDP), outside autocast and any step's matmul precision."""
+        local = self.objective.evaluate(self.parameter, self.row_chunks())
+        return RowTensors(*(self.gather_rows(t) for t in local))
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def check_resumable(self, checkpoint: dict) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from amax_lightning.backbone import Backbone
+from amax_lightning.decode import nearest_tokens
 from amax_lightning.param import TokenEmbedding
 from amax_lightning.priors import Prior
 from amax_lightning.targets import Target
@@ -95,6 +96,24 @@ class RowValues(NamedTuple):
     loss: torch.Tensor  # (rows,): minus the aggregated activation, plus the priors' penalties
 
 
+@dataclasses.dataclass(frozen=True)
+class RowTensors:
+    """End-of-fit tensors of rows (in row order), on any device."""
+
+    token_ids: torch.Tensor  # (rows, n_tokens) nearest token of each optimized vector (cosine)
+    cosine: torch.Tensor  # (rows, n_tokens) that token's cosine with the vector
+    position_activations: torch.Tensor  # (rows, n_tokens) the unit at the optimized model input
+    decoded_position_activations: torch.Tensor  # (rows, n_tokens) the unit at the decoded token ids
+    embedding: torch.Tensor  # (rows, n_tokens, d_model) the optimized input embeddings
+
+    def __iter__(self):
+        return (getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def rows(self, selected: slice) -> RowTensors:
+        """The same tensors for the rows ``selected``."""
+        return RowTensors(*(tensor[selected] for tensor in self))
+
+
 class RowObjective(nn.Module):
     """The loss of every row: parameterization -> priors' model input -> frozen backbone -> unit -> aggregate.
 
@@ -163,6 +182,22 @@ class RowObjective(nn.Module):
             if penalty is not None:
                 loss = loss + penalty
         return RowValues(embedding, activations, loss)
+
+    @torch.no_grad()
+    def evaluate(self, parameter: torch.Tensor, chunks: list[slice]) -> RowTensors:
+        """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest tokens
+        (cosine), and the unit's activations at the optimized model input and at the decoded token ids."""
+        embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
+        token_ids, cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings)
+        start = chunks[0].start
+
+        def activations(model_input: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.position_activations(model_input[rows.start - start : rows.stop - start], rows)
+                              for rows in chunks])
+
+        optimized = activations(self.model_input(embedding))
+        decoded = activations(self.backbone.embed_tokens(token_ids))
+        return RowTensors(token_ids, cosine, optimized, decoded, embedding)
 
     @torch.no_grad()
     def project_(self, parameter: torch.Tensor) -> None:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import amax_lightning.chunking as chunking
-import amax_lightning.module as module_lib
 
 SWEEP = "blocks.1.mlp.hook_post:3,17,40"  # 3 units x 2 seeds = 6 rows
 SEEDS = [0, 3]
@@ -36,13 +35,13 @@ def test_chunked_steps_keep_prior_penalties(fit_tiny):
 def test_automatic_chunks_follow_free_memory(fit_tiny, tiny_module, monkeypatch, caplog):
     probe = tiny_module(target=SWEEP, seeds=SEEDS)
     per_row = chunking.saved_bytes_per_row(lambda n: probe.objective(probe.parameter[:n], slice(0, n)).loss.sum())
-    monkeypatch.setattr(module_lib, "free_memory_bytes", lambda device: 2 * 2 * per_row)  # half of it: 2 rows
+    monkeypatch.setattr(chunking, "free_memory_bytes", lambda device: 2 * 2 * per_row)  # half of it: 2 rows
     module, results = fit_tiny("auto", target=SWEEP, seeds=SEEDS, lr=1e-2, chunk_rows=0, steps=3)
     assert module.chunk_rows_used == 2
     assert "running 6 rows as 3 chunks of 2 rows" in caplog.text
     assert results["units"][0]["numerics"]["chunk_rows"] == 2
 
-    monkeypatch.setattr(module_lib, "free_memory_bytes", lambda device: None)  # unknown: one chunk
+    monkeypatch.setattr(chunking, "free_memory_bytes", lambda device: None)  # unknown: one chunk
     module, _ = fit_tiny("unknown", target=SWEEP, seeds=SEEDS, lr=1e-2, chunk_rows=0, steps=1)
     assert module.chunk_rows_used == 6
 

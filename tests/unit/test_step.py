@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import amax_lightning.chunking as chunking
+from amax_lightning.checks import check_world_size
 from amax_lightning.chunking import (
     _saved_bytes,
     choose_chunk_rows,
@@ -15,7 +16,6 @@ from amax_lightning.chunking import (
     surrogate_loss,
 )
 from amax_lightning.errors import UserError
-from amax_lightning.module import check_world_size
 from amax_lightning.objective import RowLayout
 
 SWEEP = "blocks.1.mlp.hook_post:3,17,40"  # 3 units x 2 seeds = 6 rows
