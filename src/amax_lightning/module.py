@@ -133,7 +133,7 @@ class ActMaxModule(LightningModule):
         self.init_scale = backbone.embedding_std
         self.vocab_norm = float(backbone.vocab_embeddings.detach().norm(dim=-1).mean())
         self.precision_name = "32-true"  # Lightning's precision, set in setup
-        self._step_forward = None  # the objective, or its torch.compile
+        self._compiled_forward = None  # torch.compile of the objective's forward, made at the first step
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
         self.history_steps: list[int] = []
@@ -238,14 +238,14 @@ class ActMaxModule(LightningModule):
     # --- the step ------------------------------------------------------------------------------------
     def step_forward(self, parameter_rows: torch.Tensor, rows: slice):
         """The objective on parameter rows ``rows``, through ``torch.compile`` when ``compile_mode`` asks for it."""
-        if self._step_forward is None:
-            self._step_forward = self.objective
-            if self.compile_mode != "none":
-                mode = None if self.compile_mode == "default" else self.compile_mode
-                self._step_forward = torch.compile(self.objective.forward, mode=mode, dynamic=False)
+        if self.compile_mode == "none":
+            return self.objective(parameter_rows, rows)
+        if self._compiled_forward is None:
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            self._compiled_forward = torch.compile(self.objective.forward, mode=mode, dynamic=False)
         if self.compile_mode == "reduce-overhead":  # CUDA graphs: this call starts a new step's outputs
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step_forward(parameter_rows, rows)
+        return self._compiled_forward(parameter_rows, rows)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Forward and exact gradient of every chunk of this process's rows, all inside ``matmul_precision``.

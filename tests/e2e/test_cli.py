@@ -42,7 +42,7 @@ def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
     assert u["token_ids"] == sorted(set(all_ids)) and len(u["tokens"]) == u["n_unique"]
     assert "unique tokens" in proc.stdout and "chance (random directions decoded)" in proc.stdout
     console = proc.stdout + proc.stderr  # quiet and truthful: steps out of max_steps, no banners or tips
-    assert "steps: 100%" in proc.stderr and "12/12" in proc.stderr and "Epoch" not in console
+    assert "steps: 100%" in console and "12/12" in console and "Epoch" not in console
     assert not any(chatter in console for chatter in ("GPU available", "TPU available", "Tip:", "Warning"))
     assert results["null_model"]["n_vectors"] == 15 and 0 < results["null_model"]["p_value"] <= 1
     assert len(results["data_baseline"]["top_tokens"]["token_ids"]) == 7
