@@ -124,6 +124,8 @@ class UnitResults:
     reproducibility: Reproducibility
     null_model: Optional[NullModelResult] = field(default=None, metadata=OPTIONAL)
     data_baseline: Optional[DataBaseline] = field(default=None, metadata=OPTIONAL)
+    sae: Optional[dict] = field(default=None, metadata=OPTIONAL)  # the SAE latent read (readout.py)
+    direction: Optional[dict] = field(default=None, metadata=OPTIONAL)  # the direction projected on
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -155,8 +157,10 @@ class AtlasResults:
 
 
 def analyze_unit(protocol: Protocol, target: Target, steps: int, partial: bool, tensors: RowTensors,
-                 backbone: Backbone) -> UnitResults:
-    """One unit's results from its rows' end-of-fit tensors: decoded runs sorted by seed, uniqueness, agreement."""
+                 backbone: Backbone, record: dict | None = None) -> UnitResults:
+    """One unit's results from its rows' end-of-fit tensors: decoded runs sorted by seed, uniqueness, agreement.
+
+    ``record`` describes an SAE latent (it has ``d_sae``) or a direction the unit reads."""
     local = {"sync_on_compute": False}  # rows are already gathered; one process computes
     unique, agreement, similarity = UniqueTokens(**local), TokenAgreement(**local), EmbeddingSimilarity(**local)
     unique.update(tensors.token_ids)
@@ -196,6 +200,8 @@ def analyze_unit(protocol: Protocol, target: Target, steps: int, partial: bool, 
         numerics=protocol.numerics, runs=runs,
         uniqueness=Uniqueness(**counted, tokens=backbone.token_strings(counted["token_ids"])),
         reproducibility=reproducibility,
+        sae=record if record and "d_sae" in record else None,
+        direction=record if record and "d_sae" not in record else None,
     )
 
 
@@ -221,17 +227,19 @@ def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float,
 
 
 def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, top_k: int, text: str | None,
-                       contexts: int) -> UnitResults:
-    """A one-unit run's results with the data-sampling baseline added, as asked (``top_k`` 0 and no text: unchanged)."""
+                       contexts: int, reader=None) -> UnitResults:
+    """A one-unit run's results with the data-sampling baseline added, as asked (``top_k`` 0 and no text: unchanged).
+
+    ``reader(inputs_embeds) -> (batch, n_tokens)`` reads the unit (SAE latents, directions); default: the target."""
     if not (top_k or text):
         return unit
     baseline = DataBaseline()
     if top_k:
-        top = top_tokens(backbone, target, k=top_k)
+        top = top_tokens(backbone, target, k=top_k, reader=reader)
         gradient_ids = [i for run in unit.runs for i in run.token_ids]
         baseline = dataclasses.replace(baseline, top_tokens=top, overlap=overlap(gradient_ids, top.token_ids))
     if text:
-        found = top_contexts(backbone, target, text, k=contexts)
+        found = top_contexts(backbone, target, text, k=contexts, reader=reader)
         baseline = dataclasses.replace(baseline, text=text, top_contexts=found)
     return dataclasses.replace(unit, data_baseline=baseline)
 

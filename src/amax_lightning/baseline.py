@@ -1,5 +1,8 @@
 """Data-sampling baseline: which real tokens (and text contexts) drive the target unit highest?
 
+Each function reads ``target`` from the backbone, or, given ``reader(inputs_embeds) -> (batch, n_tokens)``
+(``RowObjective.unit_reader``), whatever that reads: an SAE latent or a direction.
+
 Gradient ascent finds *vectors*; this module asks the data directly. :func:`top_tokens` runs every vocabulary
 token alone as a one-token input; :func:`top_contexts` runs a text file in sliding windows and reports the
 positions of highest activation with the max token wrapped in ``[[ ]]``. :func:`overlap` counts how many
@@ -82,7 +85,7 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_activations(backbone: Backbone, target: Target | str, chunk_size: int = 4096) -> torch.Tensor:
+def token_activations(backbone: Backbone, target: Target | str, chunk_size: int = 4096, reader=None) -> torch.Tensor:
     """The target's activation for every vocabulary token fed alone as a one-token input.
 
     Parameters
@@ -100,16 +103,17 @@ def token_activations(backbone: Backbone, target: Target | str, chunk_size: int 
         Shape (V,) on the CPU, float32: entry i is the activation for token id i (V = ``len(vocab_embeddings)``).
     """
     target = _target(backbone, target)
+    read = reader or (lambda inputs: backbone(inputs, target))
     chunk_size = check_int("chunk_size", chunk_size, 1)
     vocab_size = backbone.vocab_embeddings.shape[0]
     device = backbone.vocab_embeddings.device
     out = []
     for ids in torch.arange(vocab_size, device=device).split(chunk_size):
-        out.append(backbone(backbone.embed_tokens(ids[:, None]), target)[:, 0].float().cpu())
+        out.append(read(backbone.embed_tokens(ids[:, None]))[:, 0].float().cpu())
     return torch.cat(out)
 
 
-def top_tokens(backbone: Backbone, target: Target | str, k: int = 20, chunk_size: int = 4096) -> TopTokens:
+def top_tokens(backbone: Backbone, target: Target | str, k: int = 20, chunk_size: int = 4096, reader=None) -> TopTokens:
     """The k vocabulary tokens whose one-token activation of ``target`` is highest.
 
     Parameters
@@ -128,7 +132,7 @@ def top_tokens(backbone: Backbone, target: Target | str, k: int = 20, chunk_size
     TopTokens
     """
     k = check_int("k", k, 1, backbone.vocab_embeddings.shape[0])
-    acts = token_activations(backbone, target, chunk_size)
+    acts = token_activations(backbone, target, chunk_size, reader)
     ids = _top_indices(acts, k).tolist()
     return TopTokens(ids, backbone.token_strings(ids), acts[ids].tolist())
 
@@ -149,6 +153,7 @@ def text_activations(
     window: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
+    reader=None,
 ) -> torch.Tensor:
     """The target's activation at every position of a token sequence, read in sliding windows.
 
@@ -178,6 +183,7 @@ def text_activations(
         Shape (N,) on the CPU, float32.
     """
     target = _target(backbone, target)
+    read = reader or (lambda inputs: backbone(inputs, target))
     token_ids = torch.as_tensor(token_ids).reshape(-1).long()
     if token_ids.numel() == 0:
         raise UserError("the text has no tokens; give a non-empty text")
@@ -194,7 +200,7 @@ def text_activations(
     for first in range(0, len(starts), batch_size):
         batch_starts = starts[first : first + batch_size]
         ids = torch.stack([token_ids[s : s + width] for s in batch_starts]).to(device)
-        acts = backbone(backbone.embed_tokens(ids), target).float().cpu()
+        acts = read(backbone.embed_tokens(ids)).float().cpu()
         for row, s in zip(acts, batch_starts):
             out[covered : s + width] = row[covered - s :]
             covered = s + width
@@ -217,6 +223,7 @@ def top_contexts(
     stride: int | None = None,
     context_tokens: int = 10,
     batch_size: int = 8,
+    reader=None,
 ) -> list[TopContext]:
     """The k positions of a UTF-8 text file where ``target`` is highest, each shown in its context.
 
@@ -251,7 +258,7 @@ def top_contexts(
     ids = backbone.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if not ids:
         raise UserError(f"text file {str(path)!r} has no tokens; give a non-empty text")
-    acts = text_activations(backbone, target, torch.tensor(ids), window, stride, batch_size)
+    acts = text_activations(backbone, target, torch.tensor(ids), window, stride, batch_size, reader)
     return [
         TopContext(p, ids[p], backbone.tokenizer.decode([ids[p]]), float(acts[p]), _highlight(backbone, ids, p, context_tokens))
         for p in _top_indices(acts, k).tolist()

@@ -189,14 +189,14 @@ class ResultsWriter(Callback):
         if not trainer.is_global_zero:
             return None
         protocol, layout, backbone = module.protocol(), module.layout, module.backbone
-        units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone)
-                 for u, target in enumerate(module.targets)]
+        units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone,
+                              module.unit_records[u]) for u, target in enumerate(module.targets)]
         units = with_null_model(units, backbone.vocab_embeddings, module.init_scale, self.null_samples,
                                 self.null_simulations)
         if len(units) > 1:
             return atlas_of(units)
         return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
-                                  self.baseline_contexts)
+                                  self.baseline_contexts, reader=module.objective.unit_reader(0))
 
     def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
         from amax_lightning import report  # plotting is imported only when a report is written

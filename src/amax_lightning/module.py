@@ -27,8 +27,9 @@ from amax_lightning.data import step_loader
 from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective, RowTensors
 from amax_lightning.priors import L2, parse_priors
+from amax_lightning.readout import build_readout
 from amax_lightning.seeds import parse_seeds
-from amax_lightning.targets import Target, parse_targets
+from amax_lightning.targets import Target
 
 DEFAULT_SEEDS = list(range(10))
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
@@ -82,11 +83,18 @@ class ActMaxModule(LightningModule):
     chunk_rows
         Rows (unit x seed) per forward/backward; 0 = automatic (``chunking.py``). Each row's gradient is exact
         either way, so this changes memory and speed, not the optimization.
+    sae_activation
+        For ``sae:`` targets: ``pre`` (the encoder output before its ReLU, sae-lens's ``hook_sae_acts_pre``; the
+        default, since the ReLU's zero region gives no gradient) or ``post`` (``hook_sae_acts_post``).
+    center_residual
+        Read residual-stream hooks minus their mean over d_model (TransformerLens's ``center_writing_weights``):
+        ``auto`` (when an SAE was trained so; see ``readout.py``), ``true`` or ``false``.
     backbone
         A ready ``Backbone`` to use instead of loading ``model_name_or_path`` (tests, benchmarks, notebooks).
     """
 
-    PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors")
+    PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors",
+                     "sae_activation", "center_residual")
 
     def __init__(
         self,
@@ -102,6 +110,8 @@ class ActMaxModule(LightningModule):
         matmul_precision: str = "highest",
         compile_mode: str = "none",
         chunk_rows: int = 0,
+        sae_activation: str = "pre",
+        center_residual: str = "auto",
         backbone: Optional[Backbone] = None,
     ):
         super().__init__()
@@ -120,14 +130,17 @@ class ActMaxModule(LightningModule):
         backbone = backbone if backbone is not None else load_backbone(model_name_or_path, trust_remote_code)
         if backbone.max_positions is not None and self.n_tokens > backbone.max_positions:
             raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
-        targets = parse_targets(target, backbone.shape)
+        built = build_readout(target, backbone, sae_activation, center_residual)
+        targets = built.targets
         if not backbone.supports(targets[0]):
             raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
         if any(p.needs_gpt2 for p in priors_used) and not backbone.is_gpt2:
             raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
         layout = RowLayout(len(targets), tuple(seeds))
         check_run_size(layout.n_rows, self.n_tokens, parsed.parameterization.width(backbone))
-        self.objective = RowObjective(backbone, targets, layout, aggregate, parsed.parameterization, priors_used)
+        self.objective = RowObjective(backbone, targets, layout, aggregate, parsed.parameterization, priors_used,
+                                      built.readout_of(layout.n_seeds))
+        self.unit_records = built.records  # per unit: the SAE latent or direction it reads (results.json)
         self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
         self.model_name_or_path = model_name_or_path
         self.init_scale = backbone.embedding_std

@@ -18,6 +18,7 @@ from amax_lightning.backbone import Backbone
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.param import TokenEmbedding
 from amax_lightning.priors import Prior
+from amax_lightning.readout import Readout
 from amax_lightning.targets import Target
 
 AGGREGATIONS = ("mean", "last", "max")
@@ -134,7 +135,8 @@ class RowObjective(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, targets: list[Target], layout: RowLayout, aggregate: str = "mean",
-                 parameterization: TokenEmbedding | None = None, priors: list[Prior] = ()) -> None:
+                 parameterization: TokenEmbedding | None = None, priors: list[Prior] = (),
+                 readout: Readout | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.targets = list(targets)
@@ -143,8 +145,7 @@ class RowObjective(nn.Module):
         self.parameterization = parameterization or TokenEmbedding()
         self.priors = list(priors)
         d_head = backbone.shape.d_head
-        units = [self.targets[layout.unit_of(row)].flat_index(d_head) for row in range(layout.n_rows)]
-        self.register_buffer("row_units", torch.tensor(units, dtype=torch.long), persistent=False)
+        self.readout = readout or Readout([t.flat_index(d_head) for t in targets], layout.n_seeds)
 
     def initial_parameter(self, n_tokens: int) -> torch.Tensor:
         """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit."""
@@ -163,9 +164,11 @@ class RowObjective(nn.Module):
 
     def position_activations(self, model_input: torch.Tensor, rows: slice) -> torch.Tensor:
         """Each row's own unit at every position, shape (rows, n_tokens), for model inputs (rows, n_tokens, d)."""
-        values = self.backbone.hook_values(model_input, self.targets[0])  # (rows, n_tokens, hook width)
-        units = self.row_units[rows]
-        return values.gather(-1, units.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(-1)
+        return self.readout(self.backbone.hook_values(model_input, self.targets[0]), rows)
+
+    def unit_reader(self, unit: int):
+        """``read(inputs_embeds) -> (batch, n_tokens)``: the run's unit ``unit`` for any model input."""
+        return lambda inputs: self.readout.read_unit(self.backbone.hook_values(inputs, self.targets[0]), unit)
 
     def objective(self, activations: torch.Tensor) -> torch.Tensor:
         """Each row's objective, shape (rows,): its activations (rows, n_tokens) reduced by the aggregation."""

@@ -86,7 +86,7 @@ class SAE:
             x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
         elif self.normalize_activations == "constant_norm_rescale":
             x = x * (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        return x - self.b_dec.to(x.device, x.dtype) if self.apply_b_dec_to_input else x
 
     def neuronpedia_url(self, latent: int) -> str | None:
         """The latent's Neuronpedia page, when the config names the SAE's Neuronpedia id."""

@@ -58,11 +58,12 @@ class Target:
     layer: int
     hook: str
     unit: tuple[int, ...]
+    label: str | None = None  # the name of an SAE latent or direction unit; None for a model unit
 
     @property
     def spec(self) -> str:
-        """The target in the CLI's notation, e.g. ``blocks.8.hook_resid_pre:91``."""
-        return f"blocks.{self.layer}.{self.hook}:{'.'.join(map(str, self.unit))}"
+        """The target in the CLI's notation, e.g. ``blocks.8.hook_resid_pre:91`` or ``sae:./my-sae:17``."""
+        return self.label or f"blocks.{self.layer}.{self.hook}:{'.'.join(map(str, self.unit))}"
 
     def flat_index(self, d_head: int) -> int:
         """Index along the hook's last dimension; q/k/v of head H dim D sit at ``H * d_head + D``."""
@@ -103,11 +104,41 @@ def parse_target(spec: str, shape: ModelShape) -> Target:
     else:
         if len(unit) != 1:
             raise UserError(f"target unit {match['unit']!r} of {hook} must be one integer")
-        limits = (("unit", shape.d_mlp if hook == "mlp.hook_post" else shape.d_model),)
+        limits = (("unit", hook_width(hook, shape)),)
     for value, (name, size) in zip(unit, limits):
         if not 0 <= value < size:
             raise UserError(f"target {name} {value} is out of range for {hook}; allowed 0..{size - 1}")
     return Target(layer=layer, hook=hook, unit=unit)
+
+
+def hook_width(hook: str, shape: ModelShape) -> int:
+    """The last dimension of ``hook``'s values: d_mlp for ``mlp.hook_post``, else d_model (q/k/v: all heads)."""
+    return shape.d_mlp if hook == "mlp.hook_post" else shape.d_model
+
+
+def unit_indices(units: str, width: int, what: str = "unit") -> list[int]:
+    """Indices named by ``91``, ``*`` (all of ``width``), ``0-127`` (inclusive) or ``3,17,91``, checked in range.
+
+    Raises
+    ------
+    UserError
+        On a malformed list, an empty range, an index out of ``0..width-1`` or a repeat.
+    """
+    units = units.strip()
+    if units == "*" or _UNIT_RANGE.match(units):
+        ids = list(_expand(units, width))
+    else:
+        parts = [part.strip() for part in units.strip("[]").split(",")]
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise UserError(f"{what}s {units!r} are malformed; use *, 0-127 or 3,17,91")
+        ids = [int(part) for part in parts]
+    bad = [i for i in ids if i >= width]
+    if bad:
+        raise UserError(f"{what} {bad[0]} is out of range; allowed 0..{width - 1}")
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise UserError(f"{what}s {units!r} repeat {repeated}; each may appear once")
+    return ids
 
 
 _MANY = re.compile(r"^(?P<prefix>blocks\.[^:]+):(?P<units>.*)$")
@@ -152,7 +183,7 @@ def _unit_names(units: str, hook: str, shape: ModelShape) -> list[str]:
         example = "*, 2.*, 2.0-15 or 2.17,3.4"
     else:
         if units == "*" or _UNIT_RANGE.match(units):
-            return [str(i) for i in _expand(units, shape.d_mlp if hook == "mlp.hook_post" else shape.d_model)]
+            return [str(i) for i in _expand(units, hook_width(hook, shape))]
         item = re.compile(r"^[0-9]+$")
         example = "*, 0-127 or 3,17,91"
     parts = [part.strip() for part in units.strip("[]").split(",")]

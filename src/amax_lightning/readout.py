@@ -1,0 +1,202 @@
+"""What a run reads from its hook: model units, SAE latents, or projections onto directions (lucent's objectives).
+
+``build_readout(spec, backbone, ...)`` turns a target spec into the run's targets (one per unit, in row order) and a
+``Readout``: an nn.Module mapping the hook's values (rows, n_tokens, width) to each row's own unit (rows, n_tokens).
+
+========================================  ======================================================================
+spec                                      each unit reads
+========================================  ======================================================================
+``blocks.L.<hook>:<units>``               the hook's coordinate(s) (``targets.py``)
+``sae:<folder or hub id>:<latents>``      the SAE latent's pre-activation (``hook_sae_acts_pre``), or with
+                                          ``sae_activation post`` its ReLU (``hook_sae_acts_post``)
+``blocks.L.<hook>@<file.npy>``            the hook's vector projected on the direction in the file, normalized
+                                          to unit length; a (k, d) array sweeps its k rows
+========================================  ======================================================================
+
+Residual-stream hooks are centred (minus their mean over d_model, as TransformerLens's ``center_writing_weights``
+makes them) when ``center_residual`` says so; ``auto`` centres exactly when an SAE was trained on a centred residual.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from amax_lightning.backbone import Backbone
+from amax_lightning.errors import UserError, first_line
+from amax_lightning.sae import SAE, load_sae
+from amax_lightning.targets import HOOKS, RESIDUAL_HOOKS, Target, hook_width, parse_targets, unit_indices
+
+SAE_ACTIVATIONS = ("pre", "post")
+CENTRE_CHOICES = ("auto", "true", "false")
+_HOOK_NAME = re.compile(r"^blocks\.(?P<layer>[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+)$")
+
+
+@dataclass(frozen=True)
+class Centring:
+    """Whether residual-stream values are centred over d_model before they are read, and why."""
+
+    applied: bool
+    reason: str
+
+
+class Readout(nn.Module):
+    """Each row's unit from the hook's values: unit u of the run is ``unit_ids[u]``, a column of the hook's values
+    (``weights`` None) or a row of ``weights``, read as ``transform(x) . weights[id] + bias[id]`` (then ReLU when
+    ``relu``). ``centre`` subtracts each position's mean over the hook's width first. Row r reads unit
+    ``r // n_seeds``.
+    """
+
+    def __init__(self, unit_ids: list[int], n_seeds: int, centre: bool = False, weights: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, sae: SAE | None = None, relu: bool = False) -> None:
+        super().__init__()
+        self.centre, self.relu, self.sae = centre, relu, sae
+        ids = torch.tensor(unit_ids, dtype=torch.long)
+        self.register_buffer("unit_ids", ids, persistent=False)
+        self.register_buffer("row_units", ids.repeat_interleave(n_seeds), persistent=False)
+        self.register_buffer("weights", weights, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def transform(self, values: torch.Tensor) -> torch.Tensor:
+        """The hook's values as the units see them: centred if asked, then the SAE's input normalization."""
+        if self.centre:
+            values = values - values.mean(dim=-1, keepdim=True)
+        return values if self.sae is None else self.sae.encode_input(values)
+
+    def forward(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Each row's unit at every position, shape (rows, n_tokens), from the hook's values (rows, n_tokens, width)."""
+        return self.read(values, self.row_units[rows])
+
+    def read_unit(self, values: torch.Tensor, unit: int) -> torch.Tensor:
+        """The run's unit ``unit`` for every input, shape (batch, n_tokens), from values (batch, n_tokens, width)."""
+        return self.read(values, self.unit_ids[unit].expand(values.shape[0]))
+
+    def read(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Unit ``units[i]`` of input i at every position, shape (batch, n_tokens)."""
+        values = self.transform(values)
+        if self.weights is None:
+            return values.gather(-1, units.view(-1, 1, 1).expand(-1, values.shape[1], 1)).squeeze(-1)
+        out = torch.einsum("rtd,rd->rt", values, self.weights[units].to(values.dtype))
+        if self.bias is not None:
+            out = out + self.bias[units].to(out.dtype)[:, None]
+        return torch.relu(out) if self.relu else out
+
+
+@dataclass(frozen=True)
+class BuiltReadout:
+    """A target spec, resolved: the units (row order of units), the readout, and what results.json records."""
+
+    targets: list[Target]
+    readout_of: Callable[[int], Readout]  # n_seeds -> the readout of rows = units x seeds
+    centring: Centring
+    records: list[dict | None]  # per unit: the SAE or direction it reads (None for a model unit)
+
+
+def build_readout(spec: str, backbone: Backbone, sae_activation: str = "pre", center_residual: str = "auto"
+                  ) -> BuiltReadout:
+    """Resolve ``spec`` for ``backbone``: its units, their readout, the centring and what results.json records.
+
+    Raises
+    ------
+    UserError
+        On a malformed spec, an SAE or direction file that cannot be used, or a unit out of range.
+    """
+    if sae_activation not in SAE_ACTIVATIONS:
+        raise UserError(f"sae_activation {sae_activation!r} is unknown; allowed: {', '.join(SAE_ACTIVATIONS)}")
+    if center_residual not in CENTRE_CHOICES:
+        raise UserError(f"center_residual {center_residual!r} is unknown; allowed: {', '.join(CENTRE_CHOICES)}")
+    spec = spec.strip() if isinstance(spec, str) else spec
+    if isinstance(spec, str) and spec.startswith("sae:"):
+        return _sae_readout(spec, backbone, sae_activation, center_residual)
+    if isinstance(spec, str) and "@" in spec:
+        return _direction_readout(spec, backbone, center_residual)
+    targets = parse_targets(spec, backbone.shape)
+    centring = _centring(center_residual, targets[0].hook, None)
+    d_head = backbone.shape.d_head
+    columns = [t.flat_index(d_head) for t in targets]
+    return BuiltReadout(targets, lambda n_seeds: Readout(columns, n_seeds, centring.applied), centring,
+                        [None] * len(targets))
+
+
+def _centring(choice: str, hook: str, sae: SAE | None) -> Centring:
+    if hook not in RESIDUAL_HOOKS:
+        return Centring(False, f"{hook} is not a residual-stream hook; only those are ever centred")
+    if choice != "auto":
+        return Centring(choice == "true", f"--model.center_residual {choice}")
+    if sae is None:
+        return Centring(False, "auto: no SAE, so HF's residual as it is")
+    applied, reason = sae.centre_residual()
+    return Centring(applied, f"auto: {reason}")
+
+
+def _hook_of(name: str, backbone: Backbone, what: str) -> tuple[int, str]:
+    match = _HOOK_NAME.match(name)
+    if match is None or match["hook"] not in HOOKS:
+        raise UserError(f"{what} reads hook {name!r}; supported: blocks.<layer>.<hook> with hook one of {', '.join(HOOKS)}")
+    layer, hook = int(match["layer"]), match["hook"]
+    if not 0 <= layer < backbone.n_layer:
+        raise UserError(f"{what} reads layer {layer}; this model has blocks 0..{backbone.n_layer - 1}")
+    if not backbone.supports(Target(layer, hook, (0,))):
+        raise UserError(f"{what} reads {hook!r}, which needs a GPT-2 model; this model offers hook_resid_pre")
+    return layer, hook
+
+
+def _sae_readout(spec: str, backbone: Backbone, activation: str, center_residual: str):
+    source, _, latents = spec[len("sae:"):].rpartition(":")
+    if not source or not latents:
+        raise UserError(f"target {spec!r} is malformed; write sae:<folder or hub id>:<latent>, e.g. sae:./my-sae:91")
+    sae = load_sae(source)
+    layer, hook = _hook_of(sae.hook_name, backbone, f"SAE {source!r}")
+    width = hook_width(hook, backbone.shape)
+    if sae.d_in != width:
+        raise UserError(f"SAE {source!r} has d_in {sae.d_in} but {sae.hook_name} is {width} wide in this model")
+    ids = unit_indices(latents, sae.d_sae, "SAE latent")
+    centring = _centring(center_residual, hook, sae)
+    targets = [Target(layer, hook, (i,), label=f"sae:{source}:{i}") for i in ids]
+    weights, bias = sae.W_enc.T[ids].contiguous(), sae.b_enc[ids].clone()  # only the swept latents' rows
+    record = {"source": source, "hook": sae.hook_name, "d_sae": sae.d_sae, "activation": activation,
+              "hook_point": f"hook_sae_acts_{activation}", "config_generation": sae.generation,
+              "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": sae.normalize_activations,
+              "center_residual": centring.applied, "center_reason": centring.reason,
+              "scaling_factor": "ignored: it scales only the decoder's input" if sae.has_scaling_factor else None}
+    records = [{**record, "latent": i, "neuronpedia": sae.neuronpedia_url(i)} for i in ids]
+
+    def readout(n_seeds: int) -> Readout:
+        return Readout(list(range(len(ids))), n_seeds, centring.applied, weights, bias, sae, relu=activation == "post")
+
+    return BuiltReadout(targets, readout, centring, records)
+
+
+def _direction_readout(spec: str, backbone: Backbone, center_residual: str):
+    site, _, path = spec.partition("@")
+    layer, hook = _hook_of(site, backbone, f"target {spec!r}")
+    width = hook_width(hook, backbone.shape)
+    if not os.path.isfile(path):
+        raise UserError(f"direction file {path!r} is not a file; give a .npy file of shape (d,) or (k, d)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"direction file {path!r} cannot be read as .npy: {first_line(exc)}") from exc
+    if array.ndim not in (1, 2) or array.shape[-1] != width or array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        raise UserError(f"direction file {path!r} has shape {array.shape}; {site} needs ({width},) or (k, {width})")
+    rows = torch.as_tensor(np.atleast_2d(array), dtype=torch.float64)
+    norms = rows.norm(dim=-1)
+    if not bool(torch.isfinite(rows).all()) or bool((norms == 0).any()):
+        raise UserError(f"direction file {path!r} holds a zero, NaN or infinite direction")
+    centring = _centring(center_residual, hook, None)
+    labels = [spec] if array.ndim == 1 else [f"{spec}[{i}]" for i in range(len(rows))]
+    targets = [Target(layer, hook, (i,), label=label) for i, label in enumerate(labels)]
+    records = [{"file": path, "index": None if array.ndim == 1 else i, "norm": float(norms[i]),
+                "normalized": "projected on the direction divided by its norm"} for i in range(len(rows))]
+    unit = (rows / norms[:, None]).float()
+
+    def readout(n_seeds: int) -> Readout:
+        return Readout(list(range(len(rows))), n_seeds, centring.applied, unit)
+
+    return BuiltReadout(targets, readout, centring, records)
