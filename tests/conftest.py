@@ -111,16 +111,43 @@ def fit_tiny(tiny_module, tmp_path):
     from amax_lightning.callbacks import ResultsWriter, find_callback
 
     def fit(name: str = "run", steps: int = 20, precision: str = "32-true", callbacks=(), null_samples: int = 200,
-            trainer_options: dict | None = None, **module_options):
+            trainer_options: dict | None = None, writer_options: dict | None = None, **module_options):
         module = tiny_module(fresh=precision == "64-true", **module_options)  # 64-true casts the backbone
         trainer = Trainer(**{
             "max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": precision, "logger": False,
             "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
             "default_root_dir": tmp_path / name,
-            "callbacks": [ResultsWriter(null_samples=null_samples), *callbacks], **(trainer_options or {})})
+            "callbacks": [ResultsWriter(null_samples=null_samples, **(writer_options or {})), *callbacks],
+            **(trainer_options or {})})
         trainer.fit(module)
         writer = find_callback(trainer, ResultsWriter)
         with open(writer.results_path) as handle:
             return module, json.load(handle)
 
     return fit
+
+
+def write_sae(folder: Path, generation: str = "6.x", hook: str = "blocks.1.hook_resid_pre", d_in: int = 64,
+              d_sae: int = 32, seed: int = 0, config: dict | None = None, tensors: dict | None = None) -> Path:
+    """A random standard SAE in SAELens's on-disk format, its cfg.json in the layout of ``generation``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in**0.5, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+               "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    weights.update(tensors or {})
+    if generation == "pre-5":
+        cfg = {"hook_point": hook, "hook_point_layer": 1, "d_in": d_in, "context_size": 128}
+    elif generation == "5.x":
+        cfg = {"hook_name": hook, "hook_layer": 1, "d_in": d_in, "d_sae": d_sae, "architecture": "standard",
+               "apply_b_dec_to_input": True, "normalize_activations": "none", "neuronpedia_id": "tiny/1-res"}
+    else:
+        cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "architecture": "standard",
+               "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "metadata": {"sae_lens_version": "6.5.0", "hook_name": hook, "prepend_bos": True,
+                            "neuronpedia_id": "tiny/1-res"}}
+    cfg.update(config or {})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "sae_weights.safetensors"))
+    return folder

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import TINY_TARGET
+from conftest import TINY_TARGET, write_sae
 from lightning.pytorch import Trainer
 
 from amax_lightning.__main__ import main
@@ -46,6 +48,19 @@ def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
                 (root / name / "tokenizer_config.json").unlink()
     weights = root / "damaged_weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+
+    write_sae(root / "sae_ok")
+    write_sae(root / "sae_gated", config={"architecture": "gated"})
+    write_sae(root / "sae_wide", config={"d_in": 60}, tensors={"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60)})
+    write_sae(root / "sae_nan", tensors={"b_enc": torch.full((32,), float("nan"))})
+    write_sae(root / "sae_hook9", hook="blocks.9.hook_resid_pre")
+    for name in ("sae_truncated", "sae_pickle"):
+        sae_weights = write_sae(root / name) / "sae_weights.safetensors"
+        if name == "sae_truncated":
+            sae_weights.write_bytes(sae_weights.read_bytes()[:300])
+        else:
+            torch.save({"W_enc": torch.zeros(64, 32)}, sae_weights)
+    np.save(root / "bad_direction.npy", np.ones(7))
     return {p.name: str(p) for p in root.iterdir()}
 
 
@@ -139,6 +154,20 @@ CASES = [
     (["--model.aggregate", "median"], "aggregate 'median' is unknown"),
     (["--model.priors", "clamp,nope"], "prior 'nope' is unknown"),
     (["--model.priors", "softmax=0"], "out of range"),
+    # SAE and direction targets
+    (["--model.target", "sae:{sae_gated}:0"], "architecture 'gated'; supported: standard"),
+    (["--model.target", "sae:{sae_wide}:0"], "has d_in 60 but blocks.1.hook_resid_pre is 64 wide"),
+    (["--model.target", "sae:{sae_nan}:0"], "NaN or infinite"),
+    (["--model.target", "sae:{sae_truncated}:0"], "cannot be read as safetensors"),
+    (["--model.target", "sae:{sae_pickle}:0"], "cannot be read as safetensors"),
+    (["--model.target", "sae:{sae_hook9}:0"], "reads layer 9"),
+    (["--model.target", "sae:{sae_ok}:99"], "SAE latent 99 is out of range"),
+    (["--model.target", "sae:{sae_ok}:*", "--results.baseline_top_k", "3"], "not a sweep"),
+    (["--model.target", "sae:no-such-folder:0"], "is not a folder"),
+    (["--model.target", "blocks.1.hook_resid_pre@{bad_direction.npy}"], "has shape (7,)"),
+    (["--model.target", "blocks.1.hook_resid_pre@no-such.npy"], "is not a file"),
+    (["--model.sae_activation", "mid"], "sae_activation 'mid' is unknown"),
+    (["--model.center_residual", "maybe"], "center_residual 'maybe' is unknown"),
     # the command line itself
     (["--no-such-flag", "1"], "unrecognized arguments"),
 ]
@@ -147,7 +176,7 @@ CASES = [
 @pytest.mark.parametrize("extra, message", CASES, ids=[f"{i}:{' '.join(a)[:40]}" for i, (a, _) in enumerate(CASES)])
 def test_hostile_input(tiny_gpt2_dir, bad, tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.chdir(tmp_path)
-    extra = [bad[arg[1:-1]] if arg.startswith("{") else arg for arg in extra]
+    extra = [re.sub(r"\{([^{}]+)\}", lambda m: bad[m.group(1)], arg) for arg in extra]
     args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,
             "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", *extra]
     with pytest.raises(SystemExit) as exit_info:
