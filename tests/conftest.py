@@ -111,7 +111,8 @@ def fit_tiny(tiny_module, tmp_path):
     from amax_lightning.callbacks import ResultsWriter, find_callback
 
     def fit(name: str = "run", steps: int = 20, precision: str = "32-true", callbacks=(), null_samples: int = 200,
-            trainer_options: dict | None = None, writer_options: dict | None = None, **module_options):
+            trainer_options: dict | None = None, writer_options: dict | None = None, fit_options: dict | None = None,
+            **module_options):
         module = tiny_module(fresh=precision == "64-true", **module_options)  # 64-true casts the backbone
         trainer = Trainer(**{
             "max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": precision, "logger": False,
@@ -119,7 +120,7 @@ def fit_tiny(tiny_module, tmp_path):
             "default_root_dir": tmp_path / name,
             "callbacks": [ResultsWriter(null_samples=null_samples, **(writer_options or {})), *callbacks],
             **(trainer_options or {})})
-        trainer.fit(module)
+        trainer.fit(module, **(fit_options or {}))
         writer = find_callback(trainer, ResultsWriter)
         with open(writer.results_path) as handle:
             return module, json.load(handle)

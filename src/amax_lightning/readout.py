@@ -8,7 +8,9 @@ spec                                      each unit reads
 ========================================  ======================================================================
 ``blocks.L.<hook>:<units>``               the hook's coordinate(s) (``targets.py``)
 ``sae:<folder or hub id>:<latents>``      the SAE latent's pre-activation (``hook_sae_acts_pre``), or with
-                                          ``sae_activation post`` its ReLU (``hook_sae_acts_post``)
+                                          ``sae_activation post`` its ReLU (``hook_sae_acts_post``); latents
+                                          ``17``, ``*``, ``0-127``, ``3,17,91``, or ``top8@91``: the 8 whose
+                                          decoder directions have the largest cosine with residual dim 91
 ``blocks.L.<hook>@<file.npy>``            the hook's vector projected on the direction in the file, normalized
                                           to unit length; a (k, d) array sweeps its k rows
 ========================================  ======================================================================
@@ -35,6 +37,7 @@ from amax_lightning.targets import HOOKS, RESIDUAL_HOOKS, Target, hook_width, pa
 
 SAE_ACTIVATIONS = ("pre", "post")
 CENTRE_CHOICES = ("auto", "true", "false")
+_ALIGNED = re.compile(r"^top(?P<k>[0-9]+)@(?P<dim>[0-9]+)$")  # the k latents whose decoder rows align with a dim
 _HOOK_NAME = re.compile(r"^blocks\.(?P<layer>[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+)$")
 
 
@@ -156,7 +159,11 @@ def _sae_readout(spec: str, backbone: Backbone, activation: str, center_residual
     width = hook_width(hook, backbone.shape)
     if sae.d_in != width:
         raise UserError(f"SAE {source!r} has d_in {sae.d_in} but {sae.hook_name} is {width} wide in this model")
-    ids = unit_indices(latents, sae.d_sae, "SAE latent")
+    aligned = _ALIGNED.match(latents.strip())
+    if aligned:
+        ids = sae.aligned_latents(int(aligned["dim"]), int(aligned["k"]))
+    else:
+        ids = unit_indices(latents, sae.d_sae, "SAE latent")
     centring = _centring(center_residual, hook, sae)
     targets = [Target(layer, hook, (i,), label=f"sae:{source}:{i}") for i in ids]
     weights, bias = sae.W_enc.T[ids].contiguous(), sae.b_enc[ids].clone()  # only the swept latents' rows

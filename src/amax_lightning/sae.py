@@ -33,8 +33,9 @@ class SAE:
         The folder or hub id it was loaded from.
     hook_name
         TransformerLens hook it reads, e.g. ``blocks.8.hook_resid_pre``.
-    W_enc, b_enc, b_dec
-        Encoder weights [d_in, d_sae], bias [d_sae] and decoder bias [d_in], fp32.
+    W_enc, b_enc, b_dec, W_dec
+        Encoder weights [d_in, d_sae], bias [d_sae], decoder bias [d_in] and decoder weights [d_sae, d_in] (None
+        if the file lacks them), fp32.
     apply_b_dec_to_input
         Whether ``b_dec`` is subtracted from the input before encoding.
     normalize_activations
@@ -54,6 +55,7 @@ class SAE:
     W_enc: torch.Tensor
     b_enc: torch.Tensor
     b_dec: torch.Tensor
+    W_dec: torch.Tensor | None
     apply_b_dec_to_input: bool
     normalize_activations: str
     centre_writing_weights: bool | None
@@ -87,6 +89,16 @@ class SAE:
         elif self.normalize_activations == "constant_norm_rescale":
             x = x * (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
         return x - self.b_dec.to(x.device, x.dtype) if self.apply_b_dec_to_input else x
+
+    def aligned_latents(self, dim: int, k: int) -> list[int]:
+        """The ``k`` latents whose decoder directions have the largest cosine with basis vector ``dim``, best first."""
+        if self.W_dec is None:
+            raise UserError(f"SAE {self.source!r} has no W_dec, so no decoder directions to align")
+        if not 0 <= dim < self.d_in or not 1 <= k <= self.d_sae:
+            raise UserError(f"top{k}@{dim} is out of range for SAE {self.source!r}: dim 0..{self.d_in - 1}, "
+                            f"k 1..{self.d_sae}")
+        cosine = self.W_dec[:, dim] / self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        return torch.sort(cosine, descending=True, stable=True).indices[:k].tolist()
 
     def neuronpedia_url(self, latent: int) -> str | None:
         """The latent's Neuronpedia page, when the config names the SAE's Neuronpedia id."""
@@ -181,6 +193,7 @@ def load_sae(source: str) -> SAE:
     centre = kwargs.get("center_writing_weights") if isinstance(kwargs, dict) else None
     return SAE(
         source=source, hook_name=hook_name, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec,
+        W_dec=tensors["W_dec"].float() if "W_dec" in tensors else None,
         apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
         centre_writing_weights=None if centre is None else bool(centre), generation=generation,
         neuronpedia_id=metadata.get("neuronpedia_id") or config.get("neuronpedia_id"),

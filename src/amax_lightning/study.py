@@ -3,7 +3,8 @@
 The study file names a fit config, the targets, and the variants (each a mapping of option -> value, e.g.
 ``{model.priors: clamp}``); every target x variant runs as one ``fit`` in this process, and the study ends
 with a table (target, variant, n_unique, chance expectation and p-value, mean decoded-activation gap)
-written to ``study.md`` / ``study.csv`` in a new ``studies/version_N`` folder. Extra command-line arguments
+written to ``study.md`` / ``study.csv`` in a new ``studies/version_N`` folder. A target that sweeps units
+gives one row per unit. Extra command-line arguments
 are passed to every fit, e.g. ``--trainer.max_steps 100 --model.model_name_or_path ./my-gpt2``.
 """
 
@@ -15,7 +16,7 @@ import os
 
 import yaml
 
-from amax_lightning.analysis import UnitResults
+from amax_lightning.analysis import AtlasResults, UnitResults
 from amax_lightning.cli import run
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.runs import claim_version_folder, write_text_atomic
@@ -70,9 +71,10 @@ def run_study(args: list[str]) -> str:
             fit_args += ["--model.target", target]
             fit_args += [f"--{key}={value}" for key, value in variant.items()]
             writer = run([*fit_args, *extra])
-            if writer is None or not isinstance(writer.results, UnitResults):
+            if writer is None or writer.results is None:
                 raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
-            rows.append(study_row(variant_label(variant), writer.results, writer.results_path))
+            units = writer.results.units if isinstance(writer.results, AtlasResults) else [writer.results]
+            rows += [study_row(variant_label(variant), unit, writer.results_path) for unit in units]
     return write_study(rows)
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_TARGET, run_cli
+from conftest import REPO, TINY_TARGET, run_cli, write_sae
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_KEYS = {"seed", "token_ids", "tokens", "cosine", "final_activation", "position_activations"}
@@ -83,6 +83,25 @@ def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
     """Two processes, each running its shard (3 and 2 rows) in chunks of 2, equal one process in one batch."""
     args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "15", "--trainer.accelerator", "cpu",
                      "--model.priors", "clamp", "--results.null_samples", "2000")
+    assert_ddp_equals_one_process(args, tmp_path)
+
+
+def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
+    """An SAE sweep (2 latents x 2 seeds, centred residual) sharded over two processes equals one process."""
+    sae = write_sae(tmp_path / "sae", "pre-5")
+    args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", f"sae:{sae}:3,9",
+            "--seeds", "0-1", "--trainer.max_steps", "10", "--trainer.accelerator", "cpu",
+            "--results.null_samples", "500"]
+    _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
+    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
+    for a, b in zip(single["units"], ddp["units"]):
+        assert a["sae"] == b["sae"] and a["sae"]["center_residual"] is True
+        assert [r["token_ids"] for r in a["runs"]] == [r["token_ids"] for r in b["runs"]]
+        for ra, rb in zip(a["runs"], b["runs"]):
+            assert ra["position_activations"] == pytest.approx(rb["position_activations"], rel=1e-5, abs=1e-6)
+
+
+def assert_ddp_equals_one_process(args: list[str], tmp_path: Path) -> None:
     _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.chunk_rows", "2"],
                                 cwd=tmp_path / "ddp"))

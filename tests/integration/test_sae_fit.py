@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from conftest import write_sae
 
 
@@ -39,3 +38,14 @@ def test_direction_fit_records_the_direction(fit_tiny, tmp_path):
     np.save(tmp_path / "d.npy", np.arange(64, dtype=np.float32))
     _, results = fit_tiny(target=f"blocks.1.hook_resid_pre@{tmp_path / 'd.npy'}", steps=5)
     assert results["direction"]["norm"] > 0 and results["direction"]["index"] is None and "sae" not in results
+
+
+def test_sae_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(fit_tiny, tmp_path):
+    folder = write_sae(tmp_path / "sae", "pre-5")  # centred residual
+    options = {"target": f"sae:{folder}:1,2", "seeds": [0, 1], "lr": 1e-2}
+    _, whole = fit_tiny("whole", steps=12, **options)
+    first, _ = fit_tiny("first", steps=6, trainer_options={"enable_checkpointing": True}, **options)
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    resumed, again = fit_tiny("resumed", steps=12, trainer_options={"enable_checkpointing": False},
+                              fit_options={"ckpt_path": str(checkpoint), "weights_only": True}, **options)
+    assert again["units"] == whole["units"] and again["units"][0]["sae"]["center_residual"] is True

@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_sae
 
 from amax_lightning.__main__ import main
 
@@ -64,3 +64,21 @@ def test_bad_study_files(tiny_gpt2_dir, tmp_path, monkeypatch, capsys, text, ext
     assert exit_info.value.code == 2
     assert err.strip().splitlines()[-1].startswith("amax_lightning: error: ") and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_shipped_sae_study_config_is_valid():
+    from amax_lightning.study import load_study
+
+    study = load_study(str(REPO / "configs" / "sae_study.yaml"))
+    assert study["targets"][1].endswith(":top8@91")
+
+
+def test_study_of_an_sae_sweep_has_a_row_per_latent(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sae = write_sae(tmp_path / "sae", "6.x")
+    (tmp_path / "study.yaml").write_text(f"targets: [blocks.1.hook_resid_pre:5, 'sae:{sae}:top2@5']\n")
+    main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir), "--seeds", "0-1",
+          "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--results.null_samples", "100"])
+    with open(tmp_path / "studies/version_0/study.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["target"].split(":")[0] for r in rows] == ["blocks.1.hook_resid_pre", "sae", "sae"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_sae
 from safetensors.torch import load_file
 from transformers import AutoModel
 
 from amax_lightning.errors import UserError
 from amax_lightning.sae import load_sae
-from conftest import write_sae
 
 LAYER = 1
 
@@ -156,3 +156,13 @@ def test_damaged_files_are_user_errors(tiny_module, tmp_path):
         tiny_module(target=f"sae:{write_sae(tmp_path / 'ok')}:32", seeds=[0])
     with pytest.raises(UserError, match="cannot load SAE"):
         load_sae("nobody/no-such-sae-repo/blocks.8.hook_resid_pre")  # HF_HUB_OFFLINE=1 in the tests
+
+
+def test_aligned_latents_are_the_decoder_rows_closest_to_the_dim(tiny_module, tmp_path):
+    folder = write_sae(tmp_path / "sae", "6.x")
+    w_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
+    cosine = w_dec[:, 7] / w_dec.norm(dim=-1)
+    module = tiny_module(target=f"sae:{folder}:top3@7", seeds=[0])
+    assert [t.unit[0] for t in module.targets] == cosine.argsort(descending=True)[:3].tolist()
+    with pytest.raises(UserError, match="top99@7 is out of range"):
+        tiny_module(target=f"sae:{folder}:top99@7", seeds=[0])
