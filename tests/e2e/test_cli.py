@@ -64,14 +64,15 @@ def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
 
 
 def test_fit_single_seed_and_config_with_overrides(tiny_gpt2_dir, tmp_path):
-    one = run_cli(tiny_args(tiny_gpt2_dir, "--seed", "3", "--trainer.max_steps", "5", "--threads", "1"), cwd=tmp_path)
+    one = run_cli(tiny_args(tiny_gpt2_dir, "--seed", "3", "--trainer.max_steps", "5", "--threads", "1",
+                            "--results.null_samples", "1000"), cwd=tmp_path)
     _, one_results = results_of(one)
     assert one_results["numerics"]["cpu_threads"] == 1
     assert [r["seed"] for r in one_results["runs"]] == [3] and one_results["uniqueness"]["n_total"] == 5
 
     config = ["fit", "--config", str(REPO / "configs" / "reproduce.yaml"),
               "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,
-              "--trainer.max_steps", "5", "--trainer.accelerator", "cpu"]
+              "--trainer.max_steps", "5", "--trainer.accelerator", "cpu", "--results.null_samples", "1000"]
     _, study = results_of(run_cli(config, cwd=tmp_path))
     assert [r["seed"] for r in study["runs"]] == list(range(10))
     assert study["uniqueness"]["n_total"] == 50

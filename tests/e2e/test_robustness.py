@@ -17,7 +17,7 @@ from conftest import REPO, TINY_TARGET, run_cli
 
 from amax_lightning.errors import NonFiniteError
 
-STEPS, EVERY, SIGNAL_STEP = 300, 50, 100
+STEPS, EVERY, SIGNAL_STEP = 150, 25, 50
 HELPERS = str(Path(__file__).parent)
 PRIORS = {"none": ["--model.lr", "0.001"], "clamp": ["--model.priors", "clamp", "--model.lr", "0.05"]}
 
@@ -25,7 +25,7 @@ PRIORS = {"none": ["--model.lr", "0.001"], "clamp": ["--model.priors", "clamp", 
 def study_args(folder: Path, priors: str, *extra: str) -> list[str]:
     return ["fit", "--model.model_name_or_path", str(folder), "--model.target", TINY_TARGET, "--seeds", "0-2",
             "--trainer.max_steps", str(STEPS), "--checkpoint.every_n_train_steps", str(EVERY),
-            "--trainer.enable_progress_bar", "false", *PRIORS[priors], *extra]
+            "--trainer.enable_progress_bar", "false", "--results.null_samples", "2000", *PRIORS[priors], *extra]
 
 
 def signal_args(name: str, step: int) -> list[str]:
