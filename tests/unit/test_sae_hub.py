@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import write_sae
 from huggingface_hub import constants
 
 from amax_lightning.errors import UserError
-from conftest import write_sae
 
 REPO_ID = "jbloom/GPT2-Small-SAEs-Reformatted"
 
