@@ -9,9 +9,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: the suite never touches the network
+os.environ["AMAX_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="amax-cache-")  # never the user's cache
 
 import pytest
 import torch

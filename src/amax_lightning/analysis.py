@@ -16,7 +16,12 @@ import torch
 from amax_lightning.backbone import Backbone
 from amax_lightning.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
-from amax_lightning.null_model import NullModelResult, expected_n_unique, null_token_distribution, unique_count_p_value
+from amax_lightning.null_model import (
+    NullModelResult,
+    cached_null_token_distribution,
+    expected_n_unique,
+    unique_count_p_value,
+)
 from amax_lightning.objective import RowTensors, aggregate
 from amax_lightning.priors import norm_range
 from amax_lightning.targets import Target
@@ -210,12 +215,13 @@ def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float,
     """Each unit's results with the chance expectation of n_unique and the p-value of its own count added.
 
     The null distribution (``n_samples`` random directions drawn like the initial embeddings, std ``scale``,
-    decoded) is computed once for all units; ``n_samples`` 0 returns the units unchanged.
+    decoded) is computed once for all units and kept on disk for the next run with this vocabulary
+    (``null_model.cached_null_token_distribution``); ``n_samples`` 0 returns the units unchanged.
     """
     if not n_samples:
         return units
     n_vectors = units[0].uniqueness.n_total
-    p = null_token_distribution(vocab, n_samples, scale=scale, seed=0)
+    p = cached_null_token_distribution(vocab, n_samples, scale=scale, seed=0)
     expected = expected_n_unique(p, n_vectors)
     out = []
     for unit in units:

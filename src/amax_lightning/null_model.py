@@ -18,7 +18,11 @@ is slightly biased low when ``n_samples`` is not much larger than the number of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +31,7 @@ import torch
 from amax_lightning.checks import check_int
 from amax_lightning.decode import nearest_tokens
 from amax_lightning.errors import UserError
+from amax_lightning.runs import write_atomic
 
 _SIM_CHUNK = 4096  # simulated studies held in memory at once; fixed so results do not depend on memory
 
@@ -80,6 +85,16 @@ def null_token_distribution(
 ) -> np.ndarray:
     """Empirical nearest-token distribution of random directions drawn like the initial embeddings.
 
+    ``null_token_counts`` divided by ``n_samples``; see there for the parameters.
+    """
+    return null_token_counts(vocab, n_samples, scale, seed, chunk_rows) / n_samples
+
+
+def null_token_counts(
+    vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0, chunk_rows: int = 1024
+) -> np.ndarray:
+    """How many of ``n_samples`` random directions, drawn like the initial embeddings, decode to each token.
+
     Parameters
     ----------
     vocab
@@ -97,7 +112,7 @@ def null_token_distribution(
     Returns
     -------
     numpy.ndarray
-        ``p`` of shape (V,), float64, summing to 1: the fraction of the samples decoded to each token id.
+        Shape (V,), int64, summing to ``n_samples``: the samples decoded to each token id.
     """
     if not isinstance(vocab, torch.Tensor) or vocab.ndim != 2 or 0 in vocab.shape:
         raise UserError(f"vocab has shape {getattr(vocab, 'shape', None)}; it must be a non-empty (V, d_model) tensor")
@@ -113,7 +128,64 @@ def null_token_distribution(
         vectors = torch.randn(rows, vocab.shape[1], generator=generator) * scale
         ids, _ = nearest_tokens(vectors.to(vocab.device), vocab, chunk_rows=chunk_rows)
         counts += torch.bincount(ids.cpu(), minlength=vocab.shape[0])
-    return counts.numpy() / n_samples
+    return counts.numpy()
+
+
+CACHE_ENV = "AMAX_LIGHTNING_CACHE"
+_CACHE_FORMAT = 1  # bump when the draws or the decoding change
+
+
+def cache_folder() -> str:
+    """Where null distributions are kept: ``$AMAX_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/amax_lightning``, else
+    ``~/.cache/amax_lightning``."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "amax_lightning")
+
+
+def null_cache_key(vocab: torch.Tensor, n_samples: int, scale: float, seed: int, chunk_rows: int) -> str:
+    """A content hash of the vocabulary matrix (fp32 bytes and shape) and of every setting the counts depend on."""
+    digest = hashlib.blake2b(digest_size=20)
+    settings = {"format": _CACHE_FORMAT, "shape": list(vocab.shape), "n_samples": int(n_samples),
+                "scale": float(scale), "seed": int(seed), "chunk_rows": int(chunk_rows)}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(vocab.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_counts(path: str, key: str, n_tokens: int, n_samples: int) -> np.ndarray | None:
+    """The counts stored at ``path`` if the file is ours, for this key, and well formed; else None."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            counts = np.asarray(stored["counts"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    ok = counts.shape == (n_tokens,) and counts.dtype == np.int64 and counts.min(initial=0) >= 0
+    return counts if ok and int(counts.sum()) == n_samples else None
+
+
+def cached_null_token_distribution(
+    vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0, chunk_rows: int = 1024,
+    folder: str | None = None,
+) -> np.ndarray:
+    """``null_token_distribution``, computed once per vocabulary and settings and kept in ``cache_folder()``.
+
+    The file is named by ``null_cache_key`` and holds the key itself; a corrupt, foreign or malformed file is
+    ignored and rebuilt, and a cache that cannot be written only costs the recomputation.
+    """
+    key = null_cache_key(vocab, n_samples, scale, seed, chunk_rows)
+    path = os.path.join(folder or cache_folder(), f"null-{key}.npz")
+    counts = _cached_counts(path, key, vocab.shape[0], n_samples)
+    if counts is None:
+        counts = null_token_counts(vocab, n_samples, scale, seed, chunk_rows)
+        try:
+            write_atomic(path, lambda tmp: np.savez(tmp, key=np.array(key), counts=counts))
+        except OSError:
+            pass
+    return counts / n_samples
 
 
 def expected_n_unique(p, n_vectors: int) -> float:
