@@ -4,7 +4,9 @@ The study decodes n optimized vectors to their nearest vocabulary tokens and cou
 "48 of 50 unique" is more or fewer repeats than chance depends on how concentrated nearest-token decoding
 is: some tokens are hubs that many directions land on. The null here is "each vector decodes like a random
 start point": draw ``n_samples`` directions as the initial embeddings are drawn (``randn(d_model) * scale``),
-decode them with :func:`amax_lightning.decode.nearest_tokens`, and take the empirical token frequencies ``p``.
+decode them to their nearest token by cosine (``decode.nearest_token_ids_checked``: the answer of
+:func:`amax_lightning.decode.nearest_tokens`, from a bf16 matmul checked in fp32), and take the empirical token
+frequencies ``p``.
 
 Under the null, n vectors decode i.i.d. from ``p``. Then
 
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from amax_lightning.checks import check_int
-from amax_lightning.decode import nearest_tokens
+from amax_lightning.decode import nearest_token_ids_checked
 from amax_lightning.errors import UserError
 from amax_lightning.runs import write_atomic
 
@@ -120,19 +123,21 @@ def null_token_counts(
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise UserError(f"scale {scale!r} is out of range; it must be a finite number > 0")
-    vocab = vocab.detach()
+    unit_vocab = F.normalize(vocab.detach().float(), dim=-1)
+    unit_vocab_bf16 = unit_vocab.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(int(seed))
     counts = torch.zeros(vocab.shape[0], dtype=torch.int64)
     for start in range(0, n_samples, chunk_rows):
         rows = min(chunk_rows, n_samples - start)
         vectors = torch.randn(rows, vocab.shape[1], generator=generator) * scale
-        ids, _ = nearest_tokens(vectors.to(vocab.device), vocab, chunk_rows=chunk_rows)
+        unit = F.normalize(vectors.to(vocab.device), dim=-1)
+        ids = nearest_token_ids_checked(unit, unit_vocab, unit_vocab_bf16)
         counts += torch.bincount(ids.cpu(), minlength=vocab.shape[0])
     return counts.numpy()
 
 
 CACHE_ENV = "AMAX_LIGHTNING_CACHE"
-_CACHE_FORMAT = 1  # bump when the draws or the decoding change
+_CACHE_FORMAT = 2  # bump when the draws or the decoding change (2: bf16 candidates checked in fp32)
 
 
 def cache_folder() -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from amax_lightning.decode import nearest_tokens
+from amax_lightning.decode import nearest_token_ids_checked, nearest_tokens
 from amax_lightning.metrics import UniqueTokens
 
 
@@ -61,3 +62,17 @@ def test_embedding_similarity_by_hand():
     expected = torch.tensor([[1, 0, half], [0, 1, half], [half, half, 1]])
     torch.testing.assert_close(torch.tensor(out["matrix"]), expected, rtol=0, atol=1e-6)
     assert out["mean_pairwise_cosine"] == pytest.approx(2 * half / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("d, scale", [(64, 1.0), (768, 0.14)])
+def test_bf16_checked_decoding_equals_the_fp32_argmax(d, scale):
+    """The null model's fast decoder gives nearest_tokens' ids, also for vectors planted near ties."""
+    g = torch.Generator().manual_seed(d)
+    vocab = torch.randn(50257, d, generator=g) * scale
+    vectors = torch.randn(2048, d, generator=g)
+    near_ties = F.normalize(vocab[:64], dim=-1) + F.normalize(vocab[64:128], dim=-1)  # halfway between two tokens
+    vectors = torch.cat([vectors, near_ties + 1e-4 * torch.randn(64, d, generator=g)])
+    expected, _ = nearest_tokens(vectors, vocab)
+    unit_vocab = F.normalize(vocab, dim=-1)
+    ids = nearest_token_ids_checked(F.normalize(vectors, dim=-1), unit_vocab, unit_vocab.to(torch.bfloat16))
+    assert torch.equal(ids, expected)
