@@ -56,6 +56,15 @@ class Protocol:
 
 
 @dataclass(frozen=True)
+class NearToken:
+    """A vocabulary token near an optimized vector."""
+
+    token_id: int
+    token: str
+    cosine: float
+
+
+@dataclass(frozen=True)
 class SeedRun:
     """One seed's optimum, decoded."""
 
@@ -69,6 +78,8 @@ class SeedRun:
     decoded_position_activations: list[float]
     decoded_gap: float  # final_activation - decoded_activation: what decoding loses
     embedding_norm: list[float]  # L2 norm of each optimized vector
+    nearest: list[list[NearToken]]  # per position, the 5 nearest tokens by cosine, best first
+
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,8 @@ def analyze_unit(protocol: Protocol, target: Target, steps: int, partial: bool, 
             final_activation=finals[i], position_activations=tensors.position_activations[i].tolist(),
             decoded_activation=decoded[i], decoded_position_activations=tensors.decoded_position_activations[i].tolist(),
             decoded_gap=finals[i] - decoded[i], embedding_norm=norms[i].tolist(),
+            nearest=[[NearToken(t, backbone.token_strings([t])[0], c) for t, c in zip(ids_t, cos_t)]
+                     for ids_t, cos_t in zip(tensors.top_ids[i].tolist(), tensors.top_cosine[i].tolist())],
         ))
     runs.sort(key=lambda run: run.seed)
     order = sorted(range(len(protocol.seeds)), key=lambda i: protocol.seeds[i])

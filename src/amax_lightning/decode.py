@@ -24,15 +24,38 @@ def nearest_tokens(vectors: torch.Tensor, vocab: torch.Tensor, chunk_rows: int =
     token_ids, cosine
         Both of shape ``vectors.shape[:-1]``: the argmax token id (lowest id on ties) and its cosine in [-1, 1].
     """
-    flat = F.normalize(vectors.reshape(-1, vectors.shape[-1]).float(), dim=-1)
-    unit_vocab = F.normalize(vocab.float(), dim=-1)
     ids, cosines = [], []
-    for chunk in flat.split(chunk_rows):
-        best = (chunk @ unit_vocab.T).max(dim=-1)
+    for scores in _cosine_chunks(vectors, vocab, chunk_rows):
+        best = scores.max(dim=-1)
         ids.append(best.indices)
         cosines.append(best.values)
     shape = vectors.shape[:-1]
     return torch.cat(ids).view(shape), torch.cat(cosines).clamp(-1.0, 1.0).view(shape)
+
+
+@torch.no_grad()
+def top_tokens_by_cosine(vectors: torch.Tensor, vocab: torch.Tensor, k: int = 5, chunk_rows: int = 1024
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` vocabulary rows of highest cosine similarity with each vector, best first.
+
+    Returns ``token_ids`` and ``cosine``, both of shape ``vectors.shape[:-1] + (k,)`` (k at most V).
+    """
+    k = min(k, vocab.shape[0])
+    ids, cosines = [], []
+    for scores in _cosine_chunks(vectors, vocab, chunk_rows):
+        top = scores.topk(k, dim=-1)
+        ids.append(top.indices)
+        cosines.append(top.values)
+    shape = (*vectors.shape[:-1], k)
+    return torch.cat(ids).view(shape), torch.cat(cosines).clamp(-1.0, 1.0).view(shape)
+
+
+def _cosine_chunks(vectors: torch.Tensor, vocab: torch.Tensor, chunk_rows: int):
+    """Cosine similarities of the flattened vectors with every vocabulary row, (chunk_rows, V) at a time, fp32."""
+    flat = F.normalize(vectors.reshape(-1, vectors.shape[-1]).float(), dim=-1)
+    unit_vocab = F.normalize(vocab.float(), dim=-1)
+    for chunk in flat.split(chunk_rows):
+        yield chunk @ unit_vocab.T
 
 
 # |bf16 score - exact score| for unit vectors: operands rounded to bf16 (2 * 2^-8 + 2^-16), the fp32 accumulation

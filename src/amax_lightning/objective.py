@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from amax_lightning.backbone import Backbone
-from amax_lightning.decode import nearest_tokens
+from amax_lightning.decode import nearest_tokens, top_tokens_by_cosine
 from amax_lightning.param import TokenEmbedding
 from amax_lightning.priors import Prior
 from amax_lightning.readout import Readout
 from amax_lightning.targets import Target
 
 AGGREGATIONS = ("mean", "last", "max")
+TOP_K = 5  # nearest tokens listed per optimized vector in results.json
 
 
 def aggregate(activations: torch.Tensor, how: str) -> torch.Tensor:
@@ -106,6 +107,8 @@ class RowTensors:
     position_activations: torch.Tensor  # (rows, n_tokens) the unit at the optimized model input
     decoded_position_activations: torch.Tensor  # (rows, n_tokens) the unit at the decoded token ids
     embedding: torch.Tensor  # (rows, n_tokens, d_model) the optimized input embeddings
+    top_ids: torch.Tensor  # (rows, n_tokens, 5) the 5 nearest tokens of each optimized vector, best first
+    top_cosine: torch.Tensor  # (rows, n_tokens, 5) their cosines
 
     def __iter__(self):
         return (getattr(self, f.name) for f in dataclasses.fields(self))
@@ -188,10 +191,12 @@ class RowObjective(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, parameter: torch.Tensor, chunks: list[slice]) -> RowTensors:
-        """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest tokens
-        (cosine), and the unit's activations at the optimized model input and at the decoded token ids."""
+        """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest token
+        and ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized model input and at the
+        decoded token ids."""
         embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
         token_ids, cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings)
+        top_ids, top_cosine = top_tokens_by_cosine(embedding, self.backbone.vocab_embeddings, k=TOP_K)
         start = chunks[0].start
 
         def activations(model_input: torch.Tensor) -> torch.Tensor:
@@ -200,7 +205,7 @@ class RowObjective(nn.Module):
 
         optimized = activations(self.model_input(embedding))
         decoded = activations(self.backbone.embed_tokens(token_ids))
-        return RowTensors(token_ids, cosine, optimized, decoded, embedding)
+        return RowTensors(token_ids, cosine, optimized, decoded, embedding, top_ids, top_cosine)
 
     @torch.no_grad()
     def project_(self, parameter: torch.Tensor) -> None:

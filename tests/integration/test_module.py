@@ -53,7 +53,13 @@ def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, fit_tiny, l
                              "null_model"]  # the schema users read, in its order
     assert list(results["runs"][0]) == ["seed", "token_ids", "tokens", "cosine", "final_activation",
                                         "position_activations", "decoded_activation", "decoded_position_activations",
-                                        "decoded_gap", "embedding_norm"]
+                                        "decoded_gap", "embedding_norm", "nearest"]
+    for run in results["runs"]:  # the 5 nearest tokens per position, best first; the first is the decoded token
+        assert [near[0]["token_id"] for near in run["nearest"]] == run["token_ids"]
+        assert [near[0]["cosine"] for near in run["nearest"]] == pytest.approx(run["cosine"], abs=1e-6)
+        for near in run["nearest"]:
+            cosines = [n["cosine"] for n in near]
+            assert len(near) == 5 and cosines == sorted(cosines, reverse=True)
     moved = (module.parameter[0].detach() - reference_study(tiny_gpt2_dir, [0], steps=0)[0][0]).abs().max()
     assert moved > 0.05  # the optimizer really moved the embedding
 

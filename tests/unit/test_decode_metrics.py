@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amax_lightning.decode import nearest_token_ids_checked, nearest_tokens
+from amax_lightning.decode import nearest_token_ids_checked, nearest_tokens, top_tokens_by_cosine
 from amax_lightning.metrics import UniqueTokens
 
 
@@ -76,3 +76,14 @@ def test_bf16_checked_decoding_equals_the_fp32_argmax(d, scale):
     unit_vocab = F.normalize(vocab, dim=-1)
     ids = nearest_token_ids_checked(F.normalize(vectors, dim=-1), unit_vocab, unit_vocab.to(torch.bfloat16))
     assert torch.equal(ids, expected)
+
+
+def test_top_tokens_by_cosine_are_the_k_highest_cosines():
+    g = torch.Generator().manual_seed(3)
+    vocab, vectors = torch.randn(500, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    ids, cosines = top_tokens_by_cosine(vectors, vocab, k=5, chunk_rows=4)
+    full = F.normalize(vectors, dim=-1) @ F.normalize(vocab, dim=-1).T
+    expected = full.topk(5, dim=-1)
+    assert ids.shape == (2, 7, 5) and torch.equal(ids, expected.indices)
+    torch.testing.assert_close(cosines, expected.values)
+    assert torch.equal(ids[..., 0], nearest_tokens(vectors, vocab)[0])
