@@ -248,13 +248,7 @@ def top_contexts(
     """
     k = check_int("k", k, 1)
     context_tokens = check_int("context_tokens", context_tokens, 0)
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"text file {str(path)!r} does not exist or is not a file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"text file {str(path)!r} is not UTF-8: {exc.reason}") from exc
+    text = read_text_file(path)
     ids = backbone.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if not ids:
         raise UserError(f"text file {str(path)!r} has no tokens; give a non-empty text")
@@ -263,6 +257,22 @@ def top_contexts(
         TopContext(p, ids[p], backbone.tokenizer.decode([ids[p]]), float(acts[p]), _highlight(backbone, ids, p, context_tokens))
         for p in _top_indices(acts, k).tolist()
     ]
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file with some non-blank text; a one-line UserError otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"text file {str(path)!r} does not exist or is not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"text file {str(path)!r} is not UTF-8: {exc.reason}") from exc
+    except OSError as exc:
+        raise UserError(f"text file {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if not text.strip():
+        raise UserError(f"text file {str(path)!r} has no tokens; give a non-empty text")
+    return text
 
 
 def overlap(gradient_token_ids, top_ids) -> Overlap:

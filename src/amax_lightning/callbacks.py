@@ -22,6 +22,7 @@ from amax_lightning.analysis import (
     with_data_baseline,
     with_null_model,
 )
+from amax_lightning.baseline import read_text_file
 from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError
 from amax_lightning.runs import write_text_atomic
@@ -48,7 +49,9 @@ class DeferInterrupts(Callback):
 
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
         self.pending = False
-        if threading.current_thread() is threading.main_thread():
+        main = threading.current_thread() is threading.main_thread()
+        self._ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # e.g. a job started with `&`
+        if main and not self._ignored:
             self._previous.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._note))
 
     def _note(self, signum, frame) -> None:
@@ -75,8 +78,9 @@ class DeferInterrupts(Callback):
         def terminate(signum, frame):
             raise SIGTERMException
 
-        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                    signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+        if not getattr(self, "_ignored", False):
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             yield
         finally:
@@ -124,6 +128,8 @@ class ResultsWriter(Callback):
         self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1, high=MAX_BASELINE_CONTEXTS)
         if baseline_text is not None and not os.path.isfile(baseline_text):
             raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
+        if baseline_text is not None:
+            read_text_file(baseline_text)  # a file that cannot be used fails now, not after the steps
         self.baseline_text = baseline_text
         self.results_path: str | None = None
         self.results: UnitResults | AtlasResults | None = None
@@ -151,10 +157,11 @@ class ResultsWriter(Callback):
     def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
         """On Ctrl-C or SIGTERM: save ``last.ckpt``; during the steps also write results marked partial.
 
-        Interrupted during the end-of-fit analysis, no results are written; resuming finishes the analysis.
-        Other errors write nothing.
+        Interrupted during the end-of-fit analysis, no results are written; resuming finishes the analysis. An
+        error in the analysis also keeps ``last.ckpt`` (the steps were good). Other errors write nothing.
         """
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.global_step == 0:
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if not (interrupted or self._analyzing) or trainer.global_step == 0:
             return
         checkpoint = None
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
@@ -163,7 +170,8 @@ class ResultsWriter(Callback):
         resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
         if self._analyzing:
             if trainer.is_global_zero:
-                print(f"amax_lightning: interrupted during the end-of-fit analysis after step {trainer.global_step}: "
+                what = "interrupted during" if interrupted else "error in"
+                print(f"amax_lightning: {what} the end-of-fit analysis after step {trainer.global_step}: "
                       f"no results written{resume}", file=sys.stderr, flush=True)
             return
         self._finish(trainer, module, steps=trainer.global_step, partial=True)

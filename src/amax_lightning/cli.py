@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import warnings
 from typing import Optional, Union
 
@@ -193,14 +195,19 @@ def run(args: list[str] | None = None) -> ResultsWriter | None:
     Raises UserError (and Lightning's MisconfigurationException) for user mistakes.
     """
     quiet_console()
-    cli = AmaxCLI(
-        ActMaxModule,
-        parser_class=OneLineErrorParser,
-        seed_everything_default=False,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
-        args=args,
-    )
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        cli = AmaxCLI(
+            ActMaxModule,
+            parser_class=OneLineErrorParser,
+            seed_everything_default=False,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+            args=args,
+        )
+    finally:  # Lightning restores the handlers it saw at fit start, ours included, when a fit fails
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     trainer = getattr(cli, "trainer", None)
     return find_callback(trainer, ResultsWriter) if trainer else None
 

@@ -153,7 +153,8 @@ def null_cache_key(vocab: torch.Tensor, n_samples: int, scale: float, seed: int,
     """A content hash of the vocabulary matrix (fp32 bytes and shape) and of every setting the counts depend on."""
     digest = hashlib.blake2b(digest_size=20)
     settings = {"format": _CACHE_FORMAT, "shape": list(vocab.shape), "n_samples": int(n_samples),
-                "scale": float(scale), "seed": int(seed), "chunk_rows": int(chunk_rows)}
+                "scale": float(scale), "seed": int(seed), "chunk_rows": int(chunk_rows),
+                "device": vocab.device.type}  # fp32 sums differ by device in the last bits: near-ties may too
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(vocab.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

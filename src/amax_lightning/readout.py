@@ -190,8 +190,13 @@ def _direction_readout(spec: str, backbone: Backbone, center_residual: str):
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"direction file {path!r} cannot be read as .npy: {first_line(exc)}") from exc
-    if array.ndim not in (1, 2) or array.shape[-1] != width or array.size == 0 or not np.issubdtype(array.dtype, np.number):
-        raise UserError(f"direction file {path!r} has shape {array.shape}; {site} needs ({width},) or (k, {width})")
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise UserError(f"direction file {path!r} is an .npz archive; give one .npy array of shape (d,) or (k, d)")
+    real = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if array.ndim not in (1, 2) or array.shape[-1] != width or array.size == 0 or not real:
+        raise UserError(f"direction file {path!r} has shape {array.shape} ({array.dtype}); {site} needs real numbers "
+                        f"of shape ({width},) or (k, {width})")
     rows = torch.as_tensor(np.atleast_2d(array), dtype=torch.float64)
     norms = rows.norm(dim=-1)
     if not bool(torch.isfinite(rows).all()) or bool((norms == 0).any()):

@@ -173,8 +173,16 @@ def load_sae(source: str) -> SAE:
     architecture = config.get("architecture", "standard")
     if architecture != "standard":
         raise UserError(f"SAE {source!r} has architecture {architecture!r}; supported: standard (ReLU)")
+    activation = config.get("activation_fn_str", config.get("activation_fn", "relu"))
+    if activation not in ("relu", None):  # 5.x files may say standard with a TopK or tanh-relu activation
+        raise UserError(f"SAE {source!r} has activation {activation!r}; supported: relu (the standard SAE)")
     normalize = config.get("normalize_activations", "none")
+    if not isinstance(normalize, (str, bool, type(None))):
+        raise UserError(f"SAE {source!r}: normalize_activations {normalize!r} must be a string")
     normalize = {False: "none", None: "none", True: "expected_average_only_in"}.get(normalize, normalize)
+    apply_b_dec = config.get("apply_b_dec_to_input", True)
+    if not isinstance(apply_b_dec, bool):
+        raise UserError(f"SAE {source!r}: apply_b_dec_to_input {apply_b_dec!r} must be true or false")
     if normalize not in NORMALIZATIONS:
         raise UserError(f"SAE {source!r} has normalize_activations {normalize!r}, which needs statistics the folder "
                         f"does not hold; supported: {', '.join(NORMALIZATIONS)}")
@@ -187,14 +195,18 @@ def load_sae(source: str) -> SAE:
         actual = W_enc.shape[0 if name == "d_in" else 1]
         if declared is not None and declared != actual:
             raise UserError(f"SAE {source!r}: {CONFIG} says {name} {declared} but W_enc has {actual}")
+    W_dec = tensors["W_dec"].float() if "W_dec" in tensors else None
+    if W_dec is not None and W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
+        raise UserError(f"SAE {source!r}: W_dec has shape {tuple(W_dec.shape)}; it must be [d_sae, d_in] = "
+                        f"{[W_enc.shape[1], W_enc.shape[0]]}")
     if not all(bool(torch.isfinite(t).all()) for t in (W_enc, b_enc, b_dec)):
         raise UserError(f"SAE {source!r}: its encoder weights hold NaN or infinite values")
     kwargs = metadata.get("model_from_pretrained_kwargs") or config.get("model_from_pretrained_kwargs") or {}
     centre = kwargs.get("center_writing_weights") if isinstance(kwargs, dict) else None
     return SAE(
         source=source, hook_name=hook_name, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec,
-        W_dec=tensors["W_dec"].float() if "W_dec" in tensors else None,
-        apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
+        W_dec=W_dec,
+        apply_b_dec_to_input=apply_b_dec, normalize_activations=normalize,
         centre_writing_weights=None if centre is None else bool(centre), generation=generation,
         neuronpedia_id=metadata.get("neuronpedia_id") or config.get("neuronpedia_id"),
         has_scaling_factor="scaling_factor" in tensors,

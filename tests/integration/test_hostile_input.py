@@ -51,7 +51,8 @@ def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
 
     write_sae(root / "sae_ok")
     write_sae(root / "sae_gated", config={"architecture": "gated"})
-    write_sae(root / "sae_wide", config={"d_in": 60}, tensors={"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60)})
+    write_sae(root / "sae_wide", config={"d_in": 60},
+              tensors={"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60), "W_dec": torch.zeros(32, 60)})
     write_sae(root / "sae_nan", tensors={"b_enc": torch.full((32,), float("nan"))})
     write_sae(root / "sae_hook9", hook="blocks.9.hook_resid_pre")
     for name in ("sae_truncated", "sae_pickle"):
@@ -61,6 +62,9 @@ def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
         else:
             torch.save({"W_enc": torch.zeros(64, 32)}, sae_weights)
     np.save(root / "bad_direction.npy", np.ones(7))
+    np.savez(root / "archive.npz", d=np.ones(64))
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (root / "blank.txt").write_text("  \n")
     return {p.name: str(p) for p in root.iterdir()}
 
 
@@ -166,6 +170,9 @@ CASES = [
     (["--model.target", "sae:no-such-folder:0"], "is not a folder"),
     (["--model.target", "blocks.1.hook_resid_pre@{bad_direction.npy}"], "has shape (7,)"),
     (["--model.target", "blocks.1.hook_resid_pre@no-such.npy"], "is not a file"),
+    (["--model.target", "blocks.1.hook_resid_pre@{archive.npz}"], "is an .npz archive"),
+    (["--results.baseline_text", "{binary.txt}"], "is not UTF-8"),
+    (["--results.baseline_text", "{blank.txt}"], "has no tokens"),
     (["--model.sae_activation", "mid"], "sae_activation 'mid' is unknown"),
     (["--model.center_residual", "maybe"], "center_residual 'maybe' is unknown"),
     # the command line itself

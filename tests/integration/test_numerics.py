@@ -70,3 +70,21 @@ def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):
                 "--seeds", "0-1", "--trainer.max_steps", "3", "--results.null_samples", "200",
                 "--trainer.default_root_dir", str(tmp_path)])
     assert json.loads(open(writer.results_path).read())["units"][0]["numerics"]["chunk_rows"] == 8
+
+
+def test_an_error_in_the_analysis_keeps_the_checkpoint_and_writes_no_results(tiny_gpt2_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    import amax_lightning.callbacks as callbacks
+    from amax_lightning.cli import run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("analysis bug")
+
+    monkeypatch.setattr(callbacks, "with_null_model", broken)
+    with pytest.raises(RuntimeError, match="analysis bug"):
+        run(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", "blocks.2.hook_resid_pre:5",
+             "--seeds", "0-1", "--trainer.max_steps", "3", "--trainer.default_root_dir", str(tmp_path),
+             "--trainer.enable_progress_bar", "false"])
+    assert "error in the end-of-fit analysis after step 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    assert not list(tmp_path.rglob("results.json"))

@@ -106,6 +106,9 @@ def test_direction_targets_are_dot_products_with_the_normalized_direction(tiny_m
     torch.testing.assert_close(one.objective(one.parameter, slice(0, 2)).activations.detach(), h @ unit[0],
                                rtol=1e-5, atol=1e-5)
     assert one.unit_records[0]["norm"] == pytest.approx(float(np.linalg.norm(directions[0])))
+    np.save(tmp_path / "complex.npy", directions[0] * 1j)
+    with pytest.raises(UserError, match="needs real numbers"):
+        tiny_module(target=f"blocks.{LAYER}.hook_resid_pre@{tmp_path / 'complex.npy'}", seeds=[0])
     sweep = tiny_module(target=f"blocks.{LAYER}.hook_resid_pre@{tmp_path / 'three.npy'}", seeds=[0, 1])
     assert [t.spec.endswith(f"[{i}]") for i, t in enumerate(sweep.targets)] == [True] * 3
     values = sweep.objective(sweep.parameter, slice(0, 6)).activations.detach().view(3, 2, -1)
@@ -121,7 +124,8 @@ def test_reader_reads_one_unit_for_the_baseline(tiny_module, tmp_path):
 
 
 BAD = [
-    ({"tensors": {"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60)}, "config": {"d_in": 60}},
+    ({"tensors": {"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60), "W_dec": torch.zeros(32, 60)},
+      "config": {"d_in": 60}},
      "has d_in 60 but blocks.1.hook_resid_pre is 64 wide"),
     ({"tensors": {"b_enc": torch.zeros(7)}}, "do not fit"),
     ({"hook": "blocks.9.hook_resid_pre"}, "reads layer 9"),
@@ -130,6 +134,10 @@ BAD = [
     ({"config": {"normalize_activations": "expected_average_only_in"}}, "needs statistics"),
     ({"tensors": {"W_enc": torch.full((64, 32), float("nan"))}}, "NaN or infinite"),
     ({"config": {"d_sae": 99}}, "says d_sae 99"),
+    ({"config": {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}}}, "activation 'topk'; supported: relu"),
+    ({"tensors": {"W_dec": torch.zeros(64, 32)}}, r"W_dec has shape \(64, 32\)"),
+    ({"config": {"apply_b_dec_to_input": "false"}}, "must be true or false"),
+    ({"config": {"normalize_activations": ["none"]}}, "must be a string"),
 ]
 
 
