@@ -59,7 +59,9 @@ class DeferInterrupts(Callback):
         signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))  # a second Ctrl-C: at once
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.pending:  # parameters, Adam state and global_step all belong to the same finished step here
+        # parameters, Adam state and global_step all belong to the same finished step here; after the last step
+        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
+        if self.pending and trainer.global_step < trainer.max_steps:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
@@ -161,6 +163,10 @@ class ResultsWriter(Callback):
         error in the analysis also keeps ``last.ckpt`` (the steps were good). Other errors write nothing.
         """
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if self._analyzing and trainer.global_step == 0 and trainer.is_global_zero:  # the analysis of a resumed,
+            # finished run (in on_fit_start, before Lightning restores the step count): its checkpoint stays as it is
+            print("amax_lightning: stopped during the end-of-fit analysis of a resumed run: no results written; "
+                  "its checkpoint is unchanged, resume again with --ckpt_path last", file=sys.stderr, flush=True)
         if not (interrupted or self._analyzing) or trainer.global_step == 0:
             return
         checkpoint = None

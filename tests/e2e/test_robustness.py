@@ -138,3 +138,11 @@ def test_overflowing_loss_stops_with_one_line_and_no_results(tiny_gpt2_dir, tmp_
     assert last.startswith("amax_lightning: error: non-finite loss or activation for seed(s) [0] at step"), last
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_ctrl_c_in_the_last_step_is_never_a_partial_result(tiny_gpt2_dir, tmp_path, uninterrupted):
+    """Noted during the last step, Ctrl-C stops the run before its analysis: all steps done, nothing partial."""
+    proc = run_with_helpers(study_args(tiny_gpt2_dir, "none", *signal_args("SIGINT", STEPS - 1)), tmp_path)
+    assert proc.returncode == 1 and "interrupted during the end-of-fit analysis" in proc.stderr, proc.stderr[-2000:]
+    assert not list(tmp_path.rglob("results.json")) and checkpoint_of(tmp_path)["global_step"] == STEPS
+    resume_and_compare(tiny_gpt2_dir, tmp_path, "none", uninterrupted["none"])
