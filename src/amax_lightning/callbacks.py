@@ -45,6 +45,7 @@ class DeferInterrupts(Callback):
 
     def __init__(self) -> None:
         self.pending = False
+        self._ignored = False  # SIGINT was ignored when the fit started (a background job): leave it so
         self._previous: dict[int, object] = {}
 
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
@@ -81,7 +82,7 @@ class DeferInterrupts(Callback):
             raise SIGTERMException
 
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
-        if not getattr(self, "_ignored", False):
+        if not self._ignored:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             yield

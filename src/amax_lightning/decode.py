@@ -36,20 +36,23 @@ def nearest_tokens(vectors: torch.Tensor, vocab: torch.Tensor, chunk_rows: int =
 
 
 @torch.no_grad()
-def top_tokens_by_cosine(vectors: torch.Tensor, vocab: torch.Tensor, k: int = 5, chunk_rows: int = 1024
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` vocabulary rows of highest cosine similarity with each vector, best first.
+def nearest_tokens_with_neighbours(vectors: torch.Tensor, vocab: torch.Tensor, k: int = 5, chunk_rows: int = 1024
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``nearest_tokens`` and, from the same similarities, the ``k`` nearest tokens of each vector, best first.
 
-    Returns ``token_ids`` and ``cosine``, both of shape ``vectors.shape[:-1] + (k,)`` (k at most V).
+    Returns ``token_ids``, ``cosine`` (shape ``vectors.shape[:-1]``, as ``nearest_tokens``) and ``top_ids``,
+    ``top_cosine`` (shape ``vectors.shape[:-1] + (k,)``, k at most V).
     """
     k = min(k, vocab.shape[0])
-    ids, cosines = [], []
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
     for scores in _cosine_chunks(vectors, vocab, chunk_rows):
-        top = scores.topk(k, dim=-1)
-        ids.append(top.indices)
-        cosines.append(top.values)
-    shape = (*vectors.shape[:-1], k)
-    return torch.cat(ids).view(shape), torch.cat(cosines).clamp(-1.0, 1.0).view(shape)
+        best, top = scores.max(dim=-1), scores.topk(k, dim=-1)
+        for part, tensor in zip(parts, (best.indices, best.values, top.indices, top.values)):
+            part.append(tensor)
+    shape = vectors.shape[:-1]
+    ids, cosine, top_ids, top_cosine = (torch.cat(part) for part in parts)
+    return (ids.view(shape), cosine.clamp(-1.0, 1.0).view(shape), top_ids.view(*shape, k),
+            top_cosine.clamp(-1.0, 1.0).view(*shape, k))
 
 
 def _cosine_chunks(vectors: torch.Tensor, vocab: torch.Tensor, chunk_rows: int):

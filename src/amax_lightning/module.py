@@ -130,7 +130,7 @@ class ActMaxModule(LightningModule):
         backbone = backbone if backbone is not None else load_backbone(model_name_or_path, trust_remote_code)
         if backbone.max_positions is not None and self.n_tokens > backbone.max_positions:
             raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
-        built = build_readout(target, backbone, sae_activation, center_residual)
+        built = build_readout(target, backbone, len(seeds), sae_activation, center_residual)
         targets = built.targets
         if not backbone.supports(targets[0]):
             raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
@@ -138,8 +138,8 @@ class ActMaxModule(LightningModule):
             raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
         layout = RowLayout(len(targets), tuple(seeds))
         check_run_size(layout.n_rows, self.n_tokens, parsed.parameterization.width(backbone))
-        self.objective = RowObjective(backbone, targets, layout, aggregate, parsed.parameterization, priors_used,
-                                      built.readout_of(layout.n_seeds))
+        self.objective = RowObjective(backbone, targets, layout, built.readout, aggregate, parsed.parameterization,
+                                      priors_used)
         self.unit_records = built.records  # per unit: the SAE latent or direction it reads (results.json)
         self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
         self.model_name_or_path = model_name_or_path

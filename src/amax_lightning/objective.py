@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from amax_lightning.backbone import Backbone
-from amax_lightning.decode import nearest_tokens, top_tokens_by_cosine
+from amax_lightning.decode import nearest_tokens_with_neighbours
 from amax_lightning.param import TokenEmbedding
 from amax_lightning.priors import Prior
 from amax_lightning.readout import Readout
@@ -129,6 +129,8 @@ class RowObjective(nn.Module):
         The units, in row order (``layout.unit_of``).
     layout
         Rows = units x seeds.
+    readout
+        Each row's unit from the hook's values (``readout.build_readout``): a coordinate, SAE latent or direction.
     aggregate
         How a row's activations over positions become its objective (``AGGREGATIONS``).
     parameterization
@@ -137,9 +139,9 @@ class RowObjective(nn.Module):
         Penalties, model-input changes and projections (``priors.py``), applied in order.
     """
 
-    def __init__(self, backbone: Backbone, targets: list[Target], layout: RowLayout, aggregate: str = "mean",
-                 parameterization: TokenEmbedding | None = None, priors: list[Prior] = (),
-                 readout: Readout | None = None) -> None:
+    def __init__(self, backbone: Backbone, targets: list[Target], layout: RowLayout, readout: Readout,
+                 aggregate: str = "mean", parameterization: TokenEmbedding | None = None,
+                 priors: list[Prior] = ()) -> None:
         super().__init__()
         self.backbone = backbone
         self.targets = list(targets)
@@ -147,8 +149,7 @@ class RowObjective(nn.Module):
         self.aggregation = aggregate
         self.parameterization = parameterization or TokenEmbedding()
         self.priors = list(priors)
-        d_head = backbone.shape.d_head
-        self.readout = readout or Readout([t.flat_index(d_head) for t in targets], layout.n_seeds)
+        self.readout = readout
 
     def initial_parameter(self, n_tokens: int) -> torch.Tensor:
         """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit."""
@@ -195,8 +196,8 @@ class RowObjective(nn.Module):
         and ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized model input and at the
         decoded token ids."""
         embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
-        token_ids, cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings)
-        top_ids, top_cosine = top_tokens_by_cosine(embedding, self.backbone.vocab_embeddings, k=TOP_K)
+        token_ids, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
+            embedding, self.backbone.vocab_embeddings, k=TOP_K)
         start = chunks[0].start
 
         def activations(model_input: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +30,9 @@ import torch
 from torch import nn
 
 from amax_lightning.backbone import Backbone
+from amax_lightning.checks import check_choice
 from amax_lightning.errors import UserError, first_line
-from amax_lightning.sae import SAE, load_sae
+from amax_lightning.sae import SAE, load_sae, normalize_input
 from amax_lightning.targets import HOOKS, RESIDUAL_HOOKS, Target, hook_width, parse_targets, unit_indices
 
 SAE_ACTIVATIONS = ("pre", "post")
@@ -51,26 +51,29 @@ class Centring:
 
 class Readout(nn.Module):
     """Each row's unit from the hook's values: unit u of the run is ``unit_ids[u]``, a column of the hook's values
-    (``weights`` None) or a row of ``weights``, read as ``transform(x) . weights[id] + bias[id]`` (then ReLU when
-    ``relu``). ``centre`` subtracts each position's mean over the hook's width first. Row r reads unit
-    ``r // n_seeds``.
+    (``weights`` None) or a row of ``weights``, read as ``x . weights[id] + bias[id]`` (then ReLU when ``relu``).
+    ``x`` is the hook's vector, centred over its width when ``centre``, normalized as ``normalize`` says
+    (``sae.normalize_input``), minus ``offset`` when given (an SAE's ``b_dec``). Row r reads unit ``r // n_seeds``.
     """
 
     def __init__(self, unit_ids: list[int], n_seeds: int, centre: bool = False, weights: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, sae: SAE | None = None, relu: bool = False) -> None:
+                 bias: torch.Tensor | None = None, offset: torch.Tensor | None = None, normalize: str = "none",
+                 relu: bool = False) -> None:
         super().__init__()
-        self.centre, self.relu, self.sae = centre, relu, sae
+        self.centre, self.normalize, self.relu = centre, normalize, relu
         ids = torch.tensor(unit_ids, dtype=torch.long)
         self.register_buffer("unit_ids", ids, persistent=False)
         self.register_buffer("row_units", ids.repeat_interleave(n_seeds), persistent=False)
         self.register_buffer("weights", weights, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("offset", offset, persistent=False)  # on the run's device, like the weights
 
     def transform(self, values: torch.Tensor) -> torch.Tensor:
-        """The hook's values as the units see them: centred if asked, then the SAE's input normalization."""
+        """The hook's values as the units see them: centred if asked, normalized, minus the offset."""
         if self.centre:
             values = values - values.mean(dim=-1, keepdim=True)
-        return values if self.sae is None else self.sae.encode_input(values)
+        values = normalize_input(values, self.normalize)
+        return values if self.offset is None else values - self.offset.to(values.dtype)
 
     def forward(self, values: torch.Tensor, rows: slice) -> torch.Tensor:
         """Each row's unit at every position, shape (rows, n_tokens), from the hook's values (rows, n_tokens, width)."""
@@ -93,38 +96,33 @@ class Readout(nn.Module):
 
 @dataclass(frozen=True)
 class BuiltReadout:
-    """A target spec, resolved: the units (row order of units), the readout, and what results.json records."""
+    """A target spec, resolved: the units (row order of units), their readout, and what results.json records."""
 
     targets: list[Target]
-    readout_of: Callable[[int], Readout]  # n_seeds -> the readout of rows = units x seeds
-    centring: Centring
+    readout: Readout
     records: list[dict | None]  # per unit: the SAE or direction it reads (None for a model unit)
 
 
-def build_readout(spec: str, backbone: Backbone, sae_activation: str = "pre", center_residual: str = "auto"
-                  ) -> BuiltReadout:
-    """Resolve ``spec`` for ``backbone``: its units, their readout, the centring and what results.json records.
+def build_readout(spec: str, backbone: Backbone, n_seeds: int, sae_activation: str = "pre",
+                  center_residual: str = "auto") -> BuiltReadout:
+    """Resolve ``spec`` for ``backbone`` and ``n_seeds`` seeds per unit: its units, their readout, their records.
 
     Raises
     ------
     UserError
         On a malformed spec, an SAE or direction file that cannot be used, or a unit out of range.
     """
-    if sae_activation not in SAE_ACTIVATIONS:
-        raise UserError(f"sae_activation {sae_activation!r} is unknown; allowed: {', '.join(SAE_ACTIVATIONS)}")
-    if center_residual not in CENTRE_CHOICES:
-        raise UserError(f"center_residual {center_residual!r} is unknown; allowed: {', '.join(CENTRE_CHOICES)}")
+    check_choice("sae_activation", sae_activation, SAE_ACTIVATIONS)
+    check_choice("center_residual", center_residual, CENTRE_CHOICES)
     spec = spec.strip() if isinstance(spec, str) else spec
     if isinstance(spec, str) and spec.startswith("sae:"):
-        return _sae_readout(spec, backbone, sae_activation, center_residual)
+        return _sae_readout(spec, backbone, n_seeds, sae_activation, center_residual)
     if isinstance(spec, str) and "@" in spec:
-        return _direction_readout(spec, backbone, center_residual)
+        return _direction_readout(spec, backbone, n_seeds, center_residual)
     targets = parse_targets(spec, backbone.shape)
     centring = _centring(center_residual, targets[0].hook, None)
-    d_head = backbone.shape.d_head
-    columns = [t.flat_index(d_head) for t in targets]
-    return BuiltReadout(targets, lambda n_seeds: Readout(columns, n_seeds, centring.applied), centring,
-                        [None] * len(targets))
+    columns = [t.flat_index(backbone.shape.d_head) for t in targets]
+    return BuiltReadout(targets, Readout(columns, n_seeds, centring.applied), [None] * len(targets))
 
 
 def _centring(choice: str, hook: str, sae: SAE | None) -> Centring:
@@ -150,7 +148,7 @@ def _hook_of(name: str, backbone: Backbone, what: str) -> tuple[int, str]:
     return layer, hook
 
 
-def _sae_readout(spec: str, backbone: Backbone, activation: str, center_residual: str):
+def _sae_readout(spec: str, backbone: Backbone, n_seeds: int, activation: str, center_residual: str) -> BuiltReadout:
     source, _, latents = spec[len("sae:"):].rpartition(":")
     if not source or not latents:
         raise UserError(f"target {spec!r} is malformed; write sae:<folder or hub id>:<latent>, e.g. sae:./my-sae:91")
@@ -174,13 +172,13 @@ def _sae_readout(spec: str, backbone: Backbone, activation: str, center_residual
               "scaling_factor": "ignored: it scales only the decoder's input" if sae.has_scaling_factor else None}
     records = [{**record, "latent": i, "neuronpedia": sae.neuronpedia_url(i)} for i in ids]
 
-    def readout(n_seeds: int) -> Readout:
-        return Readout(list(range(len(ids))), n_seeds, centring.applied, weights, bias, sae, relu=activation == "post")
+    offset = sae.b_dec.clone() if sae.apply_b_dec_to_input else None
+    readout = Readout(list(range(len(ids))), n_seeds, centring.applied, weights, bias, offset,
+                      sae.normalize_activations, relu=activation == "post")
+    return BuiltReadout(targets, readout, records)
 
-    return BuiltReadout(targets, readout, centring, records)
 
-
-def _direction_readout(spec: str, backbone: Backbone, center_residual: str):
+def _direction_readout(spec: str, backbone: Backbone, n_seeds: int, center_residual: str) -> BuiltReadout:
     site, _, path = spec.partition("@")
     layer, hook = _hook_of(site, backbone, f"target {spec!r}")
     width = hook_width(hook, backbone.shape)
@@ -207,8 +205,4 @@ def _direction_readout(spec: str, backbone: Backbone, center_residual: str):
     records = [{"file": path, "index": None if array.ndim == 1 else i, "norm": float(norms[i]),
                 "normalized": "projected on the direction divided by its norm"} for i in range(len(rows))]
     unit = (rows / norms[:, None]).float()
-
-    def readout(n_seeds: int) -> Readout:
-        return Readout(list(range(len(rows))), n_seeds, centring.applied, unit)
-
-    return BuiltReadout(targets, readout, centring, records)
+    return BuiltReadout(targets, Readout(list(range(len(rows))), n_seeds, centring.applied, unit), records)

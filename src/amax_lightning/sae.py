@@ -81,15 +81,6 @@ class SAE:
             return True, "pre-5 SAELens configs processed the model (center_writing_weights=True) by default"
         return False, "cfg.json does not ask for centred writing weights (SAELens's default today)"
 
-    def encode_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The hook's vectors (..., d_in) as the encoder's matmul sees them: normalized, minus ``b_dec`` if asked."""
-        if self.normalize_activations == "layer_norm":
-            x = x - x.mean(dim=-1, keepdim=True)
-            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
-        elif self.normalize_activations == "constant_norm_rescale":
-            x = x * (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
-        return x - self.b_dec.to(x.device, x.dtype) if self.apply_b_dec_to_input else x
-
     def aligned_latents(self, dim: int, k: int) -> list[int]:
         """The ``k`` latents whose decoder directions have the largest cosine with basis vector ``dim``, best first."""
         if self.W_dec is None:
@@ -103,6 +94,16 @@ class SAE:
     def neuronpedia_url(self, latent: int) -> str | None:
         """The latent's Neuronpedia page, when the config names the SAE's Neuronpedia id."""
         return f"https://www.neuronpedia.org/{self.neuronpedia_id}/{latent}" if self.neuronpedia_id else None
+
+
+def normalize_input(x: torch.Tensor, how: str) -> torch.Tensor:
+    """The hook's vectors (..., d_in) normalized as sae-lens does before encoding (``NORMALIZATIONS``)."""
+    if how == "layer_norm":
+        x = x - x.mean(dim=-1, keepdim=True)
+        return x / (x.std(dim=-1, keepdim=True) + 1e-5)
+    if how == "constant_norm_rescale":
+        return x * (x.shape[-1] ** 0.5) / x.norm(dim=-1, keepdim=True)
+    return x
 
 
 def resolve_sae_folder(source: str) -> str:

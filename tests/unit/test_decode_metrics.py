@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amax_lightning.decode import nearest_token_ids_checked, nearest_tokens, top_tokens_by_cosine
+from amax_lightning.decode import nearest_token_ids_checked, nearest_tokens, nearest_tokens_with_neighbours
 from amax_lightning.metrics import UniqueTokens
 
 
@@ -78,12 +78,14 @@ def test_bf16_checked_decoding_equals_the_fp32_argmax(d, scale):
     assert torch.equal(ids, expected)
 
 
-def test_top_tokens_by_cosine_are_the_k_highest_cosines():
+def test_neighbours_are_the_k_highest_cosines():
     g = torch.Generator().manual_seed(3)
     vocab, vectors = torch.randn(500, 16, generator=g), torch.randn(2, 7, 16, generator=g)
-    ids, cosines = top_tokens_by_cosine(vectors, vocab, k=5, chunk_rows=4)
+    nearest, nearest_cosine, ids, cosines = nearest_tokens_with_neighbours(vectors, vocab, k=5, chunk_rows=4)
     full = F.normalize(vectors, dim=-1) @ F.normalize(vocab, dim=-1).T
     expected = full.topk(5, dim=-1)
     assert ids.shape == (2, 7, 5) and torch.equal(ids, expected.indices)
     torch.testing.assert_close(cosines, expected.values)
     assert torch.equal(ids[..., 0], nearest_tokens(vectors, vocab)[0])
+    assert torch.equal(nearest, nearest_tokens(vectors, vocab)[0])
+    torch.testing.assert_close(nearest_cosine, nearest_tokens(vectors, vocab)[1])  # other chunking: last bits
