@@ -53,6 +53,26 @@ class Protocol:
     init_scale: float  # std of the input-embedding matrix: the scale of the initial embeddings
     vocab_norm: float  # mean L2 norm of the vocabulary's embedding rows
     numerics: dict  # precision, matmul_precision, compile_mode, chunk_rows, cpu_threads
+    method: str = "continuous"  # continuous (Adam on embeddings), gcg or epo (token search)
+    search: Optional[dict] = None  # token search's settings (top_k, candidates, fluency_weights, ...)
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """A sequence EPO evaluated that no other evaluated sequence beats on both activation and cross-entropy."""
+
+    activation: float  # the objective (aggregated activation)
+    cross_entropy: float  # the model's own mean next-token loss on the sequence, nats
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class SeedFrontier:
+    """One seed's Pareto frontier, highest activation first."""
+
+    seed: int
+    frontier: list[ParetoPoint]
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,9 @@ class UnitResults:
     data_baseline: Optional[DataBaseline] = field(default=None, metadata=OPTIONAL)
     sae: Optional[dict] = field(default=None, metadata=OPTIONAL)  # the SAE latent read (readout.py)
     direction: Optional[dict] = field(default=None, metadata=OPTIONAL)  # the direction projected on
+    method: str = "continuous"  # continuous, gcg or epo; for token search decoded_gap is 0 by construction
+    search: Optional[dict] = field(default=None, metadata=OPTIONAL)  # token search's settings
+    pareto: Optional[list[SeedFrontier]] = field(default=None, metadata=OPTIONAL)  # EPO: per seed, sorted by seed
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -220,21 +243,42 @@ def analyze_unit(protocol: Protocol, target: Target, steps: int, partial: bool, 
         reproducibility=reproducibility,
         sae=record if record and "d_sae" in record else None,
         direction=record if record and "d_sae" not in record else None,
+        method=protocol.method, search=protocol.search,
     )
 
 
+def with_pareto(unit: UnitResults, seeds: list[int], activation: torch.Tensor, cross_entropy: torch.Tensor,
+                tokens: torch.Tensor, backbone: Backbone) -> UnitResults:
+    """A unit's results with each seed's EPO frontier: ``activation``/``cross_entropy`` (seeds, F) and ``tokens``
+    (seeds, F, n_tokens) in the run's seed order, empty slots at -inf activation."""
+    frontiers = []
+    for i, seed in enumerate(seeds):
+        kept = torch.isfinite(activation[i])
+        points = [ParetoPoint(a, c, ids, backbone.tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+                  for a, c, ids in zip(activation[i][kept].tolist(), cross_entropy[i][kept].tolist(),
+                                       tokens[i][kept].tolist())]
+        frontiers.append(SeedFrontier(seed, points))
+    return dataclasses.replace(unit, pareto=sorted(frontiers, key=lambda f: f.seed))
+
+
 def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float, n_samples: int,
-                    n_simulations: int) -> list[UnitResults]:
+                    n_simulations: int, allowed: torch.Tensor | None = None) -> list[UnitResults]:
     """Each unit's results with the chance expectation of n_unique and the p-value of its own count added.
 
     The null distribution (``n_samples`` random directions drawn like the initial embeddings, std ``scale``,
     decoded) is computed once for all units and kept on disk for the next run with this vocabulary
-    (``null_model.cached_null_token_distribution``); ``n_samples`` 0 returns the units unchanged.
+    (``null_model.cached_null_token_distribution``); ``n_samples`` 0 returns the units unchanged. Token search
+    draws its initial tokens uniformly from the ``allowed`` tokens (bool mask (V,)): then that uniform
+    distribution is the null, exactly (no sampling; ``n_samples`` is recorded as 0).
     """
     if not n_samples:
         return units
     n_vectors = units[0].uniqueness.n_total
-    p = cached_null_token_distribution(vocab, n_samples, scale=scale, seed=0)
+    if allowed is not None:
+        p = allowed.double().cpu().numpy() / int(allowed.sum())
+        n_samples = 0
+    else:
+        p = cached_null_token_distribution(vocab, n_samples, scale=scale, seed=0)
     expected = expected_n_unique(p, n_vectors)
     out = []
     for unit in units:

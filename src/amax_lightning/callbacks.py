@@ -21,6 +21,7 @@ from amax_lightning.analysis import (
     atlas_of,
     with_data_baseline,
     with_null_model,
+    with_pareto,
 )
 from amax_lightning.baseline import read_text_file
 from amax_lightning.checks import check_int
@@ -206,8 +207,13 @@ class ResultsWriter(Callback):
         protocol, layout, backbone = module.protocol(), module.layout, module.backbone
         units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone,
                               module.unit_records[u]) for u, target in enumerate(module.targets)]
+        search = module.search
         units = with_null_model(units, backbone.vocab_embeddings, module.init_scale, self.null_samples,
-                                self.null_simulations)
+                                self.null_simulations, allowed=search.allowed if search is not None else None)
+        if search is not None and search.settings.fluency:
+            state = module.search_state()
+            units = [with_pareto(unit, protocol.seeds, *(t[layout.unit_rows(u)].cpu() for t in state[3:]), backbone)
+                     for u, unit in enumerate(units)]
         if len(units) > 1:
             return atlas_of(units)
         return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,

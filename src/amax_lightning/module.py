@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from typing import Optional, Union
 
@@ -28,6 +29,16 @@ from amax_lightning.errors import NonFiniteError, UserError
 from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective, RowTensors
 from amax_lightning.priors import L2, parse_priors
 from amax_lightning.readout import build_readout
+from amax_lightning.search import (
+    METHODS,
+    TOKEN_METHODS,
+    SearchSettings,
+    SearchState,
+    TokenSearch,
+    allowed_tokens,
+    log_spaced_weights,
+    parse_exclude_tokens,
+)
 from amax_lightning.seeds import parse_seeds
 from amax_lightning.targets import Target
 
@@ -89,12 +100,29 @@ class ActMaxModule(LightningModule):
     center_residual
         Read residual-stream hooks minus their mean over d_model (TransformerLens's ``center_writing_weights``):
         ``auto`` (when an SAE was trained so; see ``readout.py``), ``true`` or ``false``.
+    method
+        How rows are optimized: ``continuous`` (Adam on the input embeddings; the study's protocol), or token search
+        over real tokens (``search.py``): ``gcg`` (gradient-guided single-token swaps) or ``epo`` (a population
+        trading activation against the model's own cross-entropy, with a Pareto frontier).
+    top_k
+        Token search: candidate tokens per position, ranked by the one-hot gradient.
+    candidates
+        Token search: sequences scored per seed per step (EPO: shared among the population's members).
+    population
+        EPO: members per seed; their fluency weights are log-spaced over [0.1, 10] unless ``fluency_weights``.
+    fluency_weights
+        EPO: one cross-entropy weight per member (>= 0), instead of the log-spaced ones.
+    exclude_tokens
+        Token search: ids (``"13,198"``) or a file of ids never used; special tokens are always excluded.
+    retokenize
+        Token search: keep only sequences whose decoded text encodes back to the same ids.
     backbone
         A ready ``Backbone`` to use instead of loading ``model_name_or_path`` (tests, benchmarks, notebooks).
     """
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors",
-                     "sae_activation", "center_residual")
+                     "sae_activation", "center_residual", "method", "top_k", "candidates", "population", "fluency_weights",
+                     "exclude_tokens", "retokenize")
 
     def __init__(
         self,
@@ -112,6 +140,13 @@ class ActMaxModule(LightningModule):
         chunk_rows: int = 0,
         sae_activation: str = "pre",
         center_residual: str = "auto",
+        method: str = "continuous",
+        top_k: int = 256,
+        candidates: int = 128,
+        population: int = 8,
+        fluency_weights: Optional[list[float]] = None,
+        exclude_tokens: str = "",
+        retokenize: bool = True,
         backbone: Optional[Backbone] = None,
     ):
         super().__init__()
@@ -123,6 +158,7 @@ class ActMaxModule(LightningModule):
         self.matmul_precision = check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
         self.compile_mode = check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_choice("aggregate", aggregate, AGGREGATIONS)
+        self.method = check_choice("method", method, METHODS)
         parsed = parse_priors(priors)
         priors_used = parsed.priors + ([L2(self.l2)] if self.l2 else [])
         self.prior_names = parsed.names + ([priors_used[-1].describe()] if self.l2 else [])
@@ -141,7 +177,17 @@ class ActMaxModule(LightningModule):
         self.objective = RowObjective(backbone, targets, layout, built.readout, aggregate, parsed.parameterization,
                                       priors_used)
         self.unit_records = built.records  # per unit: the SAE latent or direction it reads (results.json)
-        self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
+        self.search: TokenSearch | None = None
+        if self.method in TOKEN_METHODS:
+            self.automatic_optimization = False  # the step picks tokens; no optimizer
+            self.search = self._token_search(top_k, candidates, population, fluency_weights, exclude_tokens,
+                                             retokenize)
+            for name, tensor in zip(SearchState._fields, self.search.initial_state(self.n_tokens)):
+                self.register_buffer(f"search_{name}", tensor)
+            initial = backbone.embed_tokens(TokenSearch.best_member(self.search_state())).detach()
+            self.parameter = nn.Parameter(initial)  # the best sequence's input embedding, per row
+        else:
+            self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
         self.model_name_or_path = model_name_or_path
         self.init_scale = backbone.embedding_std
         self.vocab_norm = float(backbone.vocab_embeddings.detach().norm(dim=-1).mean())
@@ -152,6 +198,34 @@ class ActMaxModule(LightningModule):
         self.history_steps: list[int] = []
         self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
+
+    def _token_search(self, top_k, candidates, population, fluency_weights, exclude_tokens, retokenize) -> TokenSearch:
+        """The GCG / EPO search of this run's rows, its options checked (one-line UserErrors)."""
+        if self.prior_names:
+            raise UserError(f"priors {', '.join(self.prior_names)} act on continuous embeddings; method {self.method} "
+                            "searches real tokens: drop --model.priors and --model.l2")
+        if self.compile_mode != "none":
+            raise UserError(f"compile_mode {self.compile_mode!r} applies to method continuous; token search runs eager")
+        if self.method == "epo" and not self.backbone.is_gpt2:
+            raise UserError("method 'epo' needs a GPT-2 model (its cross-entropy uses the tied LM head)")
+        top_k = check_int("top_k", top_k, low=1)
+        candidates = check_int("candidates", candidates, low=1)
+        if self.method == "gcg":
+            weights = (0.0,)
+        elif fluency_weights is None:
+            weights = tuple(log_spaced_weights(check_int("population", population, low=1, high=candidates)))
+        else:
+            weights = tuple(check_number("fluency_weights", float(w), low_open=False) for w in fluency_weights)
+            if not weights:
+                raise UserError("fluency_weights is empty; give one weight per population member, e.g. [0.1, 1, 10]")
+        check_run_size(self.n_rows * max(candidates, len(weights)), self.n_tokens, self.backbone.d_model)
+        exclude = parse_exclude_tokens(exclude_tokens, self.backbone.vocab_embeddings.shape[0])
+        settings = SearchSettings(self.method, top_k, candidates, weights, bool(retokenize))
+        return TokenSearch(self.objective, settings, allowed_tokens(self.backbone, exclude))
+
+    def search_state(self) -> SearchState:
+        """Every row's token-search state (token search only)."""
+        return SearchState(*(getattr(self, f"search_{name}") for name in SearchState._fields))
 
     # --- what the run is ----------------------------------------------------------------------------
     @property
@@ -190,8 +264,17 @@ class ActMaxModule(LightningModule):
         return Protocol(
             model=self.model_name_or_path, aggregate=self.aggregate, priors=list(self.prior_names),
             n_tokens=self.n_tokens, lr=self.lr, l2=self.l2, seeds=self.seeds, init_scale=self.init_scale,
-            vocab_norm=self.vocab_norm, numerics=self.numerics(),
+            vocab_norm=self.vocab_norm, numerics=self.numerics(), method=self.method, search=self.search_settings(),
         )
+
+    def search_settings(self) -> dict | None:
+        """Token search's settings as results.json records them; None for the continuous method."""
+        if self.search is None:
+            return None
+        settings = self.search.settings
+        return {"top_k": self.search.top_k, "candidates": settings.candidates,
+                "fluency_weights": list(settings.fluency_weights) if settings.fluency else None,
+                "retokenize": settings.retokenize, "allowed_tokens": len(self.search.allowed_ids)}
 
     def numerics(self) -> dict:
         """How the run computed: Lightning precision, fp32 matmul precision, compile mode, rows per chunk, CPU threads."""
@@ -229,6 +312,18 @@ class ActMaxModule(LightningModule):
 
     def _automatic_chunk_rows(self) -> int:
         shard = self.layout.shard
+        if self.search is not None:  # a row's step holds its candidates: size chunks for them, with their graph
+            candidates = self.search.settings.candidates
+
+            def probe_search(n: int) -> torch.Tensor:
+                rows = slice(shard.start, shard.start + n)
+                tokens = self.search_tokens[rows, :1].expand(-1, candidates, -1)
+                embedding = self.backbone.embed_tokens(tokens).detach().requires_grad_()
+                activation, ce = self.search.values(embedding, tokens, rows)
+                return (activation - ce).sum()
+
+            return automatic_chunk_rows(probe_search, shard.stop - shard.start, self.device,
+                                        self.n_tokens * candidates)
 
         def probe(n: int) -> torch.Tensor:  # eager: the saved tensors of the plain graph, and no extra compiles
             rows = slice(shard.start, shard.start + n)
@@ -264,8 +359,11 @@ class ActMaxModule(LightningModule):
         """Forward and exact gradient of every chunk of this process's rows, all inside ``matmul_precision``.
 
         Returns a surrogate with the true loss as its value and exactly these gradients, so Lightning's
-        backward, DDP's average and Adam see the same step as for one batch.
+        backward, DDP's average and Adam see the same step as for one batch. Token search: one search step.
         """
+        if self.search is not None:
+            self.optimizers().step(closure=self._search_step)
+            return None
         world = self.layout.world_size
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed: scale each chunk's backward too
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
@@ -273,12 +371,47 @@ class ActMaxModule(LightningModule):
             grad, (embedding, activations, loss) = chunked_value_and_grad(
                 self.step_forward, self.parameter, self.row_chunks(), grad_scale=world, loss_scale=loss_scale)
         self._check_finite(activations, loss)  # once per step, after all chunks: one host sync
-        self._log_step(embedding, activations, loss)
+        self._log_step(self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1))
         return surrogate_loss(self.parameter[self.layout.shard], grad, loss.sum() * world)
+
+    def _search_step(self) -> None:
+        """One GCG / EPO step of this process's rows; every process then holds every row's new state."""
+        shard = self.layout.shard
+        with float32_matmul_precision(self.matmul_precision):
+            local, _ = self.search.step(self.search_state().rows(shard), self.row_chunks(), self.global_step)
+        self._check_finite(local.activation, local.activation.max(dim=1).values)
+        for name, tensor in zip(SearchState._fields, local):
+            getattr(self, f"search_{name}").copy_(self.gather_rows(tensor))
+        state = self.search_state()
+        best = TokenSearch.best_member(state)
+        self.parameter.data.copy_(self.backbone.embed_tokens(best))
+        objective = state.activation.max(dim=1).values
+        self._log_step(objective, -objective, self.parameter.detach().norm(dim=-1).mean(-1), gathered=True)
+        if not (self.global_step + 1) % self.trainer.log_every_n_steps and len(self.targets) == 1:
+            self._log_sequences(best, objective)
+
+    def _log_sequences(self, best: torch.Tensor, objective: torch.Tensor) -> None:
+        """The best sequence of every seed as a TensorBoard text table (rank 0, TensorBoard loggers only)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not self.trainer.is_global_zero:
+            return
+        lines = ["| seed | objective | text |", "|---:|---:|---|"]
+        for seed, ids, value in zip(self.seeds, best.tolist(), objective.tolist()):
+            text = self.backbone.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            lines.append(f"| {seed} | {value:.4g} | {json.dumps(text)} |")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("search/best_sequences", "\n".join(lines), self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on the parameter; the priors' projections run inside every optimizer step, after the update,
-        so a checkpoint or an interrupt never sees an unprojected parameter."""
+        so a checkpoint or an interrupt never sees an unprojected parameter.
+
+        Token search updates tokens, not by gradient: its step runs as the closure of an SGD step with lr 0 (the
+        parameter never has a gradient, so SGD leaves it alone), because Lightning counts optimizer steps."""
+        if self.search is not None:
+            return torch.optim.SGD([self.parameter], lr=0.0)
         optimizer = torch.optim.Adam([self.parameter], lr=self.lr)
         optimizer.register_step_post_hook(lambda *_: self.objective.project_(self.parameter.data))
         return optimizer
@@ -304,10 +437,11 @@ class ActMaxModule(LightningModule):
                 f"try a smaller lr (now {self.lr}) or an l2 penalty"
             )
 
-    def _log_step(self, embedding: torch.Tensor, activations: torch.Tensor, loss: torch.Tensor) -> None:
+    def _log_step(self, objective: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor, gathered: bool = False) -> None:
+        """Record each row's objective (rows,) for the history; log objective, loss and mean vector norm."""
         with torch.no_grad():
-            stats = torch.stack([self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1)], dim=-1)
-            stats = self.gather_rows(stats)  # (rows, 3): objective, loss, mean vector norm
+            stats = torch.stack([objective, loss, norm], dim=-1)
+            stats = stats if gathered else self.gather_rows(stats)  # (rows, 3): objective, loss, mean vector norm
         self.history_steps.append(self.global_step)
         self.history.append(stats[:, 0].detach())
         if (self.global_step + 1) % self.trainer.log_every_n_steps:
@@ -332,7 +466,11 @@ class ActMaxModule(LightningModule):
     def evaluate(self) -> RowTensors:
         """Every row's end-of-fit tensors (``RowObjective.evaluate``), gathered from all processes (a collective
         under DDP), outside autocast and any step's matmul precision."""
-        local = self.objective.evaluate(self.parameter, self.row_chunks())
+        chunks = self.row_chunks()
+        token_ids = None
+        if self.search is not None:  # the searched tokens themselves, not the nearest tokens of their embeddings
+            token_ids = TokenSearch.best_member(self.search_state())[self.layout.shard]
+        local = self.objective.evaluate(self.parameter, chunks, token_ids=token_ids)
         return RowTensors(*(self.gather_rows(t) for t in local))
 
     # --- checkpoints ---------------------------------------------------------------------------------
@@ -356,7 +494,8 @@ class ActMaxModule(LightningModule):
 
         The activation history rides along, so a resumed run's report shows the whole optimization.
         """
-        checkpoint["state_dict"] = {"parameter": checkpoint["state_dict"]["parameter"]}
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
+                                    if key == "parameter" or key.startswith("search_")}
         steps, values = self.activation_history()
         checkpoint["activation_history"] = {"steps": torch.tensor(steps, dtype=torch.long), "values": values}
         if self.chunk_rows_used is not None:  # a resumed automatic run keeps its chunks where it can: same arithmetic

@@ -48,7 +48,8 @@ class NullModelResult:
     n_vectors
         Vectors per study (seeds x tokens, e.g. 50).
     n_samples
-        Random directions decoded to estimate the null token distribution.
+        Random directions decoded to estimate the null token distribution; 0 when the distribution is exact
+        (token search: uniform over the allowed tokens, as its initial tokens are drawn).
     expected_n_unique
         Exact ``E[n_unique]`` for ``n_vectors`` i.i.d. draws from the estimated distribution.
     observed_n_unique

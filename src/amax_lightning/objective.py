@@ -191,13 +191,19 @@ class RowObjective(nn.Module):
         return RowValues(embedding, activations, loss)
 
     @torch.no_grad()
-    def evaluate(self, parameter: torch.Tensor, chunks: list[slice]) -> RowTensors:
+    def evaluate(self, parameter: torch.Tensor, chunks: list[slice], token_ids: torch.Tensor | None = None
+                 ) -> RowTensors:
         """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest token
         and ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized model input and at the
-        decoded token ids."""
+        decoded token ids. ``token_ids`` (rows, n_tokens), when the rows are real tokens (token search), are the
+        decoded tokens themselves."""
         embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
-        token_ids, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
+        nearest, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
             embedding, self.backbone.vocab_embeddings, k=TOP_K)
+        if token_ids is None:
+            token_ids = nearest
+        else:
+            cosine = torch.nn.functional.cosine_similarity(embedding, self.backbone.embed_tokens(token_ids), dim=-1)
         start = chunks[0].start
 
         def activations(model_input: torch.Tensor) -> torch.Tensor:

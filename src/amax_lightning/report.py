@@ -21,7 +21,8 @@ def summary_markdown(results: UnitResults) -> str:
     priors = ", ".join(results.priors) or "none"
     lines = [
         f"target {results.target} ({results.aggregate} over positions) of {results.model}, "
-        f"{results.steps} steps, lr {results.lr}, priors: {priors}" + (" — PARTIAL" if results.partial else ""),
+        f"{results.steps} steps, " + (f"lr {results.lr}, priors: {priors}" if results.method == "continuous"
+                                      else f"method {results.method}") + (" — PARTIAL" if results.partial else ""),
         "",
         "| seed | tokens | cosine | final activation | decoded activation |",
         "|---:|---|---|---:|---:|",
@@ -36,7 +37,7 @@ def summary_markdown(results: UnitResults) -> str:
     null = results.null_model
     if null:
         lines.append(
-            f"chance (random directions decoded): expected {null.expected_n_unique:.1f} unique of {null.n_vectors}, "
+            f"chance ({'random directions decoded' if null.n_samples else 'uniform over the allowed tokens'}): expected {null.expected_n_unique:.1f} unique of {null.n_vectors}, "
             f"p-value of {u.n_unique} or fewer = {null.p_value:.3g}"
         )
     data = results.data_baseline
@@ -70,6 +71,8 @@ def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[i
         "embedding_similarity": _similarity(results),
         "nearest_cosine": _nearest_cosine(results),
     }
+    if results.pareto:
+        figures["pareto"] = _pareto(results)
     for name, figure in figures.items():
         _save_figure(figure, os.path.join(log_dir, f"{name}.png"))
     header = "step," + ",".join(f"seed_{s}" for s in history_seeds)
@@ -96,6 +99,19 @@ def _curves(results: UnitResults, steps: list[int], history: torch.Tensor, histo
         axes.plot(steps, history[:, column].numpy(), lw=1, label=f"seed {seed}")
     axes.set(xlabel="step", ylabel=f"objective ({results.aggregate} activation)", title=results.target)
     if steps and len(history_seeds) <= 12:
+        axes.legend(fontsize=7, ncol=2)
+    return figure
+
+
+def _pareto(results: UnitResults):
+    """EPO: each seed's frontier of activation against the model's own cross-entropy."""
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for seed in results.pareto:
+        points = sorted((p.cross_entropy, p.activation) for p in seed.frontier)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, lw=1, label=f"seed {seed.seed}")
+    axes.set(xlabel="cross-entropy (nats per token)", ylabel=f"objective ({results.aggregate} activation)",
+             title=f"EPO Pareto frontiers: {results.target}")
+    if len(results.pareto) <= 12:
         axes.legend(fontsize=7, ncol=2)
     return figure
 

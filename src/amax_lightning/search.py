@@ -1,0 +1,338 @@
+"""Token search: GCG and EPO over real tokens, batched over rows, exact and deterministic; no Lightning here.
+
+GCG (Zou et al. 2023, nanoGCG): per step, the gradient of each row's objective with respect to its one-hot input
+(through the input-embedding matrix) ranks, per position, the ``top_k`` tokens of largest first-order gain;
+``candidates`` single-token swaps per row are drawn from them; all rows x candidates are scored in one batched
+(truncated) forward, and each row keeps its best sequence: the current one unless a swap beats it.
+
+EPO (Thompson et al. 2024, "Fluent dreaming"): per row a population; member i maximizes
+``activation - fluency_weights[i] * cross_entropy`` (the model's own mean next-token loss on the sequence, nats).
+Children come from the same swaps (child j from member ``j % population``); each member becomes the best of the
+pooled members and children under its own weight. Every evaluated (activation, cross_entropy) point feeds each
+row's Pareto frontier.
+
+Randomness: the initial tokens come from ``Generator().manual_seed(seed)`` and the swaps of step ``t`` from a
+generator seeded by ``(seed, t)``: a row follows the same trajectory alone, in any batch, on any process, and
+after a resume (the step count restores the generator). Objectives of kept members are stored, never recomputed,
+so each member's objective never decreases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amax_lightning.backbone import Backbone
+from amax_lightning.chunking import chunked_value_and_grad
+from amax_lightning.errors import UserError, first_line
+from amax_lightning.objective import RowObjective
+
+METHODS = ("continuous", "gcg", "epo")
+TOKEN_METHODS = ("gcg", "epo")
+FRONTIER_CAPACITY = 512  # Pareto points kept per row; beyond it the highest-activation ones are kept
+MAX_INITIAL_DRAWS = 1000  # draws of an initial sequence that must survive retokenization
+_RETOKENIZE_CACHE_SIZE = 1_000_000
+
+
+def log_spaced_weights(population: int, low: float = 0.1, high: float = 10.0) -> list[float]:
+    """``population`` fluency weights log-spaced over ``[low, high]`` (EPO's default population)."""
+    if population == 1:
+        return [low]
+    return [float(low * (high / low) ** (i / (population - 1))) for i in range(population)]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of seed ``seed``'s swaps at step ``step`` (independent streams via numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def parse_exclude_tokens(spec: str, vocab_size: int) -> list[int]:
+    """Token ids from ``spec``: ``""``, ids ``"13,198"``, or a text file of ids separated by commas or whitespace."""
+    spec = (spec or "").strip()
+    if not spec:
+        return []
+    text, where = spec, "exclude_tokens"
+    if not all(part.strip().isdigit() for part in spec.split(",")):
+        if not os.path.isfile(spec):
+            raise UserError(f"exclude_tokens {spec!r} is neither comma-separated token ids nor a file of ids")
+        try:
+            with open(spec, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"exclude_tokens file {spec!r} cannot be read: {first_line(exc)}") from exc
+        where = f"exclude_tokens file {spec!r}"
+    ids = []
+    for part in text.replace(",", " ").split():
+        if not part.isdigit() or int(part) >= vocab_size:
+            raise UserError(f"{where}: {part!r} is not a token id; allowed: integers 0..{vocab_size - 1}")
+        ids.append(int(part))
+    return ids
+
+
+def allowed_tokens(backbone: Backbone, exclude: list[int]) -> torch.Tensor:
+    """Bool mask (V,) of the tokens a search may use: not special, known to the tokenizer, not in ``exclude``."""
+    vocab_size = backbone.vocab_embeddings.shape[0]
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    allowed[: min(vocab_size, len(backbone.tokenizer))] = True
+    allowed[[i for i in backbone.tokenizer.all_special_ids if i < vocab_size]] = False
+    allowed[exclude] = False
+    if not allowed.any():
+        raise UserError("exclude_tokens leaves no token to search over")
+    return allowed
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """How rows are searched: ``method`` (``gcg`` or ``epo``), swaps from the gradient's ``top_k`` tokens per
+    position, ``candidates`` children per row per step, one fluency weight per population member (GCG: ``(0.0,)``),
+    and whether candidates must survive decode -> encode (``retokenize``)."""
+
+    method: str
+    top_k: int
+    candidates: int
+    fluency_weights: tuple[float, ...]
+    retokenize: bool
+
+    @property
+    def population(self) -> int:
+        return len(self.fluency_weights)
+
+    @property
+    def fluency(self) -> bool:
+        """Whether the cross-entropy is computed (EPO)."""
+        return self.method == "epo"
+
+
+class SearchState(NamedTuple):
+    """Every row's search state (row order of the run); also what a checkpoint holds."""
+
+    tokens: torch.Tensor  # (rows, population, n_tokens) long: each member's sequence
+    activation: torch.Tensor  # (rows, population): each member's objective (the aggregated activation)
+    cross_entropy: torch.Tensor  # (rows, population): each member's mean next-token loss (0 for GCG)
+    frontier_activation: torch.Tensor  # (rows, F): Pareto points, -inf where empty (F = 0 for GCG)
+    frontier_cross_entropy: torch.Tensor  # (rows, F): +inf where empty
+    frontier_tokens: torch.Tensor  # (rows, F, n_tokens)
+
+    def rows(self, selected: slice) -> SearchState:
+        return SearchState(*(tensor[selected] for tensor in self))
+
+
+class Evaluated(NamedTuple):
+    """The children scored in one step, per row: (rows, candidates[, n_tokens]); ``valid`` False = filtered out."""
+
+    tokens: torch.Tensor
+    activation: torch.Tensor
+    cross_entropy: torch.Tensor
+    valid: torch.Tensor
+
+
+def pareto_merge(frontier: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 points: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 capacity: int = FRONTIER_CAPACITY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the non-dominated points (higher activation, lower cross-entropy) among a frontier and new points.
+
+    Each argument is (activation (rows, n), cross_entropy (rows, n), tokens (rows, n, T)); empty slots hold
+    (-inf, +inf). Exact duplicates of (activation, cross_entropy) keep the first. The result has ``capacity``
+    slots per row, highest activation first.
+    """
+    act = torch.cat([frontier[0], points[0]], dim=1)
+    ce = torch.cat([frontier[1], points[1]], dim=1)
+    tokens = torch.cat([frontier[2], points[2]], dim=1)
+    order = torch.argsort(ce, dim=1, stable=True)  # activation descending, ties by cross-entropy ascending
+    order = order.gather(1, torch.argsort(act.gather(1, order), dim=1, descending=True, stable=True))
+    act, ce = act.gather(1, order), ce.gather(1, order)
+    tokens = tokens.gather(1, order[..., None].expand_as(tokens))
+    best_before = torch.cummin(ce, dim=1).values.roll(1, dims=1)
+    best_before[:, 0] = math.inf
+    keep = ce < best_before  # lower cross-entropy than every point of at least its activation
+    front = torch.argsort(keep.to(torch.int8), dim=1, descending=True, stable=True)[:, :capacity]
+    kept = keep.gather(1, front)
+    act = torch.where(kept, act.gather(1, front), -math.inf)
+    ce = torch.where(kept, ce.gather(1, front), math.inf)
+    tokens = torch.where(kept[..., None], tokens.gather(1, front[..., None].expand(-1, -1, tokens.shape[-1])), 0)
+    return act, ce, tokens
+
+
+class TokenSearch:
+    """GCG / EPO steps over the rows of a ``RowObjective`` (its backbone, readout, layout and aggregation).
+
+    Parameters
+    ----------
+    objective
+        The run's rows; its priors must be empty (they act on continuous embeddings).
+    settings
+        ``SearchSettings``.
+    allowed
+        Bool mask (V,) of usable tokens (``allowed_tokens``).
+    """
+
+    def __init__(self, objective: RowObjective, settings: SearchSettings, allowed: torch.Tensor) -> None:
+        self.objective = objective
+        self.settings = settings
+        self.allowed = allowed
+        self.allowed_ids = allowed.nonzero().flatten()
+        self.top_k = min(settings.top_k, len(self.allowed_ids))
+        self._retokenizes: dict[tuple[int, ...], bool] = {}
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.objective.backbone
+
+    # --- start ---------------------------------------------------------------------------------------
+    def initial_state(self, n_tokens: int) -> SearchState:
+        """Every row's start: each seed's draw (uniform over the allowed tokens, re-drawn until it survives
+        retokenization when asked), for every member and unit; objectives NaN until the first step scores them."""
+        per_seed = torch.stack([self.initial_tokens(seed, n_tokens) for seed in self.objective.layout.seeds])
+        rows, population = self.objective.layout.n_rows, self.settings.population
+        tokens = per_seed.repeat(self.objective.layout.n_units, 1)[:, None].expand(-1, population, -1).clone()
+        capacity = FRONTIER_CAPACITY if self.settings.fluency else 0
+        return SearchState(
+            tokens, torch.full((rows, population), math.nan), torch.zeros(rows, population),
+            torch.full((rows, capacity), -math.inf), torch.full((rows, capacity), math.inf),
+            torch.zeros(rows, capacity, n_tokens, dtype=torch.long))
+
+    def initial_tokens(self, seed: int, n_tokens: int) -> torch.Tensor:
+        """Seed ``seed``'s first sequence (n_tokens,), drawn with ``Generator().manual_seed(seed)``."""
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(MAX_INITIAL_DRAWS):
+            ids = self.allowed_ids[torch.randint(len(self.allowed_ids), (n_tokens,), generator=generator)]
+            if not self.settings.retokenize or self.retokenizes(ids[None])[0]:
+                return ids
+        raise UserError(f"no sequence of {n_tokens} allowed tokens survived retokenization in {MAX_INITIAL_DRAWS} "
+                        "draws; set --model.retokenize false or allow more tokens")
+
+    def retokenizes(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Bool (n,): whether each sequence (n, T) decodes to a text that encodes back to the same ids."""
+        keys = [tuple(row) for row in sequences.tolist()]
+        todo = sorted({key for key in keys if key not in self._retokenizes})
+        if todo:
+            if len(self._retokenizes) + len(todo) > _RETOKENIZE_CACHE_SIZE:
+                self._retokenizes.clear()
+            tokenizer = self.backbone.tokenizer
+            texts = tokenizer.batch_decode([list(key) for key in todo], clean_up_tokenization_spaces=False)
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self._retokenizes.update({key: tuple(ids) == key for key, ids in zip(todo, encoded)})
+        return torch.tensor([self._retokenizes[key] for key in keys], dtype=torch.bool)
+
+    # --- what the model says -------------------------------------------------------------------------
+    def values(self, embedding: torch.Tensor, tokens: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation objective and cross-entropy, each (rows, n), of n sequences per row: ``embedding`` (rows, n, T, d)
+        of ``tokens`` (rows, n, T). Sequences of row r read row r's unit."""
+        n_rows, n = tokens.shape[:2]
+        flat = embedding.flatten(0, 1)
+        units = self.objective.readout.row_units[rows].repeat_interleave(n)
+        values = self.backbone.hook_values(flat, self.objective.targets[0])
+        activation = self.objective.objective(self.objective.readout.read(values, units)).view(n_rows, n)
+        if not self.settings.fluency or tokens.shape[-1] < 2:
+            return activation, torch.zeros_like(activation)
+        logits = self.backbone.lm_logits(flat[:, :-1])
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(0, 1)[:, 1:].flatten(), reduction="none")
+        return activation, ce.view(n_rows, n, -1).mean(dim=-1).to(activation.dtype)
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation objective and cross-entropy (rows, n) of token sequences (rows, n, T), forward only."""
+        return self.values(self.backbone.embed_tokens(tokens), tokens, rows)
+
+    def weights(self, like: torch.Tensor) -> torch.Tensor:
+        """The members' fluency weights (population,) as a tensor like ``like``."""
+        return torch.tensor(self.settings.fluency_weights, dtype=like.dtype, device=like.device)
+
+    def top_tokens(self, tokens: torch.Tensor, chunks: list[slice]) -> torch.Tensor:
+        """Per row, member and position the ``top_k`` allowed tokens of largest first-order gain of the member's
+        objective, shape (rows, population, T, top_k): the objective's gradient with respect to the one-hot input
+        is ``grad_embedding @ E.T`` (E the input-embedding matrix)."""
+        start = chunks[0].start
+        weights = self.weights(self.backbone.vocab_embeddings)
+        local_chunks = [slice(rows.start - start, rows.stop - start) for rows in chunks]
+
+        def loss(embedding: torch.Tensor, local: slice):
+            rows = slice(local.start + start, local.stop + start)
+            activation, ce = self.values(embedding, tokens[local], rows)
+            return (-(activation - weights * ce).sum(dim=-1),)
+
+        grad, _ = chunked_value_and_grad(loss, self.backbone.embed_tokens(tokens).detach(), local_chunks)
+        vocab = self.backbone.vocab_embeddings
+        blocked = ~self.allowed.to(vocab.device)
+        top = []
+        for local in local_chunks:
+            gain = -(grad[local].to(vocab.dtype) @ vocab.T)  # (rows, population, T, V)
+            gain[..., blocked] = -math.inf
+            top.append(gain.topk(self.top_k, dim=-1).indices)
+        return torch.cat(top)
+
+    # --- one step ------------------------------------------------------------------------------------
+    def children(self, tokens: torch.Tensor, top: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
+        """``candidates`` single-token swaps per row (rows, candidates, T): child j of member ``j % population``
+        gets, at a uniform position, a uniform pick of that position's top tokens, drawn with ``step_generator``."""
+        n_rows, population, n_tokens = tokens.shape
+        count = self.settings.candidates
+        draws = [(torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g))
+                 for g in (step_generator(self.objective.layout.seed_of(r), step) for r in range(rows.start, rows.stop))]
+        position = torch.stack([d[0] for d in draws]).to(tokens.device)  # (rows, candidates)
+        choice = torch.stack([d[1] for d in draws]).to(tokens.device)
+        parent = torch.arange(count, device=tokens.device) % population
+        base = tokens[:, parent]  # (rows, candidates, T)
+        picked = top[torch.arange(n_rows, device=tokens.device)[:, None], parent, position, choice]
+        return base.scatter(2, position[..., None], picked[..., None])
+
+    def step(self, state: SearchState, chunks: list[slice], step: int) -> tuple[SearchState, Evaluated]:
+        """One GCG / EPO step of the rows in ``chunks`` (consecutive; ``state`` holds just those rows).
+
+        Returns the rows' new state and the children it scored.
+        """
+        start = chunks[0].start
+        local = lambda rows: slice(rows.start - start, rows.stop - start)  # noqa: E731
+        if torch.isnan(state.activation).any():  # the first step: score the initial members
+            scored = [self.score(state.tokens[local(rows)], rows) for rows in chunks]
+            state = state._replace(activation=torch.cat([s[0] for s in scored]),
+                                   cross_entropy=torch.cat([s[1] for s in scored]))
+            if self.settings.fluency:
+                state = self._add_to_frontier(state, state.tokens, state.activation, state.cross_entropy)
+        top = self.top_tokens(state.tokens, chunks)
+        children = torch.cat([self.children(state.tokens[local(rows)], top[local(rows)], rows, step) for rows in chunks])
+        valid = self.retokenizes(children.flatten(0, 1)).view(children.shape[:2]).to(children.device) \
+            if self.settings.retokenize else torch.ones(children.shape[:2], dtype=torch.bool, device=children.device)
+        scored = [self.score(children[local(rows)], rows) for rows in chunks]
+        activation = torch.cat([s[0] for s in scored]).to(state.activation.dtype)
+        ce = torch.cat([s[1] for s in scored]).to(state.activation.dtype)
+        evaluated = Evaluated(children, activation, ce, valid)
+        state = self._select(state, evaluated)
+        if self.settings.fluency:
+            masked_act = torch.where(valid, activation, -math.inf)
+            state = self._add_to_frontier(state, children, masked_act, torch.where(valid, ce, math.inf))
+        return state, evaluated
+
+    def _select(self, state: SearchState, evaluated: Evaluated) -> SearchState:
+        """Each member becomes the best of the pool (members, then children) under its own weight; ties keep the
+        earliest, so a member stays unless a child is strictly better."""
+        act = torch.cat([state.activation, torch.where(evaluated.valid, evaluated.activation, -math.inf)], dim=1)
+        ce = torch.cat([state.cross_entropy, torch.where(evaluated.valid, evaluated.cross_entropy, 0.0)], dim=1)
+        tokens = torch.cat([state.tokens, evaluated.tokens], dim=1)
+        weights = self.weights(act)
+        score = act[:, None, :] - weights[None, :, None] * ce[:, None, :] if self.settings.fluency \
+            else act[:, None, :].expand(-1, self.settings.population, -1)
+        best = score.argmax(dim=-1)  # (rows, population)
+        return state._replace(
+            tokens=tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[-1])),
+            activation=act.gather(1, best), cross_entropy=ce.gather(1, best))
+
+    def _add_to_frontier(self, state: SearchState, tokens, activation, ce) -> SearchState:
+        act, front_ce, front_tokens = pareto_merge(
+            (state.frontier_activation, state.frontier_cross_entropy, state.frontier_tokens),
+            (activation, ce, tokens))
+        return state._replace(frontier_activation=act, frontier_cross_entropy=front_ce, frontier_tokens=front_tokens)
+
+    @staticmethod
+    def best_member(state: SearchState) -> torch.Tensor:
+        """Per row, the sequence (rows, T) of its highest-activation member (ties: the first member)."""
+        best = state.activation.argmax(dim=1)
+        return state.tokens[torch.arange(len(best), device=best.device), best]
+
