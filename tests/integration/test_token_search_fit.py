@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_TARGET
 
 SEARCH = {"candidates": 16, "top_k": 32, "population": 4, "seeds": [0, 1, 2]}
 

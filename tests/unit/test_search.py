@@ -121,7 +121,7 @@ def test_epo_frontier_is_exactly_the_non_dominated_evaluated_points(tiny_gpt2_di
     for row in range(2):
         front = torch.isfinite(state.frontier_activation[row])
         fa, fc = state.frontier_activation[row][front], state.frontier_cross_entropy[row][front]
-        dominated = lambda a, c: bool(((act[row] >= a) & (ce[row] <= c) & ((act[row] > a) | (ce[row] < c))).any())  # noqa: E731
+        dominated = lambda a, c, x=act[row], y=ce[row]: bool(((x >= a) & (y <= c) & ((x > a) | (y < c))).any())  # noqa: E731
         assert not any(dominated(a, c) for a, c in zip(fa.tolist(), fc.tolist()))
         expected = {(a, c) for a, c in zip(act[row].tolist(), ce[row].tolist()) if not dominated(a, c)}
         assert set(zip(fa.tolist(), fc.tolist())) == expected
