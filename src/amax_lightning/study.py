@@ -2,7 +2,8 @@
 
 The study file names a fit config, the targets, and the variants (each a mapping of option -> value, e.g.
 ``{model.priors: clamp}``); every target x variant runs as one ``fit`` in this process, and the study ends
-with a table (target, variant, n_unique, chance expectation and p-value, mean decoded-activation gap)
+with a table (target, variant, n_unique, chance expectation and p-value, mean decoded-activation gap, and the
+mean objective of real tokens: the decoded tokens of continuous runs, the searched tokens of token search)
 written to ``study.md`` / ``study.csv`` in a new ``studies/version_N`` folder. A target that sweeps units
 gives one row per unit. Extra command-line arguments
 are passed to every fit, e.g. ``--trainer.max_steps 100 --model.model_name_or_path ./my-gpt2``.
@@ -22,7 +23,7 @@ from amax_lightning.errors import UserError, first_line
 from amax_lightning.runs import claim_version_folder, write_text_atomic
 
 COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
-           "results")
+           "mean_token_activation", "results")
 
 
 def load_study(path: str) -> dict:
@@ -89,6 +90,8 @@ def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
         "null_expected_n_unique": null.expected_n_unique if null else None,
         "null_p_value": null.p_value if null else None,
         "mean_decoded_gap": results.reproducibility.mean_decoded_gap,
+        # the objective real tokens reach: the searched tokens (token search) or the decoded ones (continuous)
+        "mean_token_activation": sum(run.decoded_activation for run in results.runs) / len(results.runs),
         "results": results_path,
     }
 

@@ -102,6 +102,15 @@ def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
             assert ra["position_activations"] == pytest.approx(rb["position_activations"], rel=1e-5, abs=1e-6)
 
 
+def test_ddp_token_search_equals_one_process(tiny_gpt2_dir, tmp_path):
+    """EPO over 5 seeds sharded 3 + 2 over two processes (chunks of 2) equals one process, Pareto frontiers too."""
+    args = tiny_args(tiny_gpt2_dir, "--seeds", "0-4", "--trainer.max_steps", "6", "--trainer.accelerator", "cpu",
+                     "--model.method", "epo", "--model.candidates", "8", "--model.top_k", "16", "--model.population",
+                     "2", "--results.null_samples", "100")
+    single, ddp = assert_ddp_equals_one_process(args, tmp_path)
+    assert ddp["method"] == "epo" and ddp["pareto"] == single["pareto"]
+
+
 def assert_ddp_equals_one_process(args: list[str], tmp_path: Path) -> None:
     _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.chunk_rows", "2"],
@@ -117,6 +126,7 @@ def assert_ddp_equals_one_process(args: list[str], tmp_path: Path) -> None:
         assert (a["seed"], a["token_ids"]) == (b["seed"], b["token_ids"])
         assert a["position_activations"] == pytest.approx(b["position_activations"], rel=1e-5, abs=1e-6)
         assert a["cosine"] == pytest.approx(b["cosine"], rel=1e-5, abs=1e-6)
+    return single, ddp
 
 
 # The full table of bad input runs in process (test_hostile_input.py); these few check the real subprocess path.

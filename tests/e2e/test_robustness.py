@@ -19,7 +19,9 @@ from amax_lightning.errors import NonFiniteError
 
 STEPS, EVERY, SIGNAL_STEP = 150, 25, 50
 HELPERS = str(Path(__file__).parent)
-PRIORS = {"none": ["--model.lr", "0.001"], "clamp": ["--model.priors", "clamp", "--model.lr", "0.05"]}
+SEARCH = ["--model.candidates", "8", "--model.top_k", "32", "--model.population", "2", "--trainer.max_steps", "60"]
+PRIORS = {"none": ["--model.lr", "0.001"], "clamp": ["--model.priors", "clamp", "--model.lr", "0.05"],
+          "gcg": ["--model.method", "gcg", *SEARCH], "epo": ["--model.method", "epo", *SEARCH]}
 
 
 def study_args(folder: Path, priors: str, *extra: str) -> list[str]:
@@ -75,7 +77,7 @@ def checkpoint_of(cwd: Path) -> dict:
     return torch.load(cwd / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
 
 
-@pytest.mark.parametrize("priors", ["none", "clamp"])
+@pytest.mark.parametrize("priors", ["none", "clamp", "gcg"])
 def test_resume_after_sigkill_is_exact(tiny_gpt2_dir, tmp_path, uninterrupted, priors):
     proc = run_with_helpers(study_args(tiny_gpt2_dir, priors, *signal_args("SIGKILL", SIGNAL_STEP)), tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -88,7 +90,8 @@ def test_resume_after_sigkill_is_exact(tiny_gpt2_dir, tmp_path, uninterrupted, p
         assert max(norms) == pytest.approx(high, rel=1e-5)
 
 
-@pytest.mark.parametrize("name, priors", [("SIGINT", "none"), ("SIGINT", "clamp"), ("SIGTERM", "none")])
+@pytest.mark.parametrize("name, priors", [("SIGINT", "none"), ("SIGINT", "clamp"), ("SIGTERM", "none"),
+                                         ("SIGINT", "epo")])
 def test_interrupt_saves_checkpoint_and_partial_results(tiny_gpt2_dir, tmp_path, uninterrupted, name, priors):
     proc = run_with_helpers(study_args(tiny_gpt2_dir, priors, *signal_args(name, SIGNAL_STEP)), tmp_path)
     assert proc.returncode != 0

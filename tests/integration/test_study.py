@@ -15,6 +15,7 @@ targets: [blocks.2.hook_resid_pre:5, blocks.1.mlp.hook_post:7]
 variants:
   - {}
   - {model.priors: straight_through}
+  - {model.method: gcg, model.candidates: 8, model.top_k: 16}
 """
 
 
@@ -29,19 +30,39 @@ def test_study_runs_every_target_and_variant(tiny_gpt2_dir, tmp_path, monkeypatc
         rows = list(csv.DictReader(handle))
     assert [(r["target"], r["variant"]) for r in rows] == [
         ("blocks.2.hook_resid_pre:5", "none"), ("blocks.2.hook_resid_pre:5", "priors=straight_through"),
-        ("blocks.1.mlp.hook_post:7", "none"), ("blocks.1.mlp.hook_post:7", "priors=straight_through")]
+        ("blocks.2.hook_resid_pre:5", "method=gcg candidates=8 top_k=16"),
+        ("blocks.1.mlp.hook_post:7", "none"), ("blocks.1.mlp.hook_post:7", "priors=straight_through"),
+        ("blocks.1.mlp.hook_post:7", "method=gcg candidates=8 top_k=16")]
     for row in rows:
         results = json.loads((tmp_path / row["results"]).read_text())
         assert results["target"] == row["target"] and int(row["n_unique"]) == results["uniqueness"]["n_unique"]
         assert float(row["null_p_value"]) == results["null_model"]["p_value"]
+        decoded = [run["decoded_activation"] for run in results["runs"]]
+        assert float(row["mean_token_activation"]) == pytest.approx(sum(decoded) / len(decoded))
     assert float(rows[1]["mean_decoded_gap"]) == 0.0  # straight-through optimizes real tokens
+    gcg = json.loads((tmp_path / rows[2]["results"]).read_text())
+    assert gcg["method"] == "gcg" and float(rows[2]["mean_decoded_gap"]) == 0.0
 
 
 def test_shipped_study_config_is_valid():
     from amax_lightning.study import load_study
 
-    study = load_study(str(REPO / "configs" / "priors_study.yaml"))
-    assert study["fit_config"].endswith("reproduce.yaml") and len(study["targets"]) >= 2
+    for name in ("priors_study.yaml", "methods_study.yaml"):
+        study = load_study(str(REPO / "configs" / name))
+        assert study["fit_config"].endswith("reproduce.yaml") and len(study["targets"]) >= 2
+    methods = load_study(str(REPO / "configs" / "methods_study.yaml"))["variants"]
+    assert {v.get("model.method", "continuous") for v in methods} == {"continuous", "gcg", "epo"}
+
+
+def test_token_search_config_builds_a_module(tiny_gpt2_dir, tiny_backbone):
+    import yaml
+
+    from amax_lightning.module import ActMaxModule
+
+    config = yaml.safe_load((REPO / "configs" / "token_search.yaml").read_text())
+    options = {**config["model"], "model_name_or_path": str(tiny_gpt2_dir), "target": "blocks.2.hook_resid_pre:5"}
+    module = ActMaxModule(**options, seeds=config["seeds"], backbone=tiny_backbone)
+    assert module.method == "gcg" and module.search_settings()["top_k"] == 256 and module.n_rows == 10
 
 
 @pytest.mark.parametrize(
