@@ -139,6 +139,19 @@ class Backbone(nn.Module):
         x = _gpt2_residual(self.model, inputs_embeds, target.layer)
         return _gpt2_block_hook(self.model.h[target.layer], x, target.hook)
 
+    def gpt2_hook_values(self, inputs_embeds: torch.Tensor, target: Target, start: int = 0,
+                         past: KeysValues | None = None, keep: KeysValues | None = None, final: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GPT-2 only: ``target``'s hook values (batch, tokens, width) of positions ``start, ...`` after a prefix
+        whose keys and values are ``past`` (``keep`` receives these positions'), and with ``final`` the last
+        hidden state after ``ln_f`` (batch, tokens, d_model) from the same pass (else None)."""
+        layer = target.layer
+        x = _gpt2_residual(self.model, inputs_embeds, layer, start, past, keep)
+        values = _gpt2_block_hook(self.model.h[layer], x, target.hook, past, keep, layer)
+        if not final:
+            return values, None
+        return values, self.model.ln_f(_gpt2_blocks(self.model, x, range(layer, self.n_layer), past, keep))
+
     def lm_logits(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """GPT-2's next-token logits (batch, tokens, V): every block, ``ln_f``, then the tied input embedding."""
         hidden = self.model.ln_f(_gpt2_residual(self.model, inputs_embeds, self.n_layer))
@@ -152,27 +165,41 @@ class Backbone(nn.Module):
         return out.hidden_states[layer]
 
 
-def _gpt2_residual(model: GPT2Model, inputs_embeds: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """GPT-2's residual stream after ``n_blocks`` blocks, computed from the HF modules' weights (eval mode)."""
-    n_tokens = inputs_embeds.shape[-2]
-    x = inputs_embeds + model.wpe.weight[:n_tokens]
-    for block in model.h[:n_blocks]:
-        x = x + _gpt2_attention(block.attn, block.ln_1(x))
+KeysValues = dict[int, tuple[torch.Tensor, torch.Tensor]]  # block -> attention keys, values (batch, heads, tokens, d_head)
+
+
+def _gpt2_residual(model: GPT2Model, inputs_embeds: torch.Tensor, n_blocks: int, start: int = 0,
+                   past: KeysValues | None = None, keep: KeysValues | None = None) -> torch.Tensor:
+    """GPT-2's residual stream after ``n_blocks`` blocks, computed from the HF modules' weights (eval mode).
+
+    ``inputs_embeds`` are positions ``start, start + 1, ...``; ``past`` holds every block's keys and values of the
+    positions before ``start`` (a shared prefix), and ``keep``, when given, receives those of these positions.
+    """
+    x = inputs_embeds + model.wpe.weight[start : start + inputs_embeds.shape[-2]]
+    return _gpt2_blocks(model, x, range(n_blocks), past, keep)
+
+
+def _gpt2_blocks(model: GPT2Model, x: torch.Tensor, blocks: range, past: KeysValues | None = None,
+                 keep: KeysValues | None = None) -> torch.Tensor:
+    """The residual ``x`` after the blocks ``blocks`` (see ``_gpt2_residual`` for ``past`` and ``keep``)."""
+    for i in blocks:
+        block = model.h[i]
+        x = x + _gpt2_attention(block.attn, block.ln_1(x), past, keep, i)
         x = x + block.mlp.c_proj(_gpt2_mlp_hidden(block.mlp, block.ln_2(x)))
     return x
 
 
-def _gpt2_block_hook(block: nn.Module, x: torch.Tensor, hook: str) -> torch.Tensor:
-    """The value of ``hook`` inside ``block`` for its input residual ``x``; last dim as in ``targets.HOOKS``.
-
-    Runs only as much of the block as the hook needs.
+def _gpt2_block_hook(block: nn.Module, x: torch.Tensor, hook: str, past: KeysValues | None = None,
+                     keep: KeysValues | None = None, index: int = 0) -> torch.Tensor:
+    """The value of ``hook`` inside ``block`` (block ``index``) for its input residual ``x``; last dim as in
+    ``targets.HOOKS``. Runs only as much of the block as the hook needs.
     """
     if hook == "hook_resid_pre":
         return x
     if hook in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
         q, k, v = block.attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=-1)
         return {"attn.hook_q": q, "attn.hook_k": k, "attn.hook_v": v}[hook]
-    mid = x + _gpt2_attention(block.attn, block.ln_1(x))
+    mid = x + _gpt2_attention(block.attn, block.ln_1(x), past, keep, index)
     if hook == "hook_resid_mid":
         return mid
     post_act = _gpt2_mlp_hidden(block.mlp, block.ln_2(mid))
@@ -194,12 +221,26 @@ def _gpt2_mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.act(hidden)
 
 
-def _gpt2_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2 causal self-attention of ``x`` (batch, tokens, d_model), output projection included."""
+def _gpt2_attention(attn: nn.Module, x: torch.Tensor, past: KeysValues | None = None,
+                    keep: KeysValues | None = None, index: int = 0) -> torch.Tensor:
+    """GPT-2 causal self-attention of ``x`` (batch, tokens, d_model), output projection included.
+
+    With ``past[index]`` (keys and values of p earlier positions), ``x`` holds positions p, p + 1, ... and each
+    attends to the earlier positions too; ``keep[index]`` receives the keys and values of ``x``'s positions.
+    """
     batch, n_tokens, d_model = x.shape
     q, k, v = attn.c_attn(x).split(d_model, dim=-1)
     heads = lambda t: t.view(batch, n_tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, scale=attn.scaling)
+    q, k, v = heads(q), heads(k), heads(v)
+    if keep is not None:
+        keep[index] = (k, v)
+    if past is None or index not in past or past[index][0].shape[-2] == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+    else:
+        before = past[index][0].shape[-2]
+        k, v = torch.cat([past[index][0], k], dim=-2), torch.cat([past[index][1], v], dim=-2)
+        mask = torch.arange(before + n_tokens, device=x.device) <= before + torch.arange(n_tokens, device=x.device)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
     return attn.c_proj(out.transpose(1, 2).reshape(batch, n_tokens, d_model))
 
 

@@ -226,20 +226,71 @@ class TokenSearch:
         """Activation objective and cross-entropy, each (rows, n), of n sequences per row: ``embedding`` (rows, n, T, d)
         of ``tokens`` (rows, n, T). Sequences of row r read row r's unit."""
         n_rows, n = tokens.shape[:2]
-        flat = embedding.flatten(0, 1)
+        flat, target = embedding.flatten(0, 1), self.objective.targets[0]
         units = self.objective.readout.row_units[rows].repeat_interleave(n)
-        values = self.backbone.hook_values(flat, self.objective.targets[0])
+        if not self.settings.fluency:  # EPO needs GPT-2 (checked by the module)
+            values, final = self.backbone.hook_values(flat, target), None
+        else:  # the hook and the next-token logits from one pass
+            values, final = self.backbone.gpt2_hook_values(flat, target, final=True)
         activation = self.objective.objective(self.objective.readout.read(values, units)).view(n_rows, n)
-        if not self.settings.fluency or tokens.shape[-1] < 2:
+        if final is None or tokens.shape[-1] < 2:
             return activation, torch.zeros_like(activation)
-        logits = self.backbone.lm_logits(flat[:, :-1])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(0, 1)[:, 1:].flatten(), reduction="none")
-        return activation, ce.view(n_rows, n, -1).mean(dim=-1).to(activation.dtype)
+        ce = self._next_token_losses(final[:, :-1], tokens.flatten(0, 1)[:, 1:]).mean(dim=-1)
+        return activation, ce.view(n_rows, n).to(activation.dtype)
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Activation objective and cross-entropy (rows, n) of token sequences (rows, n, T), forward only."""
         return self.values(self.backbone.embed_tokens(tokens), tokens, rows)
+
+    @torch.no_grad()
+    def score_children(self, members: torch.Tensor, children: torch.Tensor, position: torch.Tensor, rows: slice
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score`` of the children (rows, candidates, T) of ``members`` (rows, population, T), child j of member
+        ``j % population`` differing from it at ``position`` (rows, candidates) only.
+
+        On GPT-2 the positions before the swap are not recomputed: causal attention leaves them as the member's, so
+        each child runs from its swapped position on, attending to its member's keys and values (a prefix cache):
+        on average (T + 1) / 2T of the positions for a uniform swap position. Other models score in full.
+        """
+        if not self.backbone.is_gpt2:
+            return self.score(children, rows)
+        n_rows, population, n_tokens = members.shape
+        target, readout = self.objective.targets[0], self.objective.readout
+        row_units = readout.row_units[rows]
+        keep: dict = {}
+        values, final = self.backbone.gpt2_hook_values(self.backbone.embed_tokens(members.flatten(0, 1)), target,
+                                                       keep=keep, final=self.settings.fluency)
+        member_activation = readout.read(values, row_units.repeat_interleave(population))  # (rows * population, T)
+        member_terms = self._next_token_losses(final[:, :-1], members.flatten(0, 1)[:, 1:]) if final is not None \
+            else None
+        parent = torch.arange(n_rows, device=members.device)[:, None] * population \
+            + (torch.arange(children.shape[1], device=members.device) % population)[None, :]
+        activation = torch.empty(children.shape[:2], device=values.device, dtype=values.dtype)
+        ce = torch.zeros_like(activation)
+        for start in range(n_tokens):
+            row, child = (position == start).nonzero(as_tuple=True)
+            if not len(row):
+                continue
+            source, kids = parent[row, child], children[row, child]
+            past = {block: (k[source, :, :start], v[source, :, :start]) for block, (k, v) in keep.items()}
+            suffix, suffix_final = self.backbone.gpt2_hook_values(
+                self.backbone.embed_tokens(kids[:, start:]), target, start=start, past=past,
+                final=self.settings.fluency)
+            per_position = torch.cat([member_activation[source, :start], readout.read(suffix, row_units[row])], dim=1)
+            activation[row, child] = self.objective.objective(per_position)
+            if suffix_final is not None and n_tokens > 1:
+                terms = [member_terms[source, : max(start - 1, 0)]]  # earlier predictions: unchanged
+                if start > 0:  # the member's last unchanged position now predicts the swapped token
+                    terms.append(self._next_token_losses(final[source, start - 1 : start], kids[:, start : start + 1]))
+                terms.append(self._next_token_losses(suffix_final[:, :-1], kids[:, start + 1 :]))
+                ce[row, child] = torch.cat(terms, dim=1).mean(dim=1)
+        return activation, ce
+
+    def _next_token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (n, t) of GPT-2's next-token logits from final hidden states (n, t, d) against ids (n, t)."""
+        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), self.backbone.vocab_embeddings)  # one GEMM, never bmm
+        return F.cross_entropy(logits.float(), targets.flatten(), reduction="none").view(targets.shape)
 
     def weights(self, like: torch.Tensor) -> torch.Tensor:
         """The members' fluency weights (population,) as a tensor like ``like``."""
@@ -269,9 +320,11 @@ class TokenSearch:
         return torch.cat(top)
 
     # --- one step ------------------------------------------------------------------------------------
-    def children(self, tokens: torch.Tensor, top: torch.Tensor, rows: slice, step: int) -> torch.Tensor:
-        """``candidates`` single-token swaps per row (rows, candidates, T): child j of member ``j % population``
-        gets, at a uniform position, a uniform pick of that position's top tokens, drawn with ``step_generator``."""
+    def children(self, tokens: torch.Tensor, top: torch.Tensor, rows: slice, step: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``candidates`` single-token swaps per row (rows, candidates, T) and their swapped positions (rows,
+        candidates): child j of member ``j % population`` gets, at a uniform position, a uniform pick of that
+        position's top tokens, drawn with ``step_generator``."""
         n_rows, population, n_tokens = tokens.shape
         count = self.settings.candidates
         draws = [(torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g))
@@ -281,7 +334,7 @@ class TokenSearch:
         parent = torch.arange(count, device=tokens.device) % population
         base = tokens[:, parent]  # (rows, candidates, T)
         picked = top[torch.arange(n_rows, device=tokens.device)[:, None], parent, position, choice]
-        return base.scatter(2, position[..., None], picked[..., None])
+        return base.scatter(2, position[..., None], picked[..., None]), position
 
     def step(self, state: SearchState, chunks: list[slice], step: int) -> tuple[SearchState, Evaluated]:
         """One GCG / EPO step of the rows in ``chunks`` (consecutive; ``state`` holds just those rows).
@@ -297,10 +350,12 @@ class TokenSearch:
             if self.settings.fluency:
                 state = self._add_to_frontier(state, state.tokens, state.activation, state.cross_entropy)
         top = self.top_tokens(state.tokens, chunks)
-        children = torch.cat([self.children(state.tokens[local(rows)], top[local(rows)], rows, step) for rows in chunks])
+        drawn = [self.children(state.tokens[local(rows)], top[local(rows)], rows, step) for rows in chunks]
+        children, position = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
         valid = self.retokenizes(children.flatten(0, 1)).view(children.shape[:2]).to(children.device) \
             if self.settings.retokenize else torch.ones(children.shape[:2], dtype=torch.bool, device=children.device)
-        scored = [self.score(children[local(rows)], rows) for rows in chunks]
+        scored = [self.score_children(state.tokens[local(rows)], children[local(rows)], position[local(rows)], rows)
+                  for rows in chunks]
         activation = torch.cat([s[0] for s in scored]).to(state.activation.dtype)
         ce = torch.cat([s[1] for s in scored]).to(state.activation.dtype)
         evaluated = Evaluated(children, activation, ce, valid)

@@ -182,3 +182,20 @@ def test_bad_search_options_are_one_line_errors(tiny_gpt2_dir, options, message)
 def test_epo_needs_gpt2(tiny_llama_dir):
     with pytest.raises(UserError, match="method 'epo' needs a GPT-2 model"):
         make(tiny_llama_dir, target="blocks.1.hook_resid_pre:3", method="epo")
+
+
+@pytest.mark.parametrize("target", [TINY_TARGET, "blocks.1.mlp.hook_post:7", "blocks.2.hook_resid_post:3",
+                                    "blocks.1.attn.hook_v:2.5", "blocks.0.hook_resid_mid:1"])
+@pytest.mark.parametrize("method", ["gcg", "epo"])
+def test_prefix_cached_child_scores_equal_full_scores(tiny_gpt2_dir, target, method):
+    """Children scored from their swap position on (the members' keys and values as a prefix) equal full scoring."""
+    module = make(tiny_gpt2_dir, target=target, seeds=[0, 1, 2], method=method, candidates=24, top_k=40,
+                  population=3, retokenize=False)
+    state = module.search_state()
+    top = module.search.top_tokens(state.tokens, [slice(0, 3)])
+    children, position = module.search.children(state.tokens, top, slice(0, 3), step=0)
+    assert set(position.flatten().tolist()) == set(range(5))  # every swap position occurs
+    cached = module.search.score_children(state.tokens, children, position, slice(0, 3))
+    full = module.search.score(children, slice(0, 3))
+    torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
