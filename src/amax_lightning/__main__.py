@@ -1,4 +1,4 @@
-"""``python -m amax_lightning fit | study ...``: the one entry point; a user mistake is one line and exit code 2."""
+"""``python -m amax_lightning fit | study | sensitivity ...``: the one entry point; a user mistake is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from amax_lightning.errors import UserError
 
 
 def main(args: list[str] | None = None) -> None:
-    """``fit ...`` runs one study (``cli.py``), ``study ...`` a grid of them (``study.py``).
+    """``fit ...`` runs one study (``cli.py``), ``study ...`` a grid of them (``study.py``), ``sensitivity ...``
+    the perturbation study (``sensitivity_study.py``).
 
     A user mistake prints one line on stderr and exits with code 2; Ctrl-C exits 130 (1 when Lightning
     handled it), SIGTERM 143.
@@ -21,6 +22,10 @@ def main(args: list[str] | None = None) -> None:
             from amax_lightning.study import run_study
 
             run_study(argv[1:])
+        elif argv[:1] == ["sensitivity"]:
+            from amax_lightning.sensitivity_study import run_sensitivity
+
+            run_sensitivity(argv[1:])
         else:
             from amax_lightning.cli import run
 

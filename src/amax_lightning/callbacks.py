@@ -189,6 +189,8 @@ class ResultsWriter(Callback):
 
     def _finish(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool) -> None:
         """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
+        if module.layout.copies > 1:  # perturbed copies of every seed: the SensitivityRecorder reports this run
+            return
         interrupts = find_callback(trainer, DeferInterrupts)
         guard = interrupts.interrupt_now(trainer, earlier=not partial) if interrupts else contextlib.nullcontext()
         self._analyzing = not partial

@@ -194,6 +194,12 @@ def run(args: list[str] | None = None) -> ResultsWriter | None:
 
     Raises UserError (and Lightning's MisconfigurationException) for user mistakes.
     """
+    trainer = run_trainer(args)
+    return find_callback(trainer, ResultsWriter) if trainer else None
+
+
+def run_trainer(args: list[str] | None = None):
+    """Run ``fit ...`` in this process and return its Trainer (None when the command did not build one)."""
     quiet_console()
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -208,8 +214,7 @@ def run(args: list[str] | None = None) -> ResultsWriter | None:
     finally:  # Lightning restores the handlers it saw at fit start, ours included, when a fit fails
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
-    trainer = getattr(cli, "trainer", None)
-    return find_callback(trainer, ResultsWriter) if trainer else None
+    return getattr(cli, "trainer", None)
 
 
 NOT_ABOUT_THE_RUN = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer.fit` stopped")
@@ -227,7 +232,7 @@ def quiet_console() -> None:
         if not any(isinstance(f, _DropLightningChatter) for f in chatter.filters):
             chatter.addFilter(_DropLightningChatter())
     for message in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",  # the frozen backbone
-                    ".*treespec.*", ".*LeafSpec.*"):
+                    ".*treespec.*", ".*LeafSpec.*", ".*args parameter is intended to run from within Python.*"):
         warnings.filterwarnings("ignore", message=message)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -116,13 +116,18 @@ class ActMaxModule(LightningModule):
         Token search: ids (``"13,198"``) or a file of ids never used; special tokens are always excluded.
     retokenize
         Token search: keep only sequences whose decoded text encodes back to the same ids.
+    perturb_sizes
+        The sensitivity study (``sensitivity.py``): run every seed from its start perturbed by each of these
+        relative sizes (a random direction per vector, scaled to ``size`` x that vector's norm; 0 = unperturbed).
+    replicas
+        Perturbed starts per seed and size (each from its own generator), with ``perturb_sizes``.
     backbone
         A ready ``Backbone`` to use instead of loading ``model_name_or_path`` (tests, benchmarks, notebooks).
     """
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors",
                      "sae_activation", "center_residual", "method", "top_k", "candidates", "population", "fluency_weights",
-                     "exclude_tokens", "retokenize")
+                     "exclude_tokens", "retokenize", "perturb_sizes", "replicas")
 
     def __init__(
         self,
@@ -147,6 +152,8 @@ class ActMaxModule(LightningModule):
         fluency_weights: Optional[list[float]] = None,
         exclude_tokens: str = "",
         retokenize: bool = True,
+        perturb_sizes: Optional[list[float]] = None,
+        replicas: int = 1,
         backbone: Optional[Backbone] = None,
     ):
         super().__init__()
@@ -166,16 +173,21 @@ class ActMaxModule(LightningModule):
         backbone = backbone if backbone is not None else load_backbone(model_name_or_path, trust_remote_code)
         if backbone.max_positions is not None and self.n_tokens > backbone.max_positions:
             raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
-        built = build_readout(target, backbone, len(seeds), sae_activation, center_residual)
+        perturbations = self._perturbations(perturb_sizes, replicas)
+        copies = len(perturbations) if perturbations else 1
+        built = build_readout(target, backbone, len(seeds) * copies, sae_activation, center_residual)
         targets = built.targets
         if not backbone.supports(targets[0]):
             raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
         if any(p.needs_gpt2 for p in priors_used) and not backbone.is_gpt2:
             raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
-        layout = RowLayout(len(targets), tuple(seeds))
+        if copies > 1 and (len(targets) > 1 or self.method != "continuous"):
+            raise UserError("perturb_sizes needs one unit and method continuous; give the sensitivity study one "
+                            "target per run")
+        layout = RowLayout(len(targets), tuple(seeds), copies=copies)
         check_run_size(layout.n_rows, self.n_tokens, parsed.parameterization.width(backbone))
         self.objective = RowObjective(backbone, targets, layout, built.readout, aggregate, parsed.parameterization,
-                                      priors_used)
+                                      priors_used, perturbations)
         self.unit_records = built.records  # per unit: the SAE latent or direction it reads (results.json)
         self.search: TokenSearch | None = None
         if self.method in TOKEN_METHODS:
@@ -198,6 +210,19 @@ class ActMaxModule(LightningModule):
         self.history_steps: list[int] = []
         self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
+
+    @staticmethod
+    def _perturbations(sizes: Optional[list[float]], replicas: int) -> list[tuple[int, float, int]] | None:
+        """Each copy of a seed, as (size index, relative size, replica); None without ``perturb_sizes``."""
+        replicas = check_int("replicas", replicas, low=1)
+        if sizes is None:
+            if replicas != 1:
+                raise UserError(f"replicas {replicas} needs perturb_sizes, e.g. --model.perturb_sizes [0,1e-7,1e-3]")
+            return None
+        if not sizes:
+            raise UserError("perturb_sizes is empty; give relative sizes, e.g. [0, 1e-7, 1e-5, 1e-3, 1e-1]")
+        sizes = [check_number("perturb_sizes", float(size), low_open=False, high=10.0) for size in sizes]
+        return [(index, size, replica) for index, size in enumerate(sizes) for replica in range(replicas)]
 
     def _token_search(self, top_k, candidates, population, fluency_weights, exclude_tokens, retokenize) -> TokenSearch:
         """The GCG / EPO search of this run's rows, its options checked (one-line UserErrors)."""
@@ -423,8 +448,11 @@ class ActMaxModule(LightningModule):
         """The end-of-fit ResultsWriter and the interrupt handling, unless the Trainer already has them."""
         from amax_lightning.callbacks import DeferInterrupts, ResultsWriter
 
+        from amax_lightning.sensitivity import SensitivityRecorder
+
         present = lambda kind: any(isinstance(cb, kind) for cb in self.trainer.callbacks)  # noqa: E731
-        return [kind() for kind in (DeferInterrupts, ResultsWriter) if not present(kind)]
+        writer = SensitivityRecorder if self.layout.copies > 1 else ResultsWriter  # copies: the sensitivity study
+        return [kind() for kind in (DeferInterrupts, writer) if not present(kind)]
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
         """Raise NonFiniteError naming the seeds of this process's rows that went non-finite."""

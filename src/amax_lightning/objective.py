@@ -49,32 +49,45 @@ def shard_bounds(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
-    """Which unit and seed each row optimizes, and which rows process ``rank`` of ``world_size`` runs."""
+    """Which unit and seed each row optimizes, and which rows process ``rank`` of ``world_size`` runs.
+
+    Rows are units x seeds x copies, copies innermost: ``copies`` > 1 runs every seed several times from
+    perturbed starts (the sensitivity study, ``sensitivity.py``); copy c of a seed is ``row % copies``.
+    """
 
     n_units: int
     seeds: tuple[int, ...]
     world_size: int = 1
     rank: int = 0
+    copies: int = 1
 
     @property
     def n_seeds(self) -> int:
         return len(self.seeds)
 
     @property
+    def rows_per_unit(self) -> int:
+        return self.n_seeds * self.copies
+
+    @property
     def n_rows(self) -> int:
-        return self.n_units * self.n_seeds
+        return self.n_units * self.rows_per_unit
 
     def unit_of(self, row: int) -> int:
         """Index (into the run's targets) of the unit row ``row`` maximizes."""
-        return row // self.n_seeds
+        return row // self.rows_per_unit
 
     def seed_of(self, row: int) -> int:
         """The seed row ``row`` starts from."""
-        return self.seeds[row % self.n_seeds]
+        return self.seeds[(row // self.copies) % self.n_seeds]
+
+    def copy_of(self, row: int) -> int:
+        """Which of its seed's copies row ``row`` is (0 without copies)."""
+        return row % self.copies
 
     def unit_rows(self, unit: int) -> slice:
-        """The rows of unit ``unit``, one per seed in the run's seed order."""
-        return slice(unit * self.n_seeds, (unit + 1) * self.n_seeds)
+        """The rows of unit ``unit``: per seed in the run's seed order, its copies."""
+        return slice(unit * self.rows_per_unit, (unit + 1) * self.rows_per_unit)
 
     def shard_of(self, rank: int) -> slice:
         """Process ``rank``'s contiguous rows."""
@@ -141,7 +154,7 @@ class RowObjective(nn.Module):
 
     def __init__(self, backbone: Backbone, targets: list[Target], layout: RowLayout, readout: Readout,
                  aggregate: str = "mean", parameterization: TokenEmbedding | None = None,
-                 priors: list[Prior] = ()) -> None:
+                 priors: list[Prior] = (), perturbations: list[tuple[int, float, int]] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.targets = list(targets)
@@ -150,10 +163,17 @@ class RowObjective(nn.Module):
         self.parameterization = parameterization or TokenEmbedding()
         self.priors = list(priors)
         self.readout = readout
+        self.perturbations = perturbations  # per copy: (size index, relative size, replica); None = no copies
 
     def initial_parameter(self, n_tokens: int) -> torch.Tensor:
-        """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit."""
+        """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit; with
+        ``perturbations``, each copy of a seed is its draw perturbed (``sensitivity.perturb``)."""
         per_seed = self.parameterization.initial(list(self.layout.seeds), n_tokens, self.backbone)
+        if self.perturbations:
+            from amax_lightning.sensitivity import perturb
+
+            per_seed = torch.stack([perturb(start, seed, *copy) for seed, start in zip(self.layout.seeds, per_seed)
+                                    for copy in self.perturbations])
         return per_seed.repeat(self.layout.n_units, 1, 1)
 
     def embeddings(self, parameter_rows: torch.Tensor) -> torch.Tensor:
