@@ -447,7 +447,6 @@ class ActMaxModule(LightningModule):
     def configure_callbacks(self):
         """The end-of-fit ResultsWriter and the interrupt handling, unless the Trainer already has them."""
         from amax_lightning.callbacks import DeferInterrupts, ResultsWriter
-
         from amax_lightning.sensitivity import SensitivityRecorder
 
         present = lambda kind: any(isinstance(cb, kind) for cb in self.trainer.callbacks)  # noqa: E731

@@ -371,7 +371,7 @@ def figures(document: dict) -> dict:
     axes.set(yscale="log", xlabel="step", ylabel="relative distance between replicas")
     axes = out["agreement_vs_steps"][1]
     axes.set(xlabel="step", ylabel="token agreement between seeds", ylim=(-0.05, 1.05))
-    for figure, axes in out.values():
+    for _, axes in out.values():
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=7)
     return {name: figure for name, (figure, _) in out.items()}
