@@ -35,11 +35,3 @@ def test_sensitivity_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-9)
     assert ddp["numerics"]["precision"] == "32-true"
 
-
-def test_sensitivity_refuses_reserved_options_in_one_line(tiny_gpt2_dir, tmp_path):
-    (tmp_path / "s.yaml").write_text(CONFIG)
-    proc = run_cli(["sensitivity", "--config", "s.yaml", "--trainer.max_steps", "3"], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        "amax_lightning: error: --trainer.max_steps cannot be passed to sensitivity; set snapshots in the sensitivity "
-        "config")
-    assert not (tmp_path / "sensitivity").exists()

@@ -77,3 +77,16 @@ def test_sensitivity_command_end_to_end(tiny_gpt2_dir, tmp_path, monkeypatch, ca
     for name in ("agreement_vs_size.png", "distance_vs_step.png", "agreement_vs_steps.png"):
         assert (folder / name).is_file()
     assert list(folder.glob("events.out.tfevents.*"))
+
+
+def test_sensitivity_refuses_reserved_options_in_one_line(tmp_path, monkeypatch, capsys):
+    from amax_lightning.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(f"targets: [{TINY_TARGET}]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sensitivity", "--config", "s.yaml", "--trainer.max_steps", "3"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == (
+        "amax_lightning: error: --trainer.max_steps cannot be passed to sensitivity; set snapshots in the sensitivity "
+        "config")
+    assert not (tmp_path / "sensitivity").exists()

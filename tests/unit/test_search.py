@@ -23,10 +23,17 @@ def brute_dir(tmp_path_factory):
     return save_model(GPT2LMHeadModel(config), tmp_path_factory.mktemp("brute_gpt2"))
 
 
+BACKBONES: dict = {}
+
+
 def make(folder, **options):
+    """An ActMaxModule on ``folder``'s model, loaded once per folder (frozen, so modules can share it)."""
+    from amax_lightning.backbone import load_backbone
     from amax_lightning.module import ActMaxModule
 
-    return ActMaxModule(model_name_or_path=str(folder), **options)
+    if str(folder) not in BACKBONES:
+        BACKBONES[str(folder)] = load_backbone(str(folder))
+    return ActMaxModule(model_name_or_path=str(folder), backbone=BACKBONES[str(folder)], **options)
 
 
 def run_steps(module, steps: int, record=None):
@@ -184,9 +191,9 @@ def test_epo_needs_gpt2(tiny_llama_dir):
         make(tiny_llama_dir, target="blocks.1.hook_resid_pre:3", method="epo")
 
 
-@pytest.mark.parametrize("target", [TINY_TARGET, "blocks.1.mlp.hook_post:7", "blocks.2.hook_resid_post:3",
-                                    "blocks.1.attn.hook_v:2.5", "blocks.0.hook_resid_mid:1"])
-@pytest.mark.parametrize("method", ["gcg", "epo"])
+@pytest.mark.parametrize("target, method", [
+    (TINY_TARGET, "gcg"), ("blocks.1.mlp.hook_post:7", "gcg"), ("blocks.2.hook_resid_post:3", "epo"),
+    ("blocks.1.attn.hook_v:2.5", "gcg"), ("blocks.0.hook_resid_mid:1", "epo")])
 def test_prefix_cached_child_scores_equal_full_scores(tiny_gpt2_dir, target, method):
     """Children scored from their swap position on (the members' keys and values as a prefix) equal full scoring."""
     module = make(tiny_gpt2_dir, target=target, seeds=[0, 1, 2], method=method, candidates=24, top_k=40,
