@@ -502,6 +502,8 @@ def main(argv=None) -> None:
         fits["ours/fit bf16-mixed"] = ({}, "bf16-mixed")
         fits["ours/fit tf32"] = ({"matmul_precision": "high"}, "32-true")
     fits.update({f"ours/fit {m}": ({"compile_mode": m}, "32-true") for m in compile_modes})
+    for m in compile_modes[-1:] or ["none"]:  # the per-step host sync removed (issue 14's first candidate)
+        fits[f"ours/fit {m} check/50"] = ({"compile_mode": m, "finite_check_every": 50}, "32-true")
     if not args.skip_fit:
         for key, (options, precision) in fits.items():
             fit_module = make_module(target, device, **options)

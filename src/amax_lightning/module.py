@@ -116,6 +116,10 @@ class ActMaxModule(LightningModule):
         Token search: ids (``"13,198"``) or a file of ids never used; special tokens are always excluded.
     retokenize
         Token search: keep only sequences whose decoded text encodes back to the same ids.
+    finite_check_every
+        Look at the finiteness of losses and activations on the host every N steps (and at the last step and
+        before every checkpoint) instead of every step: a GPU step then never waits for the host. A bad run still
+        stops naming the seeds and the step it went bad at, and writes nothing.
     perturb_sizes
         The sensitivity study (``sensitivity.py``): run every seed from its start perturbed by each of these
         relative sizes (a random direction per vector, scaled to ``size`` x that vector's norm; 0 = unperturbed).
@@ -152,6 +156,7 @@ class ActMaxModule(LightningModule):
         fluency_weights: Optional[list[float]] = None,
         exclude_tokens: str = "",
         retokenize: bool = True,
+        finite_check_every: int = 1,
         perturb_sizes: Optional[list[float]] = None,
         replicas: int = 1,
         backbone: Optional[Backbone] = None,
@@ -162,6 +167,9 @@ class ActMaxModule(LightningModule):
         self.l2 = check_number("l2", l2, low_open=False)
         self.n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
+        self.finite_check_every = check_int("finite_check_every", finite_check_every, low=1)
+        self._first_bad_step: torch.Tensor | None = None  # deferred finiteness check: first bad step, -1 none yet
+        self._first_bad_rows: torch.Tensor | None = None
         self.matmul_precision = check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
         self.compile_mode = check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_choice("aggregate", aggregate, AGGREGATIONS)
@@ -454,15 +462,39 @@ class ActMaxModule(LightningModule):
         return [kind() for kind in (DeferInterrupts, writer) if not present(kind)]
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
-        """Raise NonFiniteError naming the seeds of this process's rows that went non-finite."""
+        """Raise NonFiniteError naming the seeds of this process's rows that went non-finite, and the step.
+
+        With ``finite_check_every`` N > 1 the host looks only every N steps, at the last step and before every
+        checkpoint (no per-step device sync); the device remembers the first bad step and its rows, so the error
+        names the step the run went bad at either way, and nothing is written.
+        """
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
-        if not bool(finite.all()):
-            start = self.layout.shard.start
-            bad = sorted({self.layout.seed_of(start + i) for i in (~finite).nonzero().flatten().tolist()})
-            raise NonFiniteError(
-                f"non-finite loss or activation for seed(s) {bad} at step {self.global_step}; "
-                f"try a smaller lr (now {self.lr}) or an l2 penalty"
-            )
+        if self.finite_check_every == 1:
+            if not bool(finite.all()):
+                self._raise_non_finite(~finite, self.global_step)
+            return
+        if self._first_bad_step is None or self._first_bad_step.device != finite.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=finite.device)
+            self._first_bad_rows = torch.zeros_like(finite)
+        first = (self._first_bad_step < 0) & ~finite.all()
+        self._first_bad_step = torch.where(first, self.global_step, self._first_bad_step)
+        self._first_bad_rows = torch.where(first, ~finite, self._first_bad_rows)
+        step = self.global_step + 1
+        if step % self.finite_check_every == 0 or step == self.trainer.max_steps:
+            self.flush_finite_check()
+
+    def flush_finite_check(self) -> None:
+        """Raise NonFiniteError if a deferred finiteness check (``finite_check_every``) has seen a bad step."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            self._raise_non_finite(self._first_bad_rows, int(self._first_bad_step))
+
+    def _raise_non_finite(self, bad_rows: torch.Tensor, step: int) -> None:
+        start = self.layout.shard.start
+        bad = sorted({self.layout.seed_of(start + i) for i in bad_rows.nonzero().flatten().tolist()})
+        raise NonFiniteError(
+            f"non-finite loss or activation for seed(s) {bad} at step {step}; "
+            f"try a smaller lr (now {self.lr}) or an l2 penalty"
+        )
 
     def _log_step(self, objective: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor, gathered: bool = False) -> None:
         """Record each row's objective (rows,) for the history; log objective, loss and mean vector norm."""
@@ -519,8 +551,10 @@ class ActMaxModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints small: only the learned parameter (the frozen backbone is reloaded from its source).
 
-        The activation history rides along, so a resumed run's report shows the whole optimization.
+        The activation history rides along, so a resumed run's report shows the whole optimization. A deferred
+        finiteness check is flushed first: a checkpoint never holds a non-finite run.
         """
+        self.flush_finite_check()
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items()
                                     if key == "parameter" or key.startswith("search_")}
         steps, values = self.activation_history()

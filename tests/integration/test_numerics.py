@@ -88,3 +88,32 @@ def test_an_error_in_the_analysis_keeps_the_checkpoint_and_writes_no_results(tin
     assert "error in the end-of-fit analysis after step 3" in capsys.readouterr().err
     assert torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_deferred_finiteness_check_changes_nothing_for_a_good_run(fit_tiny):
+    _, every_step = fit_tiny("every", steps=12)
+    _, deferred = fit_tiny("deferred", steps=12, finite_check_every=5)
+    assert deferred == every_step
+
+
+def test_deferred_finiteness_check_names_the_step_it_went_bad_at_and_saves_no_bad_checkpoint(tiny_module, tmp_path):
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from amax_lightning.errors import NonFiniteError
+
+    class BreakSeed7(Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if trainer.global_step == 3:  # the parameter after step 2's update; step 3's forward sees it
+                with torch.no_grad():
+                    module.parameter[1, 0, 0] = float("nan")
+
+    module = tiny_module(seeds=[2, 7], finite_check_every=5)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[BreakSeed7(), checkpoints])
+    with pytest.raises(NonFiniteError, match=r"seed\(s\) \[7\] at step 3"):
+        trainer.fit(module)
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert saved == ["epoch=0-step=2.ckpt"]  # step 4's checkpoint found the bad step and was never written
+    assert not list(tmp_path.rglob("results.json"))
