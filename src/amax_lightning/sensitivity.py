@@ -32,7 +32,8 @@ NUMERICS = ("64-true", "32-true", "bf16-mixed")
 CHAOS_AGREEMENT = 0.9  # replicas at the smallest positive size agreeing on fewer positions than this: chaotic
 PLATEAU_COSINE = 0.5  # seeds' optima this similar (embedding cosine) ...
 PLATEAU_AGREEMENT = 0.5  # ... yet agreeing on fewer tokens than this: one plateau, decoded arbitrarily
-BASIN_SIZE = 1e-3  # replicas agreeing (>= CHAOS_AGREEMENT) up to this size while seeds do not: separate basins
+BASIN_SIZE = 1e-3  # replicas agreeing (>= CHAOS_AGREEMENT) up to this size while seeds (far apart) do not: basins
+MOVING = 0.1  # more than this share of the seeds' tokens changed between the last two snapshots: not converged
 SATURATION = 10.0  # the exponential phase ends where the distance comes within this factor of its maximum
 
 
@@ -133,14 +134,20 @@ def verdict(summary: dict) -> dict[str, Any]:
                 "tokens near one broad optimum.")
         stable = [s for s in positive if s["size"] <= BASIN_SIZE]
         if stable and all(s["replica_token_agreement"] >= CHAOS_AGREEMENT for s in stable) \
-                and seed_agreement < PLATEAU_AGREEMENT:
+                and seed_agreement < PLATEAU_AGREEMENT and seed_cosine <= PLATEAU_COSINE:
             labels.append("basins")
             sentences.append(
-                f"Basins: replicas agree (>= {CHAOS_AGREEMENT}) for every perturbation up to {BASIN_SIZE:g} but seeds "
-                f"agree on only {seed_agreement:.2f} of tokens: each seed falls into its own stable basin.")
+                f"Basins: replicas agree (>= {CHAOS_AGREEMENT}) for every perturbation up to {BASIN_SIZE:g} but seeds, "
+                f"far apart (embedding cosine {seed_cosine:.2f} <= {PLATEAU_COSINE}), agree on only "
+                f"{seed_agreement:.2f} of tokens: each seed falls into its own stable basin.")
         if seed_agreement >= PLATEAU_AGREEMENT:
             labels.append("reproducible")
             sentences.append(f"Reproducible: seeds agree on {seed_agreement:.2f} of tokens (>= {PLATEAU_AGREEMENT}).")
+    changed = seeds.get("changed_since_previous")
+    if changed is not None and changed > MOVING:
+        labels.append("not converged")
+        sentences.append(f"Not converged: {changed:.2f} of the seeds' tokens changed since the previous snapshot "
+                         f"(> {MOVING}); more steps may change the answer.")
     if not labels:
         labels.append("undetermined")
         sentences.append("No rule applies: none of the stated thresholds is crossed.")
@@ -270,7 +277,8 @@ def summarize(module: LightningModule, recorder: SensitivityRecorder) -> dict:
         "growth": [{"size": size, **fit} for size, fit in zip(sizes, growth)],
         "snapshots": recorder.snapshot_records,
         "thresholds": {"chaos_agreement": CHAOS_AGREEMENT, "plateau_cosine": PLATEAU_COSINE,
-                       "plateau_agreement": PLATEAU_AGREEMENT, "basin_size": BASIN_SIZE, "saturation": SATURATION},
+                       "plateau_agreement": PLATEAU_AGREEMENT, "basin_size": BASIN_SIZE, "saturation": SATURATION,
+                       "moving": MOVING},
     }
     summary["verdict"] = verdict(last) if last else {"labels": ["undetermined"], "text": "no snapshot was taken"}
     return summary

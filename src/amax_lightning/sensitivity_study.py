@@ -79,6 +79,9 @@ def run_sensitivity(args: list[str]) -> str | None:
     config, extra = load_sensitivity(args[1]), args[2:]
     for arg in extra:
         key = arg.split("=")[0]
+        if key == "--ckpt_path":
+            raise UserError("--ckpt_path cannot be passed to sensitivity: it runs several fits; rerun the study, or "
+                            "resume its perturbed fit with fit --model.perturb_sizes ... --ckpt_path")
         if key in RESERVED:
             raise UserError(f"{key} cannot be passed to sensitivity; set {RESERVED[key]} in the sensitivity config")
     base = ["fit"] + (["--config", config["fit_config"]] if config["fit_config"] else [])

@@ -59,7 +59,9 @@ def sizes(*agreements):
 
 @pytest.mark.parametrize("per_size, seeds, labels", [
     (sizes(1, 0.6, 0.5, 0.4, 0.2), {"token_agreement": 0.1, "embedding_cosine": 0.2}, ["chaotic"]),
-    (sizes(1, 0.95, 0.95, 0.9, 0.3), {"token_agreement": 0.28, "embedding_cosine": 0.8}, ["plateau", "basins"]),
+    (sizes(1, 0.95, 0.95, 0.9, 0.3), {"token_agreement": 0.28, "embedding_cosine": 0.8}, ["plateau"]),
+    (sizes(1, 1, 1, 1, 1), {"token_agreement": 0.8, "embedding_cosine": 0.9, "changed_since_previous": 0.3},
+     ["reproducible", "not converged"]),
     (sizes(1, 1, 1, 0.95, 0.5), {"token_agreement": 0.1, "embedding_cosine": 0.1}, ["basins"]),
     (sizes(1, 1, 1, 1, 1), {"token_agreement": 0.8, "embedding_cosine": 0.9}, ["reproducible"]),
     (sizes(1, 1, 1, 0.5, 0.2), {"token_agreement": 0.2, "embedding_cosine": 0.1}, ["undetermined"]),
