@@ -191,6 +191,7 @@ class ResultsWriter(Callback):
         """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
         if module.layout.copies > 1:  # perturbed copies of every seed: the SensitivityRecorder reports this run
             return
+        module.flush_finite_check()  # a deferred finiteness check (finite_check_every): a bad run writes nothing
         interrupts = find_callback(trainer, DeferInterrupts)
         guard = interrupts.interrupt_now(trainer, earlier=not partial) if interrupts else contextlib.nullcontext()
         self._analyzing = not partial

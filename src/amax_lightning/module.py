@@ -189,7 +189,7 @@ class ActMaxModule(LightningModule):
             raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
         if any(p.needs_gpt2 for p in priors_used) and not backbone.is_gpt2:
             raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
-        if copies > 1 and (len(targets) > 1 or self.method != "continuous"):
+        if perturbations is not None and (len(targets) > 1 or self.method != "continuous"):
             raise UserError("perturb_sizes needs one unit and method continuous; give the sensitivity study one "
                             "target per run")
         layout = RowLayout(len(targets), tuple(seeds), copies=copies)
@@ -223,6 +223,8 @@ class ActMaxModule(LightningModule):
     def _perturbations(sizes: Optional[list[float]], replicas: int) -> list[tuple[int, float, int]] | None:
         """Each copy of a seed, as (size index, relative size, replica); None without ``perturb_sizes``."""
         replicas = check_int("replicas", replicas, low=1)
+        if sizes is not None and replicas < 2:
+            raise UserError(f"replicas {replicas} with perturb_sizes: give at least 2, so replicas can be compared")
         if sizes is None:
             if replicas != 1:
                 raise UserError(f"replicas {replicas} needs perturb_sizes, e.g. --model.perturb_sizes [0,1e-7,1e-3]")
@@ -248,7 +250,7 @@ class ActMaxModule(LightningModule):
         elif fluency_weights is None:
             weights = tuple(log_spaced_weights(check_int("population", population, low=1, high=candidates)))
         else:
-            weights = tuple(check_number("fluency_weights", float(w), low_open=False) for w in fluency_weights)
+            weights = tuple(check_number("fluency_weights", float(w), low_open=False, high=1e6) for w in fluency_weights)
             if not weights:
                 raise UserError("fluency_weights is empty; give one weight per population member, e.g. [0.1, 1, 10]")
         check_run_size(self.n_rows * max(candidates, len(weights)), self.n_tokens, self.backbone.d_model)
@@ -321,6 +323,9 @@ class ActMaxModule(LightningModule):
         processes. The CLI calls it before anything is written; ``setup`` calls it for every other Trainer."""
         check_precision(trainer.precision)
         check_world_size(self.n_rows, trainer.world_size)
+        if self.search is not None and str(trainer.precision) == "16-mixed":  # its GradScaler needs gradients
+            raise UserError(f"precision 16-mixed cannot run method {self.method} (it steps no gradient); "
+                            "use 32-true or bf16-mixed")
 
     def setup(self, stage: str) -> None:
         self.check_trainer(self.trainer)
@@ -505,7 +510,7 @@ class ActMaxModule(LightningModule):
         self.history.append(stats[:, 0].detach())
         if (self.global_step + 1) % self.trainer.log_every_n_steps:
             return  # Lightning would drop these values anyway; building them costs ~7% of a CPU step
-        if len(self.targets) == 1:
+        if len(self.targets) == 1 and self.layout.copies == 1:
             metrics = {f"activation/seed_{s}": stats[i, 0] for i, s in enumerate(self.seeds)}
         else:  # a sweep: thousands of rows, so their spread rather than a curve each
             metrics = {"activation/min": stats[:, 0].min(), "activation/max": stats[:, 0].max()}

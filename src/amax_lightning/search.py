@@ -70,7 +70,7 @@ def parse_exclude_tokens(spec: str, vocab_size: int) -> list[int]:
         where = f"exclude_tokens file {spec!r}"
     ids = []
     for part in text.replace(",", " ").split():
-        if not part.isdigit() or int(part) >= vocab_size:
+        if not (part.isascii() and part.isdigit() and len(part) <= 12) or int(part) >= vocab_size:
             raise UserError(f"{where}: {part!r} is not a token id; allowed: integers 0..{vocab_size - 1}")
         ids.append(int(part))
     return ids
@@ -232,11 +232,11 @@ class TokenSearch:
             values, final = self.backbone.hook_values(flat, target), None
         else:  # the hook and the next-token logits from one pass
             values, final = self.backbone.gpt2_hook_values(flat, target, final=True)
-        activation = self.objective.objective(self.objective.readout.read(values, units)).view(n_rows, n)
+        activation = self.objective.objective(self.objective.readout.read(values, units)).view(n_rows, n).float()
         if final is None or tokens.shape[-1] < 2:
             return activation, torch.zeros_like(activation)
         ce = self._next_token_losses(final[:, :-1], tokens.flatten(0, 1)[:, 1:]).mean(dim=-1)
-        return activation, ce.view(n_rows, n).to(activation.dtype)
+        return activation, ce.view(n_rows, n)
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +266,7 @@ class TokenSearch:
             else None
         parent = torch.arange(n_rows, device=members.device)[:, None] * population \
             + (torch.arange(children.shape[1], device=members.device) % population)[None, :]
-        activation = torch.empty(children.shape[:2], device=values.device, dtype=values.dtype)
+        activation = torch.empty(children.shape[:2], device=values.device, dtype=torch.float32)  # fp32 under autocast too
         ce = torch.zeros_like(activation)
         for start in range(n_tokens):
             row, child = (position == start).nonzero(as_tuple=True)
@@ -358,6 +358,7 @@ class TokenSearch:
                   for rows in chunks]
         activation = torch.cat([s[0] for s in scored]).to(state.activation.dtype)
         ce = torch.cat([s[1] for s in scored]).to(state.activation.dtype)
+        valid = valid & torch.isfinite(activation) & torch.isfinite(ce)  # a non-finite score never wins nor enters
         evaluated = Evaluated(children, activation, ce, valid)
         state = self._select(state, evaluated)
         if self.settings.fluency:

@@ -196,6 +196,7 @@ class SensitivityRecorder(Callback):
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        module.flush_finite_check()  # a deferred finiteness check: a bad run writes nothing
         if not trainer.is_global_zero:
             return
         self.summary = summarize(module, self)

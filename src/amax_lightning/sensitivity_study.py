@@ -61,6 +61,10 @@ def load_sensitivity(path: str) -> dict:
     for precision in numerics:
         check_choice("numerics", str(precision), PRECISIONS)
     fit_config = config.get("fit_config")
+    if fit_config is not None and not isinstance(fit_config, str):
+        raise UserError(f"sensitivity config {path!r}: fit_config must be a path, e.g. reproduce.yaml")
+    if not isinstance(config.get("alone", True), bool):
+        raise UserError(f"sensitivity config {path!r}: alone must be true or false")
     if fit_config is not None:
         fit_config = os.path.join(os.path.dirname(os.path.abspath(path)), fit_config)
         if not os.path.isfile(fit_config):

@@ -53,6 +53,10 @@ def test_perturbation_options_are_checked(tiny_module):
         tiny_module(target="blocks.2.hook_resid_pre:5,6", perturb_sizes=[0.0, 0.1], replicas=2)
     with pytest.raises(UserError, match="perturb_sizes"):
         tiny_module(perturb_sizes=[-1.0], replicas=2)
+    with pytest.raises(UserError, match="replicas 1 with perturb_sizes: give at least 2"):
+        tiny_module(perturb_sizes=[0.0, 0.1])
+    with pytest.raises(UserError, match="perturb_sizes needs one unit and method continuous"):
+        tiny_module(method="gcg", perturb_sizes=[0.1], replicas=2)
 
 
 def test_sensitivity_command_end_to_end(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):

@@ -180,6 +180,8 @@ def test_exclude_tokens_spec(tmp_path):
     ({"method": "epo", "population": 200, "candidates": 8}, "population"),
     ({"method": "epo", "fluency_weights": []}, "fluency_weights is empty"),
     ({"method": "epo", "fluency_weights": [1.0, -1.0]}, "fluency_weights"),
+    ({"method": "epo", "fluency_weights": [1e300]}, "fluency_weights"),
+    ({"method": "gcg", "exclude_tokens": "\u00b2"}, "is not a token id"),
 ])
 def test_bad_search_options_are_one_line_errors(tiny_gpt2_dir, options, message):
     with pytest.raises(UserError, match=message):
@@ -206,3 +208,12 @@ def test_prefix_cached_child_scores_equal_full_scores(tiny_gpt2_dir, target, met
     full = module.search.score(children, slice(0, 3))
     torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached[1], full[1], rtol=1e-5, atol=1e-5)
+
+
+def test_token_search_refuses_16_mixed(tiny_gpt2_dir):
+    from types import SimpleNamespace
+
+    module = make(tiny_gpt2_dir, target=TINY_TARGET, method="gcg")
+    with pytest.raises(UserError, match="precision 16-mixed cannot run method gcg"):
+        module.check_trainer(SimpleNamespace(precision="16-mixed", world_size=1))
+    module.check_trainer(SimpleNamespace(precision="bf16-mixed", world_size=1))

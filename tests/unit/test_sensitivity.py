@@ -80,6 +80,8 @@ def test_verdict_rules(per_size, seeds, labels):
     ("targets: [a]\nnumerics: [fp8]\n", "numerics 'fp8'"),
     ("targets: [a]\nnope: 1\n", "unknown keys ['nope']"),
     ("targets: [a]\nseeds: 1,1\n", "repeat"),
+    ("targets: [a]\nalone: no way\n", "alone must be true or false"),
+    ("targets: [a]\nfit_config: 5\n", "fit_config must be a path"),
 ])
 def test_bad_sensitivity_configs(tmp_path, text, message):
     (tmp_path / "s.yaml").write_text(text)
