@@ -136,8 +136,7 @@ class Backbone(nn.Module):
         """Every unit of ``target``'s hook, shape (batch, tokens, hook width), running only what it needs."""
         if not self.is_gpt2:
             return self.residual(inputs_embeds, target.layer)
-        x = _gpt2_residual(self.model, inputs_embeds, target.layer)
-        return _gpt2_block_hook(self.model.h[target.layer], x, target.hook)
+        return self.gpt2_hook_values(inputs_embeds, target)[0]
 
     def gpt2_hook_values(self, inputs_embeds: torch.Tensor, target: Target, start: int = 0,
                          past: KeysValues | None = None, keep: KeysValues | None = None, final: bool = False

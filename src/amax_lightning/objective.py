@@ -16,7 +16,7 @@ from torch import nn
 
 from amax_lightning.backbone import Backbone
 from amax_lightning.decode import nearest_tokens_with_neighbours
-from amax_lightning.param import TokenEmbedding
+from amax_lightning.param import TokenEmbedding, perturb
 from amax_lightning.priors import Prior
 from amax_lightning.readout import Readout
 from amax_lightning.targets import Target
@@ -167,11 +167,9 @@ class RowObjective(nn.Module):
 
     def initial_parameter(self, n_tokens: int) -> torch.Tensor:
         """Every row's start point, shape (rows, n_tokens, width): each seed's draw, repeated for every unit; with
-        ``perturbations``, each copy of a seed is its draw perturbed (``sensitivity.perturb``)."""
+        ``perturbations``, each copy of a seed is its draw perturbed (``param.perturb``)."""
         per_seed = self.parameterization.initial(list(self.layout.seeds), n_tokens, self.backbone)
         if self.perturbations:
-            from amax_lightning.sensitivity import perturb
-
             per_seed = torch.stack([perturb(start, seed, *copy) for seed, start in zip(self.layout.seeds, per_seed)
                                     for copy in self.perturbations])
         return per_seed.repeat(self.layout.n_units, 1, 1)

@@ -8,6 +8,7 @@ device and in every batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from amax_lightning.backbone import Backbone
@@ -16,6 +17,23 @@ from amax_lightning.backbone import Backbone
 def seeded_randn(seed: int, *shape: int) -> torch.Tensor:
     """``randn(*shape)`` from a CPU generator seeded ``seed``: the same numbers on every device and in every batch."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A CPU generator for the stream named by ``keys`` (e.g. seed and step): independent streams for different
+    keys, via numpy's SeedSequence."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def perturb(start: torch.Tensor, seed: int, size_index: int, size: float, replica: int) -> torch.Tensor:
+    """``start`` (n_tokens, width) plus, per vector, a uniformly random direction of length ``size`` x its norm, drawn
+    from the stream (seed, size_index, replica); size 0 returns ``start`` unchanged (the sensitivity study)."""
+    if size == 0:
+        return start.clone()
+    direction = torch.randn(start.shape, generator=keyed_generator(seed, size_index, replica), dtype=start.dtype)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    return start + size * start.norm(dim=-1, keepdim=True) * direction
 
 
 class TokenEmbedding:

@@ -24,7 +24,6 @@ import math
 import os
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +31,7 @@ from amax_lightning.backbone import Backbone
 from amax_lightning.chunking import chunked_value_and_grad
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.objective import RowObjective
+from amax_lightning.param import keyed_generator
 
 METHODS = ("continuous", "gcg", "epo")
 TOKEN_METHODS = ("gcg", "epo")
@@ -48,9 +48,8 @@ def log_spaced_weights(population: int, low: float = 0.1, high: float = 10.0) ->
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of seed ``seed``'s swaps at step ``step`` (independent streams via numpy's SeedSequence)."""
-    state = np.random.SeedSequence([seed, step]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    """The CPU generator of seed ``seed``'s swaps at step ``step``."""
+    return keyed_generator(seed, step)
 
 
 def parse_exclude_tokens(spec: str, vocab_size: int) -> list[int]:

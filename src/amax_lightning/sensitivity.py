@@ -1,6 +1,6 @@
 """Why seeds disagree: basins, plateau or chaos. Perturbed replicas of every seed in one batch, and the numbers.
 
-Every seed runs from its own start and from copies of it perturbed by each relative size (``perturb``): rows =
+Every seed runs from its own start and from copies of it perturbed by each relative size (``param.perturb``): rows =
 seeds x sizes x replicas, one batch (``RowLayout.copies``), chunked and DDP-sharded like any run. The
 ``SensitivityRecorder`` callback records, every step, the relative distance between replicas of a seed, and at
 snapshot steps the decoded tokens of every row. ``summarize`` turns that into per-size agreement, embedding cosine,
@@ -35,22 +35,6 @@ PLATEAU_AGREEMENT = 0.5  # ... yet agreeing on fewer tokens than this: one plate
 BASIN_SIZE = 1e-3  # replicas agreeing (>= CHAOS_AGREEMENT) up to this size while seeds (far apart) do not: basins
 MOVING = 0.1  # more than this share of the seeds' tokens changed between the last two snapshots: not converged
 SATURATION = 10.0  # the exponential phase ends where the distance comes within this factor of its maximum
-
-
-# --- perturbations ---------------------------------------------------------------------------------------
-def perturbation_generator(seed: int, size_index: int, replica: int) -> torch.Generator:
-    """The CPU generator of replica ``replica`` at perturbation size ``size_index`` of seed ``seed``."""
-    state = np.random.SeedSequence([seed, size_index, replica]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def perturb(start: torch.Tensor, seed: int, size_index: int, size: float, replica: int) -> torch.Tensor:
-    """``start`` (n_tokens, width) plus, per vector, a uniformly random direction of length ``size`` x its norm."""
-    if size == 0:
-        return start.clone()
-    direction = torch.randn(start.shape, generator=perturbation_generator(seed, size_index, replica), dtype=start.dtype)
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    return start + size * start.norm(dim=-1, keepdim=True) * direction
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
@@ -211,14 +195,11 @@ class SensitivityRecorder(Callback):
         return rows.view(len(module.seeds), sizes, module.hparams.replicas, *rows.shape[1:])
 
     def _record_distances(self, module: LightningModule, step: int) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # replicas >= 2 (the module checks): one host sync per step for all sizes
             grouped = self.grouped(module, module.parameter.detach())
-            per_size = []
-            for k in range(grouped.shape[1]):
-                distance = relative_distances(grouped[:, k]) if grouped.shape[2] > 1 else None
-                per_size.append(float(distance.mean()) if distance is not None else math.nan)
+            per_size = torch.stack([relative_distances(grouped[:, k]).mean() for k in range(grouped.shape[1])])
         self.steps.append(step)
-        self.distances.append(per_size)
+        self.distances.append(per_size.tolist())
 
     @torch.no_grad()
     def _record_snapshot(self, module: LightningModule, step: int) -> None:

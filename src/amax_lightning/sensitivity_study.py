@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import os
 
-import yaml
-
 from amax_lightning.callbacks import ResultsWriter, find_callback
 from amax_lightning.checks import PRECISIONS, check_choice
 from amax_lightning.cli import run_trainer
-from amax_lightning.errors import UserError, first_line
+from amax_lightning.errors import UserError
 from amax_lightning.runs import claim_version_folder
 from amax_lightning.seeds import parse_seeds
 from amax_lightning.sensitivity import NUMERICS, REPLICAS, SIZES, SNAPSHOTS, SensitivityRecorder, write_summary
+from amax_lightning.study import read_config
 
 KEYS = ("fit_config", "targets", "seeds", "sizes", "replicas", "snapshots", "numerics", "alone")
 RESERVED = {"--model.target": "targets", "--seeds": "seeds", "--seed": "seeds", "--trainer.max_steps": "snapshots",
@@ -31,21 +30,7 @@ RESERVED = {"--model.target": "targets", "--seeds": "seeds", "--seed": "seeds", 
 
 def load_sensitivity(path: str) -> dict:
     """Read and check a sensitivity config; defaults for what it leaves out (``sensitivity.SIZES`` etc.)."""
-    if not os.path.isfile(path):
-        raise UserError(f"sensitivity config {path!r} is not a file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = yaml.safe_load(handle)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"sensitivity config {path!r} is not valid YAML: {first_line(exc)}") from exc
-    if not isinstance(config, dict):
-        raise UserError(f"sensitivity config {path!r} must be a mapping with targets")
-    unknown = sorted(set(config) - set(KEYS))
-    if unknown:
-        raise UserError(f"sensitivity config {path!r} has unknown keys {unknown}; allowed: {', '.join(KEYS)}")
-    targets = config.get("targets")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise UserError(f"sensitivity config {path!r}: targets must be a non-empty list of target specs")
+    config = read_config(path, "sensitivity", KEYS, "targets")
     sizes = config.get("sizes", list(SIZES))
     if not isinstance(sizes, list) or not sizes or not all(isinstance(s, (int, float)) and 0 <= s <= 10 for s in sizes):
         raise UserError(f"sensitivity config {path!r}: sizes must be a list of numbers in [0, 10], e.g. [0, 1e-7, 1e-3]")
@@ -60,17 +45,10 @@ def load_sensitivity(path: str) -> dict:
         raise UserError(f"sensitivity config {path!r}: numerics must be a list of precisions, e.g. [64-true, 32-true]")
     for precision in numerics:
         check_choice("numerics", str(precision), PRECISIONS)
-    fit_config = config.get("fit_config")
-    if fit_config is not None and not isinstance(fit_config, str):
-        raise UserError(f"sensitivity config {path!r}: fit_config must be a path, e.g. reproduce.yaml")
     if not isinstance(config.get("alone", True), bool):
         raise UserError(f"sensitivity config {path!r}: alone must be true or false")
-    if fit_config is not None:
-        fit_config = os.path.join(os.path.dirname(os.path.abspath(path)), fit_config)
-        if not os.path.isfile(fit_config):
-            raise UserError(f"sensitivity config {path!r}: fit_config {config['fit_config']!r} is not a file")
     seeds = parse_seeds(config.get("seeds", "0-9"))
-    return {"fit_config": fit_config, "targets": targets, "seeds": seeds, "sizes": [float(s) for s in sizes],
+    return {"fit_config": config["fit_config"], "targets": config["targets"], "seeds": seeds, "sizes": [float(s) for s in sizes],
             "replicas": replicas, "snapshots": sorted(set(snapshots)), "numerics": [str(p) for p in numerics],
             "alone": bool(config.get("alone", True))}
 

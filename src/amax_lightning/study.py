@@ -26,31 +26,41 @@ COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique",
            "mean_token_activation", "results")
 
 
-def load_study(path: str) -> dict:
-    """Read and check a study file: ``fit_config`` (optional), ``targets`` (list), ``variants`` (list of mappings)."""
+def read_config(path: str, kind: str, keys: tuple[str, ...], shape: str) -> dict:
+    """Read a ``kind`` config (``study``, ``sensitivity``): a YAML mapping of ``keys`` with a non-empty ``targets``
+    list; its ``fit_config`` resolved relative to the file (None when absent). UserErrors name what is wrong."""
     if not os.path.isfile(path):
-        raise UserError(f"study config {path!r} is not a file")
+        raise UserError(f"{kind} config {path!r} is not a file")
     try:
         with open(path, encoding="utf-8") as handle:
-            study = yaml.safe_load(handle)
+            config = yaml.safe_load(handle)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"study config {path!r} is not valid YAML: {first_line(exc)}") from exc
-    if not isinstance(study, dict):
-        raise UserError(f"study config {path!r} must be a mapping with targets and variants")
-    unknown = sorted(set(study) - {"fit_config", "targets", "variants"})
+        raise UserError(f"{kind} config {path!r} is not valid YAML: {first_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{kind} config {path!r} must be a mapping with {shape}")
+    unknown = sorted(set(config) - set(keys))
     if unknown:
-        raise UserError(f"study config {path!r} has unknown keys {unknown}; allowed: fit_config, targets, variants")
-    targets, variants = study.get("targets"), study.get("variants", [{}])
+        raise UserError(f"{kind} config {path!r} has unknown keys {unknown}; allowed: {', '.join(keys)}")
+    targets = config.get("targets")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise UserError(f"study config {path!r}: targets must be a non-empty list of target specs")
+        raise UserError(f"{kind} config {path!r}: targets must be a non-empty list of target specs")
+    fit_config = config.get("fit_config")
+    if fit_config is not None:
+        if not isinstance(fit_config, str):
+            raise UserError(f"{kind} config {path!r}: fit_config must be a path, e.g. reproduce.yaml")
+        config["fit_config"] = os.path.join(os.path.dirname(os.path.abspath(path)), fit_config)
+        if not os.path.isfile(config["fit_config"]):
+            raise UserError(f"{kind} config {path!r}: fit_config {fit_config!r} is not a file")
+    return {**config, "fit_config": config.get("fit_config")}
+
+
+def load_study(path: str) -> dict:
+    """Read and check a study file: ``fit_config`` (optional), ``targets`` (list), ``variants`` (list of mappings)."""
+    study = read_config(path, "study", ("fit_config", "targets", "variants"), "targets and variants")
+    variants = study.get("variants", [{}])
     if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
         raise UserError(f"study config {path!r}: variants must be a non-empty list of mappings, e.g. [{{}}, {{model.priors: clamp}}]")
-    fit_config = study.get("fit_config")
-    if fit_config is not None:
-        fit_config = os.path.join(os.path.dirname(os.path.abspath(path)), fit_config)
-        if not os.path.isfile(fit_config):
-            raise UserError(f"study config {path!r}: fit_config {study['fit_config']!r} is not a file")
-    return {"fit_config": fit_config, "targets": targets, "variants": variants}
+    return {"fit_config": study["fit_config"], "targets": study["targets"], "variants": variants}
 
 
 def variant_label(variant: dict) -> str:

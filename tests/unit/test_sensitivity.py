@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from amax_lightning.errors import UserError
+from amax_lightning.param import perturb
 from amax_lightning.sensitivity import (
     growth_rate,
-    perturb,
     relative_distances,
     token_agreement,
     verdict,
