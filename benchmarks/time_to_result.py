@@ -4,8 +4,8 @@ Random-init GPT-2 small (with the real tokenizer) written to a temp folder; the 
 ``python -m amax_lightning fit --config configs/reproduce.yaml`` on that folder, run as a subprocess twice: a first
 run with an empty null-model cache, then a second with the same model (the cache warm). A clock callback
 (``--trainer.callbacks+=time_to_result.PhaseClock``) stamps when the steps start and end; the parent stamps the
-start and the exit. Imports are timed alone (``python -c "import amax_lightning.cli"``), and the end-of-fit pieces
-in this process (null model cold and warm, the report, TensorBoard). Medians of ``--repeats``.
+start, the printed path (the last line of stdout) and the exit. Imports are timed alone in fresh interpreters (the
+stack, and ``amax_lightning.cli``), and the null model cold and warm in this process. Medians of ``--repeats``.
 
     python benchmarks/time_to_result.py [--steps 500] [--repeats 1]
 """
@@ -48,33 +48,42 @@ def write_gpt2_small(root: Path) -> Path:
 
 
 def run_once(model: Path, cwd: Path, cache: Path, steps: int) -> dict:
-    """One CLI run; seconds for: total, until the steps start (imports, parsing, model load, setup), the steps,
-    and after them (analysis, report, TensorBoard, exit)."""
+    """One CLI run; seconds for: until the steps start (imports, parsing, model load, setup), the steps, after them
+    until the path is printed (analysis, report, TensorBoard), start to printed path, and start to exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AMAX_LIGHTNING_CACHE": str(cache),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")])}
     command = [sys.executable, "-m", "amax_lightning", "fit", "--config", str(REPO / "configs" / "reproduce.yaml"),
                "--model.model_name_or_path", str(model), "--trainer.max_steps", str(steps),
                "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=time_to_result.PhaseClock"]
     cwd.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    ended = time.time()
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    stamps = {line.split()[1]: float(line.split()[2]) for line in proc.stderr.splitlines() if line.startswith("PHASE ")}
-    return {"total": ended - started, "before_steps": stamps["steps_start"] - started,
-            "steps": stamps["steps_end"] - stamps["steps_start"], "after_steps": ended - stamps["steps_end"]}
+    with tempfile.TemporaryFile("w+") as stderr:
+        started = time.time()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        printed = None
+        for line in proc.stdout:  # the path is the last line of stdout
+            if line.strip().endswith("results.json"):
+                printed = time.time()
+        ended = time.time() if proc.wait() is not None else None
+        stderr.seek(0)
+        err = stderr.read()
+    if proc.returncode != 0 or printed is None:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{err[-3000:]}")
+    stamps = {line.split()[1]: float(line.split()[2]) for line in err.splitlines() if line.startswith("PHASE ")}
+    return {"to_path": printed - started, "before_steps": stamps["steps_start"] - started,
+            "steps": stamps["steps_end"] - stamps["steps_start"], "after_steps": printed - stamps["steps_end"],
+            "exit": ended - printed, "total": ended - started}
 
 
-def import_seconds() -> float:
+def import_seconds(modules: str, gc_off: bool) -> float:
+    """Seconds for a fresh interpreter to import ``modules``, with the collector off (as the command runs) or on."""
+    code = ("import gc; gc.disable(); " if gc_off else "") + f"import {modules}"
     started = time.time()
-    subprocess.run([sys.executable, "-c", "import amax_lightning.cli"], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     return time.time() - started
 
 
 def end_of_fit_pieces(model: Path, cache: Path) -> dict:
-    """In this process: the null model cold and warm, and the imports the report needs."""
+    """In this process: the model load, the null model cold and warm."""
     from amax_lightning.backbone import load_backbone
     from amax_lightning.null_model import cached_null_token_distribution
 
@@ -86,9 +95,6 @@ def end_of_fit_pieces(model: Path, cache: Path) -> dict:
         started = time.time()
         cached_null_token_distribution(vocab, 20_000, scale=scale, folder=str(cache / "pieces"))
         pieces[label] = time.time() - started
-    started = time.time()
-    import amax_lightning.report  # noqa: F401  (matplotlib)
-    pieces["report imports (matplotlib)"] = time.time() - started
     return pieces
 
 
@@ -100,7 +106,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = write_gpt2_small(root)
-        imports = statistics.median(import_seconds() for _ in range(3))
+        imports = {(modules, gc_off): statistics.median(import_seconds(modules, gc_off) for _ in range(3))
+                   for modules in ("torch", "torch, transformers, lightning.pytorch", "amax_lightning.cli")
+                   for gc_off in (False, True)}
         first, second = [], []
         for repeat in range(args.repeats):
             cache = root / f"cache{repeat}"
@@ -112,12 +120,19 @@ def main() -> None:
           f"{args.repeats}; seconds\n")
     print("| phase | first run (cold cache) | second run (same model) |\n|---|---:|---:|")
     for key, label in (("before_steps", "imports, parsing, model load, setup"), ("steps", "optimization steps"),
-                       ("after_steps", "analysis, report, TensorBoard, exit"), ("total", "start to printed path")):
+                       ("after_steps", "analysis, report, TensorBoard, until the path is printed"),
+                       ("to_path", "**start to printed path**"), ("exit", "printed path to exit"),
+                       ("total", "start to exit")):
         print(f"| {label} | {median(first, key):.1f} | {median(second, key):.1f} |")
     for runs, name in ((first, "first"), (second, "second")):
-        print(f"\n{name} run: total / steps = {median(runs, 'total') / median(runs, 'steps'):.2f}x, "
-              f"total - steps = {median(runs, 'total') - median(runs, 'steps'):.1f} s")
-    print(f"\nimports alone (python -c 'import amax_lightning.cli', median of 3): {imports:.1f} s")
+        print(f"\n{name} run: printed path / steps = {median(runs, 'to_path') / median(runs, 'steps'):.2f}x, "
+              f"printed path - steps = {median(runs, 'to_path') - median(runs, 'steps'):.1f} s "
+              f"(to exit: {median(runs, 'total') / median(runs, 'steps'):.2f}x, "
+              f"{median(runs, 'total') - median(runs, 'steps'):.1f} s)")
+    print("\nimports alone in a fresh interpreter (median of 3), collector on / off (the command runs with it off):")
+    for (modules, gc_off), seconds in imports.items():
+        if gc_off:
+            print(f"  import {modules}: {imports[modules, False]:.2f} / {seconds:.2f} s")
     for label, seconds in pieces.items():
         print(f"{label}: {seconds:.2f} s")
 

@@ -227,18 +227,17 @@ class ResultsWriter(Callback):
 
         os.makedirs(log_dir, exist_ok=True)
         if isinstance(results, AtlasResults):
-            summary, figures = report.write_atlas(log_dir, results)
+            summary, images = report.write_atlas(log_dir, results)
         else:
             history_steps, history = module.activation_history()
             summary = report.summary_markdown(results)
-            figures = report.write_report(log_dir, results, summary, history_steps, history, module.seeds)
+            images = report.write_report(log_dir, results, summary, history_steps, history, module.seeds)
         path = os.path.join(log_dir, "results.json")
         write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
         self.results_path, self.results = path, results
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                log_to_tensorboard(logger, results, summary, figures, steps)
-        report.close_figures(figures)
+                log_to_tensorboard(logger, results, summary, images, steps)
         print(summary, flush=True)
 
 
@@ -246,7 +245,7 @@ SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pair
                   "mean_decoded_gap", "mean_embedding_norm")
 
 
-def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, figures: dict, step: int) -> None:
+def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, images: dict, step: int) -> None:
     """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
     logger.experiment.add_text("decoded_tokens", summary, step)
     if isinstance(results, AtlasResults):
@@ -259,6 +258,6 @@ def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, figures
             scalars["uniqueness/null_expected_n_unique"] = results.null_model.expected_n_unique
             scalars["uniqueness/null_p_value"] = results.null_model.p_value
     logger.log_metrics(scalars, step)
-    for name, figure in figures.items():
-        logger.experiment.add_figure(f"report/{name}", figure, step)
+    for name, pixels in images.items():  # (H, W, 3) uint8, as report.save_png returns them
+        logger.experiment.add_image(f"report/{name}", pixels, step, dataformats="HWC")
     logger.experiment.flush()

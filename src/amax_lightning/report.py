@@ -10,7 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402  (matplotlib's own PNG writer)
 
 from amax_lightning.analysis import AtlasResults, AtlasRow, UnitResults  # noqa: E402
 from amax_lightning.runs import write_atomic, write_text_atomic  # noqa: E402
@@ -60,10 +62,10 @@ PLOTS = ("activation_curves", "token_frequency", "embedding_similarity", "neares
 
 def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[int], history: torch.Tensor,
                  history_seeds: list[int]) -> dict:
-    """Write ``report.md``, its PNG plots and ``activation_history.csv`` into ``log_dir``; return the figures.
+    """Write ``report.md``, its PNG plots and ``activation_history.csv`` into ``log_dir``; return the plots' pixels.
 
     ``history`` holds each seed's objective per step, shape (len(steps), seeds), its columns the seeds
-    ``history_seeds``; the figures are returned (not closed) so they can go to TensorBoard too.
+    ``history_seeds``; the plots are returned as ``save_png`` gives them, so they can go to TensorBoard too.
     """
     figures = {
         "activation_curves": _curves(results, steps, history, history_seeds),
@@ -73,24 +75,28 @@ def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[i
     }
     if results.pareto:
         figures["pareto"] = _pareto(results)
-    for name, figure in figures.items():
-        _save_figure(figure, os.path.join(log_dir, f"{name}.png"))
+    images = {name: save_png(figure, os.path.join(log_dir, f"{name}.png")) for name, figure in figures.items()}
     header = "step," + ",".join(f"seed_{s}" for s in history_seeds)
     rows = [f"{step}," + ",".join(f"{v:.9g}" for v in values.tolist()) for step, values in zip(steps, history)]
     write_text_atomic(os.path.join(log_dir, "activation_history.csv"), "\n".join([header, *rows]) + "\n")
-    images = "\n".join(f"![{name}]({name}.png)" for name in figures)
-    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization report\n\n{summary}\n\n{images}\n")
-    return figures
+    links = "\n".join(f"![{name}]({name}.png)" for name in images)
+    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization report\n\n{summary}\n\n{links}\n")
+    return images
 
 
-def close_figures(figures: dict) -> None:
-    """Free the figures: pyplot keeps every figure alive until it is closed (a study makes many)."""
-    for figure in figures.values():
-        plt.close(figure)
+def save_png(figure, path: str) -> np.ndarray:
+    """Draw ``figure`` once (tight layout, 100 dpi), write it to ``path`` as PNG, close it, return its pixels.
 
-
-def _save_figure(figure, path: str) -> None:
-    write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    Returns an (H, W, 3) uint8 array, for TensorBoard's ``add_image(..., dataformats="HWC")``: drawing is the
+    slow part of a plot, and ``add_figure`` would draw it again (and ``bbox_inches="tight"`` twice).
+    """
+    figure.set_dpi(100)
+    figure.set_layout_engine("tight")
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)  # pyplot keeps every figure alive until it is closed (a study makes many)
+    write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="png"))
+    return pixels
 
 
 def _curves(results: UnitResults, steps: list[int], history: torch.Tensor, history_seeds: list[int]):
@@ -153,7 +159,7 @@ ATLAS_COLUMNS = tuple(f.name for f in dataclasses.fields(AtlasRow))
 def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str, dict]:
     """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep.
 
-    Returns the summary text (the most reproducible units first) and the figure, for TensorBoard.
+    Returns the summary text (the most reproducible units first) and the plot's pixels, for TensorBoard.
     """
     rows = results.atlas
     cell = lambda v: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -177,6 +183,6 @@ def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(range(len(counts)), counts, lw=1)
     axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0].n_total}", title="atlas: reproducibility per unit")
-    _save_figure(figure, os.path.join(log_dir, "atlas.png"))
+    image = save_png(figure, os.path.join(log_dir, "atlas.png"))
     write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization atlas\n\n{text}\n\n![atlas](atlas.png)\n")
-    return text, {"atlas": figure}
+    return text, {"atlas": image}

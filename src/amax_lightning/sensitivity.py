@@ -373,10 +373,10 @@ def write_summary(folder: str, document: dict) -> str:
     import csv
     import io
 
-    import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    from amax_lightning.runs import write_atomic, write_text_atomic
+    from amax_lightning.report import save_png
+    from amax_lightning.runs import write_text_atomic
 
     os.makedirs(folder, exist_ok=True)
     plots = figures(document)
@@ -390,10 +390,8 @@ def write_summary(folder: str, document: dict) -> str:
     write_text_atomic(os.path.join(folder, "sensitivity.csv"), buffer.getvalue())
     board = SummaryWriter(folder)
     for name, figure in plots.items():
-        write_atomic(os.path.join(folder, f"{name}.png"),
-                     lambda tmp, f=figure: f.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
-        board.add_figure(f"sensitivity/{name}", figure, 0, close=False)
-        plt.close(figure)
+        board.add_image(f"sensitivity/{name}", save_png(figure, os.path.join(folder, f"{name}.png")), 0,
+                        dataformats="HWC")
     board.add_text("sensitivity/verdict", " ".join(s["verdict"]["text"] for s in document["targets"]), 0)
     board.close()
     path = os.path.join(folder, "sensitivity.md")
