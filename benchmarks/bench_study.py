@@ -54,7 +54,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 import amax_lightning.module as am_module  # noqa: E402
 from amax_lightning.backbone import Backbone  # noqa: E402
 from amax_lightning.callbacks import ResultsWriter  # noqa: E402
-from amax_lightning.chunking import chunked_value_and_grad  # noqa: E402
+from amax_lightning.chunking import chunked_value_and_grad, float32_matmul_precision  # noqa: E402
 from amax_lightning.decode import nearest_tokens  # noqa: E402
 from amax_lightning.errors import NonFiniteError  # noqa: E402
 
@@ -242,13 +242,13 @@ def naive_step_fn(model: GPT2Model, device: str):
 
 
 def raw_gradient(module: am_module.ActMaxModule, chunks: list[slice]) -> torch.Tensor:
-    """The module's step without Lightning: every chunk's forward and exact gradient (``step_forward``, so
-    compiled when ``compile_mode`` asks) inside its matmul precision, one finiteness check, the activation history.
+    """The module's step without Lightning: every chunk's forward and exact gradient (the continuous method's
+    ``forward``, so compiled when ``compile_mode`` asks) inside its matmul precision, one finiteness check, the activation history.
 
     Returns the gradient of the summed loss with respect to the rows in ``chunks`` (single process: all rows).
     """
-    with am_module.float32_matmul_precision(module.matmul_precision):
-        grad, (_, activations, loss) = chunked_value_and_grad(module.step_forward, module.parameter, chunks)
+    with float32_matmul_precision(module.matmul_precision):
+        grad, (_, activations, loss) = chunked_value_and_grad(module.algorithm.forward, module.parameter, chunks)
     if not bool(torch.isfinite(activations).all() & torch.isfinite(loss).all()):  # once per step: one host sync
         raise NonFiniteError(f"non-finite loss or activation at raw step {len(module.history)}")
     with torch.no_grad():
@@ -361,7 +361,7 @@ def run_checks(device: str, compile_modes: list[str]) -> None:
     for mode in compile_modes:
         compiled = make_module(f"blocks.{LAYER}.hook_resid_pre:{UNIT}", device, compile_mode=mode)
         start = time.perf_counter()
-        activations = compiled.step_forward(compiled.parameter, slice(0, compiled.n_rows)).activations.clone()
+        activations = compiled.algorithm.forward(compiled.parameter, slice(0, compiled.n_rows)).activations.clone()
         sync(device)
         print(f"     compile_mode={mode}: first call {time.perf_counter() - start:.1f} s", flush=True)
         check(f"compile_mode={mode} activations vs eager", relative_error(activations, module.backbone(x, module.target)), 1e-4)

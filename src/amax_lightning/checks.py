@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
-from amax_lightning.errors import UserError
+from amax_lightning.errors import NonFiniteError, UserError
 
 
 def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
@@ -69,3 +71,56 @@ def check_run_size(n_rows: int, n_tokens: int, width: int) -> None:
             f"the learned parameter would hold {n_rows} x {n_tokens} x {width} = {elements} numbers; at most "
             f"{MAX_PARAMETER_ELEMENTS} are allowed (fewer units, seeds or tokens)"
         )
+
+
+def check_resumable(saved: dict, current: dict, keys: Sequence[str]) -> None:
+    """Raise a UserError naming the first of ``keys`` whose saved (checkpoint) and current values differ; keys the
+    checkpoint does not hold are skipped."""
+    for key in keys:
+        if key in saved and saved[key] != current[key]:
+            raise UserError(f"checkpoint was made with {key}={saved[key]!r} but this run has {key}={current[key]!r}; "
+                            "resume with the same settings")
+
+
+class FiniteCheck:
+    """Stops a run at its first non-finite loss or activation, naming the step and the bad rows.
+
+    With ``every`` = 1 the host looks at every step (one device sync per step). With N > 1 the device remembers the
+    first bad step and its rows and the host looks only every N steps, at ``last_step`` and whenever ``flush`` is
+    called (before every checkpoint), so a GPU step never waits for the host, and the error names the step the run
+    went bad at either way.
+
+    Parameters
+    ----------
+    every
+        Steps between the host's looks (>= 1).
+    message
+        ``message(bad_rows, step)``: the NonFiniteError's text for the rows (bool mask over this process's rows).
+    """
+
+    def __init__(self, every: int, message: Callable[[torch.Tensor, int], str]) -> None:
+        self.every = every
+        self.message = message
+        self._first_bad_step: torch.Tensor | None = None  # -1 while every step so far was finite
+        self._first_bad_rows: torch.Tensor | None = None
+
+    def observe(self, finite: torch.Tensor, step: int, last_step: int) -> None:
+        """Note step ``step``'s per-row finiteness (bool, this process's rows); raise if the host looks and sees
+        a bad step."""
+        if self.every == 1:
+            if not bool(finite.all()):
+                raise NonFiniteError(self.message(~finite, step))
+            return
+        if self._first_bad_step is None or self._first_bad_step.device != finite.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=finite.device)
+            self._first_bad_rows = torch.zeros_like(finite)
+        first = (self._first_bad_step < 0) & ~finite.all()
+        self._first_bad_step = torch.where(first, step, self._first_bad_step)
+        self._first_bad_rows = torch.where(first, ~finite, self._first_bad_rows)
+        if (step + 1) % self.every == 0 or step + 1 == last_step:
+            self.flush()
+
+    def flush(self) -> None:
+        """Raise NonFiniteError if a step seen so far had a non-finite value."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            raise NonFiniteError(self.message(self._first_bad_rows, int(self._first_bad_step)))

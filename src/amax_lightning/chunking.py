@@ -8,6 +8,7 @@ device's free memory by it. On CPU, chunks are also kept near the size that runs
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -100,6 +101,17 @@ def automatic_chunk_rows(loss_of_rows: Callable[[int], torch.Tensor], n_rows: in
             f"{fastest or 'as large as fits'} rows (set --model.chunk_rows to choose)"
         )
     return chunk
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` inside the block; the previous setting after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def chunk_slices(start: int, stop: int, chunk_rows: int) -> list[slice]:

@@ -1,10 +1,8 @@
-"""ActMaxModule: Lightning glue around the row objective (``objective.py``) and Adam: steps, logging, DDP, checkpoints."""
+"""ActMaxModule: Lightning glue around the row objective (``objective.py``) and a method (``methods/``): steps,
+logging, DDP, checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 from typing import Optional, Union
 
 import torch
@@ -16,45 +14,28 @@ from amax_lightning.backbone import Backbone, load_backbone
 from amax_lightning.checks import (
     COMPILE_MODES,
     MATMUL_PRECISIONS,
+    FiniteCheck,
     check_choice,
     check_int,
     check_number,
     check_precision,
-    check_run_size,
+    check_resumable,
     check_world_size,
 )
-from amax_lightning.chunking import automatic_chunk_rows, chunk_slices, chunked_value_and_grad, surrogate_loss
+from amax_lightning.chunking import automatic_chunk_rows, chunk_slices, float32_matmul_precision, surrogate_loss
 from amax_lightning.data import step_loader
-from amax_lightning.errors import NonFiniteError, UserError
-from amax_lightning.objective import AGGREGATIONS, RowLayout, RowObjective, RowTensors
+from amax_lightning.errors import UserError
+from amax_lightning.methods import METHODS, ContinuousMethod, TokenSearchMethod
+from amax_lightning.objective import AGGREGATIONS, RowTensors, build_objective
+from amax_lightning.param import perturbation_copies
 from amax_lightning.priors import L2, parse_priors
-from amax_lightning.readout import build_readout
-from amax_lightning.search import (
-    METHODS,
-    TOKEN_METHODS,
-    SearchSettings,
-    SearchState,
-    TokenSearch,
-    allowed_tokens,
-    log_spaced_weights,
-    parse_exclude_tokens,
-)
+from amax_lightning.search import SearchState, TokenSearch
 from amax_lightning.seeds import parse_seeds
 from amax_lightning.targets import Target
 
 DEFAULT_SEEDS = list(range(10))
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(precision: str):
-    """``torch.set_float32_matmul_precision(precision)`` inside the block; the previous setting after it."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+MAX_L2 = 1e6
 
 
 class ActMaxModule(LightningModule):
@@ -164,12 +145,10 @@ class ActMaxModule(LightningModule):
         super().__init__()
         seeds = parse_seeds(seeds)
         self.lr = check_number("lr", lr, low_open=True, high=MAX_LR)
-        self.l2 = check_number("l2", l2, low_open=False)
+        self.l2 = check_number("l2", l2, low_open=False, high=MAX_L2)
         self.n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
-        self.finite_check_every = check_int("finite_check_every", finite_check_every, low=1)
-        self._first_bad_step: torch.Tensor | None = None  # deferred finiteness check: first bad step, -1 none yet
-        self._first_bad_rows: torch.Tensor | None = None
+        self.finite_check = FiniteCheck(check_int("finite_check_every", finite_check_every, low=1), self._non_finite)
         self.matmul_precision = check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
         self.compile_mode = check_choice("compile_mode", compile_mode, COMPILE_MODES)
         check_choice("aggregate", aggregate, AGGREGATIONS)
@@ -179,101 +158,50 @@ class ActMaxModule(LightningModule):
         self.prior_names = parsed.names + ([priors_used[-1].describe()] if self.l2 else [])
         self.save_hyperparameters(ignore=["backbone"])
         backbone = backbone if backbone is not None else load_backbone(model_name_or_path, trust_remote_code)
-        if backbone.max_positions is not None and self.n_tokens > backbone.max_positions:
-            raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
-        perturbations = self._perturbations(perturb_sizes, replicas)
-        copies = len(perturbations) if perturbations else 1
-        built = build_readout(target, backbone, len(seeds) * copies, sae_activation, center_residual)
-        targets = built.targets
-        if not backbone.supports(targets[0]):
-            raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
-        if any(p.needs_gpt2 for p in priors_used) and not backbone.is_gpt2:
-            raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
-        if perturbations is not None and (len(targets) > 1 or self.method != "continuous"):
+        perturbations = perturbation_copies(perturb_sizes, replicas)
+        self.objective, self.unit_records = build_objective(
+            backbone, target, seeds, self.n_tokens, aggregate, parsed.parameterization, priors_used, sae_activation,
+            center_residual, perturbations)
+        if perturbations is not None and (len(self.targets) > 1 or self.method != "continuous"):
             raise UserError("perturb_sizes needs one unit and method continuous; give the sensitivity study one "
                             "target per run")
-        layout = RowLayout(len(targets), tuple(seeds), copies=copies)
-        check_run_size(layout.n_rows, self.n_tokens, parsed.parameterization.width(backbone))
-        self.objective = RowObjective(backbone, targets, layout, built.readout, aggregate, parsed.parameterization,
-                                      priors_used, perturbations)
-        self.unit_records = built.records  # per unit: the SAE latent or direction it reads (results.json)
-        self.search: TokenSearch | None = None
-        if self.method in TOKEN_METHODS:
-            self.automatic_optimization = False  # the step picks tokens; no optimizer
-            self.search = self._token_search(top_k, candidates, population, fluency_weights, exclude_tokens,
-                                             retokenize)
-            for name, tensor in zip(SearchState._fields, self.search.initial_state(self.n_tokens)):
-                self.register_buffer(f"search_{name}", tensor)
-            initial = backbone.embed_tokens(TokenSearch.best_member(self.search_state())).detach()
-            self.parameter = nn.Parameter(initial)  # the best sequence's input embedding, per row
+        if self.method == "continuous":
+            self.algorithm = ContinuousMethod(self.objective, self.lr, self.compile_mode)
+            self.parameter = nn.Parameter(self.algorithm.initial_parameter(self.n_tokens))
         else:
-            self.parameter = nn.Parameter(self.objective.initial_parameter(self.n_tokens))
+            self.automatic_optimization = False  # the step picks tokens: its search runs as an optimizer's closure
+            self.algorithm = TokenSearchMethod(self.objective, self.method, self.n_tokens, top_k, candidates,
+                                               population, fluency_weights, exclude_tokens, retokenize,
+                                               self.prior_names, self.compile_mode)
+            for name, tensor in zip(SearchState._fields, self.search.initial_state(self.n_tokens)):
+                self.register_buffer(f"search_{name}", tensor)  # checkpoints hold the search state
+            self.parameter = nn.Parameter(self.algorithm.initial_parameter(self.search_state()))
         self.model_name_or_path = model_name_or_path
         self.init_scale = backbone.embedding_std
         self.vocab_norm = float(backbone.vocab_embeddings.detach().norm(dim=-1).mean())
         self.precision_name = "32-true"  # Lightning's precision, set in setup
-        self._compiled_forward = None  # torch.compile of the objective's forward, made at the first step
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
         self.history_steps: list[int] = []
         self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
-    @staticmethod
-    def _perturbations(sizes: Optional[list[float]], replicas: int) -> list[tuple[int, float, int]] | None:
-        """Each copy of a seed, as (size index, relative size, replica); None without ``perturb_sizes``."""
-        replicas = check_int("replicas", replicas, low=1)
-        if sizes is not None and replicas < 2:
-            raise UserError(f"replicas {replicas} with perturb_sizes: give at least 2, so replicas can be compared")
-        if sizes is None:
-            if replicas != 1:
-                raise UserError(f"replicas {replicas} needs perturb_sizes, e.g. --model.perturb_sizes [0,1e-7,1e-3]")
-            return None
-        if not sizes:
-            raise UserError("perturb_sizes is empty; give relative sizes, e.g. [0, 1e-7, 1e-5, 1e-3, 1e-1]")
-        sizes = [check_number("perturb_sizes", float(size), low_open=False, high=10.0) for size in sizes]
-        return [(index, size, replica) for index, size in enumerate(sizes) for replica in range(replicas)]
-
-    def _token_search(self, top_k, candidates, population, fluency_weights, exclude_tokens, retokenize) -> TokenSearch:
-        """The GCG / EPO search of this run's rows, its options checked (one-line UserErrors)."""
-        if self.prior_names:
-            raise UserError(f"priors {', '.join(self.prior_names)} act on continuous embeddings; method {self.method} "
-                            "searches real tokens: drop --model.priors and --model.l2")
-        if self.compile_mode != "none":
-            raise UserError(f"compile_mode {self.compile_mode!r} applies to method continuous; token search runs eager")
-        if self.method == "epo" and not self.backbone.is_gpt2:
-            raise UserError("method 'epo' needs a GPT-2 model (its cross-entropy uses the tied LM head)")
-        top_k = check_int("top_k", top_k, low=1)
-        candidates = check_int("candidates", candidates, low=1)
-        if self.method == "gcg":
-            weights = (0.0,)
-        elif fluency_weights is None:
-            weights = tuple(log_spaced_weights(check_int("population", population, low=1, high=candidates)))
-        else:
-            weights = tuple(check_number("fluency_weights", float(w), low_open=False, high=1e6) for w in fluency_weights)
-            if not weights:
-                raise UserError("fluency_weights is empty; give one weight per population member, e.g. [0.1, 1, 10]")
-        check_run_size(self.n_rows * max(candidates, len(weights)), self.n_tokens, self.backbone.d_model)
-        exclude = parse_exclude_tokens(exclude_tokens, self.backbone.vocab_embeddings.shape[0])
-        settings = SearchSettings(self.method, top_k, candidates, weights, bool(retokenize))
-        return TokenSearch(self.objective, settings, allowed_tokens(self.backbone, exclude))
+    # --- what the run is ----------------------------------------------------------------------------
+    @property
+    def search(self) -> TokenSearch | None:
+        """The GCG / EPO search (``search.py``) of a token-search run; None for the continuous method."""
+        return self.algorithm.search if isinstance(self.algorithm, TokenSearchMethod) else None
 
     def search_state(self) -> SearchState:
         """Every row's token-search state (token search only)."""
         return SearchState(*(getattr(self, f"search_{name}") for name in SearchState._fields))
 
-    # --- what the run is ----------------------------------------------------------------------------
-    @property
-    def backbone(self) -> Backbone:
-        return self.objective.backbone
-
-    @property
-    def layout(self) -> RowLayout:
-        return self.objective.layout
-
-    @property
-    def targets(self) -> list[Target]:
-        return self.objective.targets
+    backbone = property(lambda self: self.objective.backbone, doc="The frozen model.")
+    layout = property(lambda self: self.objective.layout, doc="Rows = units x seeds x copies, and this process's shard.")
+    targets = property(lambda self: self.objective.targets, doc="The units, in row order.")
+    seeds = property(lambda self: list(self.layout.seeds), doc="The seeds, one optimization each.")
+    n_rows = property(lambda self: self.layout.n_rows, doc="Units x seeds x copies.")
+    aggregate = property(lambda self: self.objective.aggregation, doc="How positions become a row's objective.")
 
     @property
     def target(self) -> Target:
@@ -282,34 +210,14 @@ class ActMaxModule(LightningModule):
             raise AttributeError("this run sweeps several units; use .targets")
         return self.targets[0]
 
-    @property
-    def seeds(self) -> list[int]:
-        return list(self.layout.seeds)
-
-    @property
-    def n_rows(self) -> int:
-        return self.layout.n_rows
-
-    @property
-    def aggregate(self) -> str:
-        return self.objective.aggregation
-
     def protocol(self) -> Protocol:
         """The settings every unit's results repeat."""
         return Protocol(
             model=self.model_name_or_path, aggregate=self.aggregate, priors=list(self.prior_names),
             n_tokens=self.n_tokens, lr=self.lr, l2=self.l2, seeds=self.seeds, init_scale=self.init_scale,
-            vocab_norm=self.vocab_norm, numerics=self.numerics(), method=self.method, search=self.search_settings(),
+            vocab_norm=self.vocab_norm, numerics=self.numerics(), method=self.method,
+            search=self.algorithm.record() if self.search is not None else None,
         )
-
-    def search_settings(self) -> dict | None:
-        """Token search's settings as results.json records them; None for the continuous method."""
-        if self.search is None:
-            return None
-        settings = self.search.settings
-        return {"top_k": self.search.top_k, "candidates": settings.candidates,
-                "fluency_weights": list(settings.fluency_weights) if settings.fluency else None,
-                "retokenize": settings.retokenize, "allowed_tokens": len(self.search.allowed_ids)}
 
     def numerics(self) -> dict:
         """How the run computed: Lightning precision, fp32 matmul precision, compile mode, rows per chunk, CPU threads."""
@@ -335,9 +243,9 @@ class ActMaxModule(LightningModule):
 
     def row_chunks(self) -> list[slice]:
         """This process's rows as consecutive chunks of ``chunk_rows`` (decided once; see ``chunk_rows``)."""
-        if self.chunk_rows_used is None:
-            self.chunk_rows_used = self.chunk_rows or self._resumed_chunk_rows() or self._automatic_chunk_rows()
         shard = self.layout.shard
+        if self.chunk_rows_used is None:
+            self.chunk_rows_used = self.chunk_rows or self._resumed_chunk_rows() or self._automatic_chunk_rows(shard)
         return chunk_slices(shard.start, shard.stop, self.chunk_rows_used)
 
     def _resumed_chunk_rows(self) -> int | None:
@@ -348,51 +256,18 @@ class ActMaxModule(LightningModule):
             return int(saved["rows"])
         return None
 
-    def _automatic_chunk_rows(self) -> int:
-        shard = self.layout.shard
-        if self.search is not None:  # a row's step holds its candidates: size chunks for them, with their graph
-            candidates = self.search.settings.candidates
-
-            def probe_search(n: int) -> torch.Tensor:
-                rows = slice(shard.start, shard.start + n)
-                tokens = self.search_tokens[rows, :1].expand(-1, candidates, -1)
-                embedding = self.backbone.embed_tokens(tokens).detach().requires_grad_()
-                activation, ce = self.search.values(embedding, tokens, rows)
-                return (activation - ce).sum()
-
-            return automatic_chunk_rows(probe_search, shard.stop - shard.start, self.device,
-                                        self.n_tokens * candidates)
-
-        def probe(n: int) -> torch.Tensor:  # eager: the saved tensors of the plain graph, and no extra compiles
-            rows = slice(shard.start, shard.start + n)
-            return self.objective(self.parameter[rows].detach().requires_grad_(), rows).loss.sum()
-
-        return automatic_chunk_rows(probe, shard.stop - shard.start, self.device, self.n_tokens)
+    def _automatic_chunk_rows(self, shard: slice) -> int:
+        if self.search is not None:  # a row's step holds its candidates
+            probe, units = self.algorithm.probe(self.search_tokens, shard.start), self.search.settings.candidates
+        else:
+            probe, units = self.algorithm.probe(self.parameter, shard.start), 1
+        return automatic_chunk_rows(probe, shard.stop - shard.start, self.device, self.n_tokens * units)
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's per-row tensor (shard, ...) into (rows, ...) in row order."""
-        layout = self.layout
-        if layout.world_size == 1:
-            return local
-        size = math.ceil(layout.n_rows / layout.world_size)
-        padded = local.new_zeros((size, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        stacked = self.all_gather(padded)  # (world, size, ...)
-        shards = [layout.shard_of(rank) for rank in range(layout.world_size)]
-        return torch.cat([stacked[rank, : s.stop - s.start] for rank, s in enumerate(shards)])
+        """Every process's per-row tensor (shard, ...) as (rows, ...) in row order (a collective under DDP)."""
+        return self.layout.gather(local, self.all_gather)
 
     # --- the step ------------------------------------------------------------------------------------
-    def step_forward(self, parameter_rows: torch.Tensor, rows: slice):
-        """The objective on parameter rows ``rows``, through ``torch.compile`` when ``compile_mode`` asks for it."""
-        if self.compile_mode == "none":
-            return self.objective(parameter_rows, rows)
-        if self._compiled_forward is None:
-            mode = None if self.compile_mode == "default" else self.compile_mode
-            self._compiled_forward = torch.compile(self.objective.forward, mode=mode, dynamic=False)
-        if self.compile_mode == "reduce-overhead":  # CUDA graphs: this call starts a new step's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled_forward(parameter_rows, rows)
-
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         """Forward and exact gradient of every chunk of this process's rows, all inside ``matmul_precision``.
 
@@ -406,17 +281,17 @@ class ActMaxModule(LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed: scale each chunk's backward too
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         with float32_matmul_precision(self.matmul_precision):
-            grad, (embedding, activations, loss) = chunked_value_and_grad(
-                self.step_forward, self.parameter, self.row_chunks(), grad_scale=world, loss_scale=loss_scale)
-        self._check_finite(activations, loss)  # once per step, after all chunks: one host sync
+            grad, (embedding, activations, loss) = self.algorithm.step(self.parameter, self.row_chunks(), world,
+                                                                       loss_scale)
+        self._check_finite(activations, loss)  # once per step, after all chunks
         self._log_step(self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1))
         return surrogate_loss(self.parameter[self.layout.shard], grad, loss.sum() * world)
 
     def _search_step(self) -> None:
         """One GCG / EPO step of this process's rows; every process then holds every row's new state."""
-        shard = self.layout.shard
         with float32_matmul_precision(self.matmul_precision):
-            local, _ = self.search.step(self.search_state().rows(shard), self.row_chunks(), self.global_step)
+            local, _ = self.search.step(self.search_state().rows(self.layout.shard), self.row_chunks(),
+                                        self.global_step)
         self._check_finite(local.activation, local.activation.max(dim=1).values)
         for name, tensor in zip(SearchState._fields, local):
             getattr(self, f"search_{name}").copy_(self.gather_rows(tensor))
@@ -425,81 +300,46 @@ class ActMaxModule(LightningModule):
         self.parameter.data.copy_(self.backbone.embed_tokens(best))
         objective = state.activation.max(dim=1).values
         self._log_step(objective, -objective, self.parameter.detach().norm(dim=-1).mean(-1), gathered=True)
-        if not (self.global_step + 1) % self.trainer.log_every_n_steps and len(self.targets) == 1:
-            self._log_sequences(best, objective)
+        if not (self.global_step + 1) % self.trainer.log_every_n_steps and len(self.targets) == 1 \
+                and self.trainer.is_global_zero:
+            from lightning.pytorch.loggers import TensorBoardLogger
 
-    def _log_sequences(self, best: torch.Tensor, objective: torch.Tensor) -> None:
-        """The best sequence of every seed as a TensorBoard text table (rank 0, TensorBoard loggers only)."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        if not self.trainer.is_global_zero:
-            return
-        lines = ["| seed | objective | text |", "|---:|---:|---|"]
-        for seed, ids, value in zip(self.seeds, best.tolist(), objective.tolist()):
-            text = self.backbone.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-            lines.append(f"| {seed} | {value:.4g} | {json.dumps(text)} |")
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("search/best_sequences", "\n".join(lines), self.global_step)
+            table = self.algorithm.best_sequences_markdown(self.seeds, best, objective)
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("search/best_sequences", table, self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam on the parameter; the priors' projections run inside every optimizer step, after the update,
-        so a checkpoint or an interrupt never sees an unprojected parameter.
-
-        Token search updates tokens, not by gradient: its step runs as the closure of an SGD step with lr 0 (the
-        parameter never has a gradient, so SGD leaves it alone), because Lightning counts optimizer steps."""
-        if self.search is not None:
-            return torch.optim.SGD([self.parameter], lr=0.0)
-        optimizer = torch.optim.Adam([self.parameter], lr=self.lr)
-        optimizer.register_step_post_hook(lambda *_: self.objective.project_(self.parameter.data))
-        return optimizer
+        """The method's optimizer: Adam with the priors' projections inside its step (continuous), or SGD with lr
+        0 whose closure is the search step (token search; Lightning counts optimizer steps)."""
+        return self.algorithm.optimizer(self.parameter)
 
     def train_dataloader(self):
         return step_loader()
 
     def configure_callbacks(self):
-        """The end-of-fit ResultsWriter and the interrupt handling, unless the Trainer already has them."""
-        from amax_lightning.callbacks import DeferInterrupts, ResultsWriter
+        """The end-of-fit ResultsWriter (the SensitivityRecorder with perturbed copies) and the interrupt handling,
+        unless the Trainer already has them."""
+        from amax_lightning.callbacks import DeferInterrupts, ResultsWriter, find_callback
         from amax_lightning.sensitivity import SensitivityRecorder
 
-        present = lambda kind: any(isinstance(cb, kind) for cb in self.trainer.callbacks)  # noqa: E731
-        writer = SensitivityRecorder if self.layout.copies > 1 else ResultsWriter  # copies: the sensitivity study
-        return [kind() for kind in (DeferInterrupts, writer) if not present(kind)]
+        writer = SensitivityRecorder if self.layout.copies > 1 else ResultsWriter
+        return [kind() for kind in (DeferInterrupts, writer) if find_callback(self.trainer, kind) is None]
 
     def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
-        """Raise NonFiniteError naming the seeds of this process's rows that went non-finite, and the step.
-
-        With ``finite_check_every`` N > 1 the host looks only every N steps, at the last step and before every
-        checkpoint (no per-step device sync); the device remembers the first bad step and its rows, so the error
-        names the step the run went bad at either way, and nothing is written.
-        """
+        """Stop the run at its first non-finite loss or activation (``checks.FiniteCheck``, ``finite_check_every``)."""
         finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
-        if self.finite_check_every == 1:
-            if not bool(finite.all()):
-                self._raise_non_finite(~finite, self.global_step)
-            return
-        if self._first_bad_step is None or self._first_bad_step.device != finite.device:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=finite.device)
-            self._first_bad_rows = torch.zeros_like(finite)
-        first = (self._first_bad_step < 0) & ~finite.all()
-        self._first_bad_step = torch.where(first, self.global_step, self._first_bad_step)
-        self._first_bad_rows = torch.where(first, ~finite, self._first_bad_rows)
-        step = self.global_step + 1
-        if step % self.finite_check_every == 0 or step == self.trainer.max_steps:
-            self.flush_finite_check()
+        self.finite_check.observe(finite, self.global_step, self.trainer.max_steps)
 
     def flush_finite_check(self) -> None:
-        """Raise NonFiniteError if a deferred finiteness check (``finite_check_every``) has seen a bad step."""
-        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
-            self._raise_non_finite(self._first_bad_rows, int(self._first_bad_step))
+        """Raise NonFiniteError if a step so far had a non-finite value (the deferred check looks now)."""
+        self.finite_check.flush()
 
-    def _raise_non_finite(self, bad_rows: torch.Tensor, step: int) -> None:
+    def _non_finite(self, bad_rows: torch.Tensor, step: int) -> str:
         start = self.layout.shard.start
         bad = sorted({self.layout.seed_of(start + i) for i in bad_rows.nonzero().flatten().tolist()})
-        raise NonFiniteError(
-            f"non-finite loss or activation for seed(s) {bad} at step {step}; "
-            f"try a smaller lr (now {self.lr}) or an l2 penalty"
-        )
+        return (f"non-finite loss or activation for seed(s) {bad} at step {step}; "
+                f"try a smaller lr (now {self.lr}) or an l2 penalty")
 
     def _log_step(self, objective: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor, gathered: bool = False) -> None:
         """Record each row's objective (rows,) for the history; log objective, loss and mean vector norm."""
@@ -540,18 +380,12 @@ class ActMaxModule(LightningModule):
     # --- checkpoints ---------------------------------------------------------------------------------
     def check_resumable(self, checkpoint: dict) -> None:
         """Raise a UserError if ``checkpoint`` was made with another protocol (model, target, seeds, lr, ...)."""
-        saved = checkpoint.get("hyper_parameters", {})
-        for key in self.PROTOCOL_KEYS:
-            if key not in saved:
-                continue
-            theirs, ours = saved[key], self.hparams[key]
-            if key == "seeds":  # "0,1,2", "0-2" and [0, 1, 2] are the same seeds
-                theirs, ours = parse_seeds(theirs), parse_seeds(ours)
-            if theirs != ours:
-                raise UserError(
-                    f"checkpoint was made with {key}={theirs!r} but this run has {key}={ours!r}; "
-                    "resume with the same settings"
-                )
+        def normal(key, value):  # "0,1,2", "0-2" and [0, 1, 2] are the same seeds
+            return parse_seeds(value) if key == "seeds" else value
+
+        saved = {key: normal(key, value) for key, value in checkpoint.get("hyper_parameters", {}).items()
+                 if key in self.PROTOCOL_KEYS}
+        check_resumable(saved, {key: normal(key, self.hparams[key]) for key in self.PROTOCOL_KEYS}, self.PROTOCOL_KEYS)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints small: only the learned parameter (the frozen backbone is reloaded from its source).

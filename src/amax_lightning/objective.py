@@ -9,16 +9,20 @@ follow alone; that is what makes batching, chunking and sharding rows across pro
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from amax_lightning.backbone import Backbone
+from amax_lightning.checks import check_run_size
 from amax_lightning.decode import nearest_tokens_with_neighbours
+from amax_lightning.errors import UserError
 from amax_lightning.param import TokenEmbedding, perturb
 from amax_lightning.priors import Prior
-from amax_lightning.readout import Readout
+from amax_lightning.readout import Readout, build_readout
 from amax_lightning.targets import Target
 
 AGGREGATIONS = ("mean", "last", "max")
@@ -101,6 +105,21 @@ class RowLayout:
     def for_process(self, world_size: int, rank: int) -> RowLayout:
         """The same rows, sharded over ``world_size`` processes, seen from process ``rank``."""
         return dataclasses.replace(self, world_size=world_size, rank=rank)
+
+    def gather(self, local: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Every process's per-row tensor (shard rows, ...) concatenated into (rows, ...) in row order.
+
+        ``all_gather`` stacks equal-shaped tensors from all processes (``LightningModule.all_gather``); shards are
+        padded to the largest one for it.
+        """
+        if self.world_size == 1:
+            return local
+        size = math.ceil(self.n_rows / self.world_size)
+        padded = local.new_zeros((size, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        stacked = all_gather(padded)  # (world, size, ...)
+        shards = [self.shard_of(rank) for rank in range(self.world_size)]
+        return torch.cat([stacked[rank, : s.stop - s.start] for rank, s in enumerate(shards)])
 
 
 class RowValues(NamedTuple):
@@ -237,3 +256,29 @@ class RowObjective(nn.Module):
         """Apply every prior's projection (e.g. the norm clamp) to the parameter, in place."""
         for prior in self.priors:
             prior.project_(parameter, self.backbone)
+
+
+def build_objective(backbone: Backbone, target: str, seeds: list[int], n_tokens: int, aggregate: str,
+                    parameterization: TokenEmbedding, priors: list[Prior], sae_activation: str = "pre",
+                    center_residual: str = "auto", perturbations: list[tuple[int, float, int]] | None = None
+                    ) -> tuple[RowObjective, list]:
+    """A run's row objective, its inputs checked against the model (one-line UserErrors), and per unit the record
+    of what it reads (the SAE latent or direction, for results.json; None for a plain unit).
+
+    ``target`` is the target string (``targets.py``, ``readout.py``); ``perturbations`` the copies of every seed
+    (``param.perturbation_copies``), None for one unperturbed copy.
+    """
+    if backbone.max_positions is not None and n_tokens > backbone.max_positions:
+        raise UserError(f"n_tokens {n_tokens} is out of range; this model's context allows 1..{backbone.max_positions}")
+    copies = len(perturbations) if perturbations else 1
+    built = build_readout(target, backbone, len(seeds) * copies, sae_activation, center_residual)
+    targets = built.targets
+    if not backbone.supports(targets[0]):
+        raise UserError(f"target hook {targets[0].hook!r} needs a GPT-2 model; this model offers hook_resid_pre")
+    if any(p.needs_gpt2 for p in priors) and not backbone.is_gpt2:
+        raise UserError("prior 'fluency' needs a GPT-2 model (its LM head is the input embedding)")
+    layout = RowLayout(len(targets), tuple(seeds), copies=copies)
+    check_run_size(layout.n_rows, n_tokens, parameterization.width(backbone))
+    objective = RowObjective(backbone, targets, layout, built.readout, aggregate, parameterization, priors,
+                             perturbations)
+    return objective, built.records

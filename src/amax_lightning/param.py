@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from amax_lightning.backbone import Backbone
+from amax_lightning.checks import check_int, check_number
+from amax_lightning.errors import UserError
 
 
 def seeded_randn(seed: int, *shape: int) -> torch.Tensor:
@@ -24,6 +26,28 @@ def keyed_generator(*keys: int) -> torch.Generator:
     keys, via numpy's SeedSequence."""
     state = np.random.SeedSequence(list(keys)).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+MAX_PERTURB_SIZE = 10.0  # relative to each vector's norm
+MAX_REPLICAS = 1000
+
+
+def perturbation_copies(sizes: list[float] | None, replicas: int) -> list[tuple[int, float, int]] | None:
+    """Each copy of a seed as (size index, relative size, replica), or None without ``sizes`` (one unperturbed copy).
+
+    ``sizes`` and ``replicas`` are the module's ``perturb_sizes`` and ``replicas``; a UserError names a bad one.
+    """
+    replicas = check_int("replicas", replicas, low=1, high=MAX_REPLICAS)
+    if sizes is not None and replicas < 2:
+        raise UserError(f"replicas {replicas} with perturb_sizes: give at least 2, so replicas can be compared")
+    if sizes is None:
+        if replicas != 1:
+            raise UserError(f"replicas {replicas} needs perturb_sizes, e.g. --model.perturb_sizes [0,1e-7,1e-3]")
+        return None
+    if not sizes:
+        raise UserError("perturb_sizes is empty; give relative sizes, e.g. [0, 1e-7, 1e-5, 1e-3, 1e-1]")
+    sizes = [check_number("perturb_sizes", float(size), low_open=False, high=MAX_PERTURB_SIZE) for size in sizes]
+    return [(index, size, replica) for index, size in enumerate(sizes) for replica in range(replicas)]
 
 
 def perturb(start: torch.Tensor, seed: int, size_index: int, size: float, replica: int) -> torch.Tensor:

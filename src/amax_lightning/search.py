@@ -33,8 +33,6 @@ from amax_lightning.errors import UserError, first_line
 from amax_lightning.objective import RowObjective
 from amax_lightning.param import keyed_generator
 
-METHODS = ("continuous", "gcg", "epo")
-TOKEN_METHODS = ("gcg", "epo")
 FRONTIER_CAPACITY = 512  # Pareto points kept per row; beyond it the highest-activation ones are kept
 MAX_INITIAL_DRAWS = 1000  # draws of an initial sequence that must survive retokenization
 _RETOKENIZE_CACHE_SIZE = 1_000_000

@@ -62,7 +62,7 @@ def test_token_search_config_builds_a_module(tiny_gpt2_dir, tiny_backbone):
     config = yaml.safe_load((REPO / "configs" / "token_search.yaml").read_text())
     options = {**config["model"], "model_name_or_path": str(tiny_gpt2_dir), "target": "blocks.2.hook_resid_pre:5"}
     module = ActMaxModule(**options, seeds=config["seeds"], backbone=tiny_backbone)
-    assert module.method == "gcg" and module.search_settings()["top_k"] == 256 and module.n_rows == 10
+    assert module.method == "gcg" and module.protocol().search["top_k"] == 256 and module.n_rows == 10
 
 
 @pytest.mark.parametrize(
