@@ -184,12 +184,16 @@ def parse_priors(spec: str | None) -> ParsedPriors:
     return ParsedPriors(parameterization, priors, [p.describe() for p in items])
 
 
+MAX_PRIOR_VALUE = 1e6  # a weight or temperature beyond it only overflows the loss
+
+
 def _prior_value(name: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise UserError(f"prior {name}={text!r} needs a number, e.g. {name}=0.1") from None
     positive = name == "softmax"
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise UserError(f"prior {name}={text} is out of range; allowed: {'> 0' if positive else '>= 0'}, finite")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > MAX_PRIOR_VALUE:
+        low = "(0" if positive else "[0"
+        raise UserError(f"prior {name}={text} is out of range; allowed: {low}, {MAX_PRIOR_VALUE:g}]")
     return value
