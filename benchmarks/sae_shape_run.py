@@ -2,7 +2,7 @@
 release's shape (768 x 24,576 at blocks.8.hook_resid_pre, 6.x cfg.json asking for centred writing weights),
 both written to a temp folder, then the CLI run as a user runs it. Prints wall time and peak memory (RSS).
 
-    python benchmarks/sae_shape_run.py [--target-latents 91] [-- extra fit args]
+    python benchmarks/sae_shape_run.py [--latents 91|top8@91|0-63] [extra fit args, e.g. --trainer.accelerator gpu]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", default="91", help="latent spec: 91, top8@91, 0-63, ...")
     args, extra = parser.parse_known_args()
+    extra = extra[1:] if extra[:1] == ["--"] else extra  # a separating -- is not a fit argument
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir, sae_dir = write_models(root)

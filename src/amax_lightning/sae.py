@@ -200,8 +200,10 @@ def load_sae(source: str) -> SAE:
     if W_dec is not None and W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
         raise UserError(f"SAE {source!r}: W_dec has shape {tuple(W_dec.shape)}; it must be [d_sae, d_in] = "
                         f"{[W_enc.shape[1], W_enc.shape[0]]}")
-    if not all(bool(torch.isfinite(t).all()) for t in (W_enc, b_enc, b_dec)):
-        raise UserError(f"SAE {source!r}: its encoder weights hold NaN or infinite values")
+    named = {"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "W_dec": W_dec}  # W_dec picks top-k@dim latents
+    damaged = [name for name, t in named.items() if t is not None and not bool(torch.isfinite(t).all())]
+    if damaged:
+        raise UserError(f"SAE {source!r}: {WEIGHTS} holds NaN or infinite values in {', '.join(damaged)}")
     kwargs = metadata.get("model_from_pretrained_kwargs") or config.get("model_from_pretrained_kwargs") or {}
     centre = kwargs.get("center_writing_weights") if isinstance(kwargs, dict) else None
     return SAE(

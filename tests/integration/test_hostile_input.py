@@ -54,6 +54,8 @@ def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
     write_sae(root / "sae_wide", config={"d_in": 60},
               tensors={"W_enc": torch.zeros(60, 32), "b_dec": torch.zeros(60), "W_dec": torch.zeros(32, 60)})
     write_sae(root / "sae_nan", tensors={"b_enc": torch.full((32,), float("nan"))})
+    write_sae(root / "sae_nan_decoder", tensors={"W_dec": torch.full((32, 64), float("nan"))})
+    (write_sae(root / "sae_no_weights") / "sae_weights.safetensors").unlink()  # cfg.json alone
     write_sae(root / "sae_hook9", hook="blocks.9.hook_resid_pre")
     for name in ("sae_truncated", "sae_pickle"):
         sae_weights = write_sae(root / name) / "sae_weights.safetensors"
@@ -158,10 +160,16 @@ CASES = [
     (["--model.aggregate", "median"], "aggregate 'median' is unknown"),
     (["--model.priors", "clamp,nope"], "prior 'nope' is unknown"),
     (["--model.priors", "softmax=0"], "out of range"),
+    (["--model.priors", "vocab_distance=1e300"], "vocab_distance=1e300 is out of range; allowed: [0, 1e+06]"),
+    (["--trainer.log_every_n_steps", "0"], "trainer.log_every_n_steps 0 is out of range"),
+    (["--checkpoint.every_n_train_steps", "-5"], "checkpoint.every_n_train_steps -5 is out of range"),
+    (["--model.method", "gcg", "--model.top_k", "99999999"], "top_k 99999999 is out of range"),
     # SAE and direction targets
     (["--model.target", "sae:{sae_gated}:0"], "architecture 'gated'; supported: standard"),
     (["--model.target", "sae:{sae_wide}:0"], "has d_in 60 but blocks.1.hook_resid_pre is 64 wide"),
-    (["--model.target", "sae:{sae_nan}:0"], "NaN or infinite"),
+    (["--model.target", "sae:{sae_nan}:0"], "NaN or infinite values in b_enc"),
+    (["--model.target", "sae:{sae_nan_decoder}:top2@5"], "NaN or infinite values in W_dec"),
+    (["--model.target", "sae:{sae_no_weights}:0"], "has no sae_weights.safetensors"),
     (["--model.target", "sae:{sae_truncated}:0"], "cannot be read as safetensors"),
     (["--model.target", "sae:{sae_pickle}:0"], "cannot be read as safetensors"),
     (["--model.target", "sae:{sae_hook9}:0"], "reads layer 9"),

@@ -55,19 +55,47 @@ def test_latent_equals_the_formula_on_the_residual_the_sae_saw(tiny_module, hf, 
     record = module.unit_records[0]
     assert record["center_residual"] is centred and why in record["center_reason"]
     assert record["config_generation"] == generation and record["d_sae"] == 32 and record["latent"] == 5
+    # 5.x names its Neuronpedia id at the top level, 6.x under metadata, pre-5 not at all
+    assert record["neuronpedia"] == (None if generation == "pre-5" else "https://www.neuronpedia.org/tiny/1-res/5")
 
 
-def test_sweep_and_post_relu_equal_the_formula(tiny_module, hf, tmp_path):
-    folder = write_sae(tmp_path / "sae", "6.x")
+@pytest.mark.parametrize("config, tensors, b_dec_applied, scaling", [
+    ({"apply_b_dec_to_input": False}, {}, False, None),
+    ({}, {"scaling_factor": torch.linspace(0.5, 3.0, 32)}, True, "ignored"),
+])
+def test_b_dec_switch_and_scaling_factor(tiny_module, hf, tmp_path, config, tensors, b_dec_applied, scaling):
+    """apply_b_dec_to_input false reads x @ W_enc + b_enc; scaling_factor (decoder side only) changes no latent."""
+    folder = write_sae(tmp_path / "sae", "5.x", config=config, tensors=tensors)
+    module = tiny_module(target=f"sae:{folder}:0-31", seeds=[0])
+    values = module.objective(module.parameter, slice(0, 32)).activations.detach()  # (32 latents, T)
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert ("scaling_factor" in w) is (scaling is not None)
+    h = residual(hf, module.parameter.detach()[:1], False)[0]  # (T, d_in)
+    x = h - w["b_dec"] if b_dec_applied else h
+    torch.testing.assert_close(values, (x @ w["W_enc"] + w["b_enc"]).T, rtol=1e-5, atol=1e-5)
+    assert (w["b_dec"] @ w["W_enc"]).abs().min() > 1e-4  # subtracting b_dec or not changes every latent
+    record = module.unit_records[0]
+    assert record["apply_b_dec_to_input"] is b_dec_applied
+    if scaling is None:
+        assert record["scaling_factor"] is None
+    else:
+        assert record["scaling_factor"].startswith("ignored")
+
+
+@pytest.mark.parametrize("generation, centred", [("6.x", False), ("pre-5", True)])
+def test_sweep_and_post_relu_equal_the_formula(tiny_module, hf, tmp_path, generation, centred):
+    folder = write_sae(tmp_path / "sae", generation)
     seeds = [0, 1]
     for post in (False, True):
         module = tiny_module(target=f"sae:{folder}:*", seeds=seeds, sae_activation="post" if post else "pre")
         assert len(module.targets) == 32 and module.targets[7].spec == f"sae:{folder}:7"
+        assert all(r["center_residual"] is centred for r in module.unit_records)
         values = module.objective(module.parameter, slice(0, 64)).activations.detach()
         x = module.parameter.detach()[:2]  # every unit starts from the same two seeds
-        expected = formula(folder, residual(hf, x, False), None, post)  # (2, T, 32)
+        expected = formula(folder, residual(hf, x, centred), None, post)  # (2, T, 32), centred HF when pre-5
         torch.testing.assert_close(values.view(32, 2, -1), expected.permute(2, 0, 1), rtol=1e-5, atol=1e-5)
-    assert module.unit_records[3]["neuronpedia"] == "https://www.neuronpedia.org/tiny/1-res/3"
+    if not centred:
+        assert module.unit_records[3]["neuronpedia"] == "https://www.neuronpedia.org/tiny/1-res/3"
 
 
 @pytest.mark.parametrize("normalize", ["layer_norm", "constant_norm_rescale"])
@@ -132,7 +160,8 @@ BAD = [
     ({"hook": "blocks.1.attn.hook_z"}, "supported: blocks.<layer>.<hook>"),
     ({"config": {"architecture": "gated"}}, "architecture 'gated'; supported: standard"),
     ({"config": {"normalize_activations": "expected_average_only_in"}}, "needs statistics"),
-    ({"tensors": {"W_enc": torch.full((64, 32), float("nan"))}}, "NaN or infinite"),
+    ({"tensors": {"W_enc": torch.full((64, 32), float("nan"))}}, "NaN or infinite values in W_enc"),
+    ({"tensors": {"W_dec": torch.full((32, 64), float("inf"))}}, "NaN or infinite values in W_dec"),
     ({"config": {"d_sae": 99}}, "says d_sae 99"),
     ({"config": {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}}}, "activation 'topk'; supported: relu"),
     ({"tensors": {"W_dec": torch.zeros(64, 32)}}, r"W_dec has shape \(64, 32\)"),
