@@ -527,7 +527,9 @@ def main(argv=None) -> None:
             variants.update({f"atlas bf16 {mode}": (torch.bfloat16, mode) for mode in compile_modes})
         for key, (autocast, mode) in variants.items():
             atlas = make_module(f"blocks.{LAYER}.hook_resid_pre:*", device, compile_mode=mode)
-            chunk = args.atlas_chunk or atlas._automatic_chunk_rows()
+            if not args.atlas_chunk:
+                atlas.row_chunks()  # the automatic chunk size, as a fit decides it at its first step
+            chunk = args.atlas_chunk or atlas.chunk_rows_used
             step, chunks = raw_step_fn(atlas, chunk, autocast=autocast)
             print(f"{key}: {atlas.n_rows} rows in {len(chunks)} chunk(s) of {chunk}", flush=True)
             timed(key, step, atlas_flops, atlas_repeats, atlas_steps, warmup=0 if cpu else 1)

@@ -35,7 +35,6 @@ from amax_lightning.targets import Target
 
 DEFAULT_SEEDS = list(range(10))
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
-MAX_L2 = 1e6
 
 
 class ActMaxModule(LightningModule):
@@ -145,7 +144,7 @@ class ActMaxModule(LightningModule):
         super().__init__()
         seeds = parse_seeds(seeds)
         self.lr = check_number("lr", lr, low_open=True, high=MAX_LR)
-        self.l2 = check_number("l2", l2, low_open=False, high=MAX_L2)
+        self.l2 = check_number("l2", l2, low_open=False)
         self.n_tokens = check_int("n_tokens", n_tokens, low=1)
         self.chunk_rows = check_int("chunk_rows", chunk_rows, low=0)
         self.finite_check = FiniteCheck(check_int("finite_check_every", finite_check_every, low=1), self._non_finite)

@@ -12,7 +12,7 @@ def test_compiled_step_matches_eager(fit_tiny):
     eager, eager_results = fit_tiny("eager", lr=1e-2, steps=6)
     compiled, compiled_results = fit_tiny("compiled", lr=1e-2, steps=6, compile_mode="default")
     assert compiled_results["numerics"]["compile_mode"] == "default"
-    assert compiled._compiled_forward is not None  # really went through torch.compile
+    assert compiled.algorithm._compiled_forward is not None  # really went through torch.compile
     torch.testing.assert_close(compiled.parameter.detach(), eager.parameter.detach(), rtol=1e-5, atol=1e-6)
     assert [r["token_ids"] for r in compiled_results["runs"]] == [r["token_ids"] for r in eager_results["runs"]]
 
