@@ -52,8 +52,11 @@ def command() -> None:
     which keep their normal collector (``main``).
     """
     gc.disable()
-    import amax_lightning.cli  # noqa: F401  (the heavy imports of every subcommand)
-
+    try:
+        import amax_lightning.cli  # noqa: F401  (the heavy imports of every subcommand)
+    except KeyboardInterrupt:
+        print("amax_lightning: interrupted", file=sys.stderr)
+        sys.exit(130)
     gc.freeze()
     gc.enable()
     try:

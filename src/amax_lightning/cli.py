@@ -96,7 +96,8 @@ class AmaxCLI(LightningCLI):
         threads = DEFAULT_THREADS if config.threads is None else check_int("threads", config.threads, low=1, high=4096)
         torch.set_num_threads(threads)  # also resets what an earlier fit in this process (a study) set
         check_int("trainer.max_steps", config.trainer.max_steps, low=1, high=MAX_STEPS)
-        check_int("trainer.log_every_n_steps", config.trainer.log_every_n_steps, low=1, high=MAX_STEPS)
+        if config.trainer.log_every_n_steps is not None:  # None: Lightning's default
+            check_int("trainer.log_every_n_steps", config.trainer.log_every_n_steps, low=1, high=MAX_STEPS)
         if config.get("checkpoint") is not None and config.checkpoint.every_n_train_steps is not None:
             check_int("checkpoint.every_n_train_steps", config.checkpoint.every_n_train_steps, low=0, high=MAX_STEPS)
 

@@ -104,7 +104,8 @@ class CheckedNearestTokens:
         self.block_rows = block_rows
         self._scores = torch.empty(block_rows, n_tokens, dtype=torch.bfloat16, device=vocab.device)
         self._kept = torch.empty(block_rows, n_tokens, dtype=torch.bool, device=vocab.device)
-        self._pairs = torch.empty(2, block_rows * 64, d, device=vocab.device)  # gathered candidates; grows if needed
+        # gathered candidates (about 30 per vector on GPT-2 small); grown when a block needs more
+        self._pairs = torch.empty(2, block_rows * 32, d, dtype=torch.float32, device=vocab.device)
 
     @torch.no_grad()
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class CheckedNearestTokens:
             self._pairs = self._pairs.new_empty(2, 2 * m, unit.shape[1])
         vectors = torch.index_select(unit, 0, rows, out=self._pairs[0, :m])
         tokens = torch.index_select(self.unit_vocab, 0, cols, out=self._pairs[1, :m])
-        exact = torch.bmm(vectors.unsqueeze(1), tokens.unsqueeze(2)).view(m)
+        exact = vectors.mul_(tokens).sum(dim=-1)  # fp32 products and sum: no matmul, so no TF32 whatever the setting
         row_best = torch.full((n,), -torch.inf, device=exact.device).scatter_reduce(0, rows, exact, "amax")
         winners = exact == row_best[rows]
         ids = torch.full((n,), n_tokens, dtype=torch.long, device=exact.device)

@@ -134,7 +134,7 @@ def null_token_counts(
 
 
 CACHE_ENV = "AMAX_LIGHTNING_CACHE"
-_CACHE_FORMAT = 2  # bump when the draws or the decoding change (2: bf16 candidates checked in fp32)
+_CACHE_FORMAT = 3  # bump when the draws, the decoding or the key change (2: bf16 checked in fp32; 3: sha256 key)
 
 
 def cache_folder() -> str:

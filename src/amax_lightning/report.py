@@ -90,11 +90,13 @@ def save_png(figure, path: str) -> np.ndarray:
     Returns an (H, W, 3) uint8 array, for TensorBoard's ``add_image(..., dataformats="HWC")``: drawing is the
     slow part of a plot, and ``add_figure`` would draw it again (and ``bbox_inches="tight"`` twice).
     """
-    figure.set_dpi(100)
-    figure.set_layout_engine("tight")
-    figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)  # pyplot keeps every figure alive until it is closed (a study makes many)
+    try:
+        figure.set_dpi(100)
+        figure.set_layout_engine("tight")
+        figure.canvas.draw()
+        pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    finally:
+        plt.close(figure)  # pyplot keeps every figure alive until it is closed (a study makes many)
     write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="png"))
     return pixels
 

@@ -53,7 +53,7 @@ class TokenSearchMethod:
             raise UserError(f"compile_mode {compile_mode!r} applies to method continuous; token search runs eager")
         if method == "epo" and not backbone.is_gpt2:
             raise UserError("method 'epo' needs a GPT-2 model (its cross-entropy uses the tied LM head)")
-        top_k = check_int("top_k", top_k, low=1, high=backbone.vocab_embeddings.shape[0])
+        top_k = check_int("top_k", top_k, low=1)  # at most the allowed tokens are used (TokenSearch.top_k)
         candidates = check_int("candidates", candidates, low=1)
         if method == "gcg":
             weights = (0.0,)
