@@ -4,6 +4,7 @@ in-process fit) and a CLI runner. Tiers: ``unit`` (no Trainer), ``integration`` 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -28,6 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "e2e" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    """The test modules have imported torch, transformers and Lightning: keep their millions of long-lived objects
+    out of every later garbage collection (``gc.freeze``), as ``python -m amax_lightning`` does. Garbage that tests
+    make is still collected."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
