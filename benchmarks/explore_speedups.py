@@ -170,15 +170,15 @@ def main():
     with b.ForeignLoad() as load:
         res = interleaved(fns, args.repeats, args.steps)
     res["gemm floor (matmuls only)"] = floor
-    if args.fit:  # interleaved: raw step, fit, fit without _log_step (14 self.log keys + history), per repeat
-        fit_times = {"raw (again)": [], "Trainer.fit (now)": [], "Trainer.fit, no _log_step": []}
-        log_step = module._log_step
+    if args.fit:  # interleaved: raw step, fit, fit without _end_step (14 self.log keys + history), per repeat
+        fit_times = {"raw (again)": [], "Trainer.fit (now)": [], "Trainer.fit, no _end_step": []}
+        log_step = module._end_step
         for _ in range(args.repeats):
             fit_times["raw (again)"].append(interleaved({"r": mod_step}, 1, args.steps)["r"])
             fit_times["Trainer.fit (now)"].append(b.lightning_fit(module, "cpu", args.steps, 1)[0])
-            module._log_step = lambda *a: None
-            fit_times["Trainer.fit, no _log_step"].append(b.lightning_fit(module, "cpu", args.steps, 1)[0])
-            module._log_step = log_step
+            module._end_step = lambda *a: None
+            fit_times["Trainer.fit, no _end_step"].append(b.lightning_fit(module, "cpu", args.steps, 1)[0])
+            module._end_step = log_step
         res.update({k: statistics.median(v) for k, v in fit_times.items()})
     flops = b.study_flops(b.N_SEEDS)
     base = res["module (now)"]

@@ -62,7 +62,10 @@ class DeferInterrupts(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # parameters, Adam state and global_step all belong to the same finished step here; after the last step
-        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
+        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial. Under DDP
+        # the processes decide together (a Ctrl-C seen by any stops all at this step; none waits in a collective).
+        if trainer.world_size > 1:
+            self.pending = trainer.strategy.reduce_boolean_decision(self.pending, all=False)
         if self.pending and trainer.global_step < trainer.max_steps:
             raise KeyboardInterrupt
 

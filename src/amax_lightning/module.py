@@ -282,8 +282,8 @@ class ActMaxModule(LightningModule):
         with float32_matmul_precision(self.matmul_precision):
             grad, (embedding, activations, loss) = self.algorithm.step(self.parameter, self.row_chunks(), world,
                                                                        loss_scale)
-        self._check_finite(activations, loss)  # once per step, after all chunks
-        self._log_step(self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1))
+        finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
+        self._end_step(self.objective.objective(activations), loss, embedding.norm(dim=-1).mean(-1), finite)
         return surrogate_loss(self.parameter[self.layout.shard], grad, loss.sum() * world)
 
     def _search_step(self) -> None:
@@ -291,14 +291,14 @@ class ActMaxModule(LightningModule):
         with float32_matmul_precision(self.matmul_precision):
             local, _ = self.search.step(self.search_state().rows(self.layout.shard), self.row_chunks(),
                                         self.global_step)
-        self._check_finite(local.activation, local.activation.max(dim=1).values)
         for name, tensor in zip(SearchState._fields, local):
             getattr(self, f"search_{name}").copy_(self.gather_rows(tensor))
         state = self.search_state()
         best = TokenSearch.best_member(state)
         self.parameter.data.copy_(self.backbone.embed_tokens(best))
         objective = state.activation.max(dim=1).values
-        self._log_step(objective, -objective, self.parameter.detach().norm(dim=-1).mean(-1), gathered=True)
+        finite = torch.isfinite(state.activation).all(dim=1)
+        self._end_step(objective, -objective, self.parameter.detach().norm(dim=-1).mean(-1), finite, gathered=True)
         if not (self.global_step + 1) % self.trainer.log_every_n_steps and len(self.targets) == 1 \
                 and self.trainer.is_global_zero:
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -325,26 +325,24 @@ class ActMaxModule(LightningModule):
         writer = SensitivityRecorder if self.layout.copies > 1 else ResultsWriter
         return [kind() for kind in (DeferInterrupts, writer) if find_callback(self.trainer, kind) is None]
 
-    def _check_finite(self, activations: torch.Tensor, loss: torch.Tensor) -> None:
-        """Stop the run at its first non-finite loss or activation (``checks.FiniteCheck``, ``finite_check_every``)."""
-        finite = torch.isfinite(activations).all(dim=-1) & torch.isfinite(loss)
-        self.finite_check.observe(finite, self.global_step, self.trainer.max_steps)
-
     def flush_finite_check(self) -> None:
         """Raise NonFiniteError if a step so far had a non-finite value (the deferred check looks now)."""
         self.finite_check.flush()
 
     def _non_finite(self, bad_rows: torch.Tensor, step: int) -> str:
-        start = self.layout.shard.start
-        bad = sorted({self.layout.seed_of(start + i) for i in bad_rows.nonzero().flatten().tolist()})
+        bad = sorted({self.layout.seed_of(row) for row in bad_rows.nonzero().flatten().tolist()})
         return (f"non-finite loss or activation for seed(s) {bad} at step {step}; "
                 f"try a smaller lr (now {self.lr}) or an l2 penalty")
 
-    def _log_step(self, objective: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor, gathered: bool = False) -> None:
-        """Record each row's objective (rows,) for the history; log objective, loss and mean vector norm."""
+    def _end_step(self, objective: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor, finite: torch.Tensor,
+                  gathered: bool = False) -> None:
+        """After a step: gather every row's objective, loss, mean vector norm and finiteness (rows,) from all
+        processes, stop at a non-finite row (``checks.FiniteCheck``: every process sees every row, so all stop at
+        the same step, none is left waiting in a collective), record the history, log."""
         with torch.no_grad():
-            stats = torch.stack([objective, loss, norm], dim=-1)
-            stats = stats if gathered else self.gather_rows(stats)  # (rows, 3): objective, loss, mean vector norm
+            stats = torch.stack([objective, loss, norm, finite.to(objective.dtype)], dim=-1)
+            stats = stats if gathered else self.gather_rows(stats)  # (rows, 4)
+        self.finite_check.observe(stats[:, 3] > 0, self.global_step, self.trainer.max_steps)
         self.history_steps.append(self.global_step)
         self.history.append(stats[:, 0].detach())
         if (self.global_step + 1) % self.trainer.log_every_n_steps:
