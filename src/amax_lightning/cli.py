@@ -103,15 +103,20 @@ class AmaxCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with amax_lightning's default logger (exclusive run folders), a progress bar counting
-        steps, and the interrupt handling."""
+        steps, and the interrupt handling, which runs after every callback that records the step (a Ctrl-C stops
+        the run only once they have)."""
+        from amax_lightning.sensitivity import SensitivityRecorder
+
         config = self.config_init.get(self.subcommand, self.config_init).get("trainer") or {}
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = RunLogger(save_dir=root)
+        callbacks = list(config.get("callbacks") or [])
+        if self.model.layout.copies > 1 and not any(isinstance(c, SensitivityRecorder) for c in callbacks):
+            callbacks.append(SensitivityRecorder())  # perturbed copies: records distances every step
         if config.get("enable_progress_bar") in (None, True):
-            kwargs["callbacks"] = [*(config.get("callbacks") or []), StepProgressBar(), DeferInterrupts()]
-        else:
-            kwargs["callbacks"] = [*(config.get("callbacks") or []), DeferInterrupts()]
+            callbacks.append(StepProgressBar())
+        kwargs["callbacks"] = [*callbacks, DeferInterrupts()]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

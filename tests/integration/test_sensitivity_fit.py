@@ -94,3 +94,19 @@ def test_sensitivity_refuses_reserved_options_in_one_line(tmp_path, monkeypatch,
         "amax_lightning: error: --trainer.max_steps cannot be passed to sensitivity; set snapshots in the sensitivity "
         "config")
     assert not (tmp_path / "sensitivity").exists()
+
+
+def test_a_plain_fit_with_copies_records_each_step_before_an_interrupt_can_stop_it(tiny_gpt2_dir, tmp_path,
+                                                                                    monkeypatch):
+    """``fit --model.perturb_sizes ...`` gets one SensitivityRecorder, ahead of DeferInterrupts: a Ctrl-C takes
+    effect only after the step's distances are recorded."""
+    from amax_lightning.callbacks import DeferInterrupts
+    from amax_lightning.cli import run_trainer
+
+    monkeypatch.chdir(tmp_path)
+    trainer = run_trainer(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,
+                           "--seeds", "0-1", "--model.perturb_sizes", "[0, 0.1]", "--model.replicas", "2",
+                           "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"])
+    kinds = [type(callback) for callback in trainer.callbacks]
+    assert kinds.count(SensitivityRecorder) == 1 and kinds.count(DeferInterrupts) == 1
+    assert kinds.index(SensitivityRecorder) < kinds.index(DeferInterrupts)
