@@ -96,6 +96,9 @@ class ActMaxModule(LightningModule):
         Token search: ids (``"13,198"``) or a file of ids never used; special tokens are always excluded.
     retokenize
         Token search: keep only sequences whose decoded text encodes back to the same ids.
+    restart_every
+        EPO: every this many steps (step 0 included) each seed's population restarts from the best sequence of its
+        pool under a random cross-entropy penalty (2 x [1/3, 3], as dreamy's EPO); 0 = never.
     finite_check_every
         Look at the finiteness of losses and activations on the host every N steps (and at the last step and
         before every checkpoint) instead of every step: a GPU step then never waits for the host. A bad run still
@@ -111,7 +114,7 @@ class ActMaxModule(LightningModule):
 
     PROTOCOL_KEYS = ("model_name_or_path", "target", "n_tokens", "lr", "l2", "seeds", "aggregate", "priors",
                      "sae_activation", "center_residual", "method", "top_k", "candidates", "population", "fluency_weights",
-                     "exclude_tokens", "retokenize", "perturb_sizes", "replicas")
+                     "exclude_tokens", "retokenize", "restart_every", "perturb_sizes", "replicas")
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class ActMaxModule(LightningModule):
         fluency_weights: Optional[list[float]] = None,
         exclude_tokens: str = "",
         retokenize: bool = True,
+        restart_every: int = 50,
         finite_check_every: int = 1,
         perturb_sizes: Optional[list[float]] = None,
         replicas: int = 1,
@@ -171,7 +175,7 @@ class ActMaxModule(LightningModule):
             self.automatic_optimization = False  # the step picks tokens: its search runs as an optimizer's closure
             self.algorithm = TokenSearchMethod(self.objective, self.method, self.n_tokens, top_k, candidates,
                                                population, fluency_weights, exclude_tokens, retokenize,
-                                               self.prior_names, self.compile_mode)
+                                               restart_every, self.prior_names, self.compile_mode)
             for name, tensor in zip(SearchState._fields, self.search.initial_state(self.n_tokens)):
                 self.register_buffer(f"search_{name}", tensor)  # checkpoints hold the search state
             self.parameter = nn.Parameter(self.algorithm.initial_parameter(self.search_state()))

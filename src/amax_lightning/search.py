@@ -9,12 +9,14 @@ EPO (Thompson et al. 2024, "Fluent dreaming"): per row a population; member i ma
 ``activation - fluency_weights[i] * cross_entropy`` (the model's own mean next-token loss on the sequence, nats).
 Children come from the same swaps (child j from member ``j % population``); each member becomes the best of the
 pooled members and children under its own weight. Every evaluated (activation, cross_entropy) point feeds each
-row's Pareto frontier.
+row's Pareto frontier. Restarts, as dreamy's EPO does them: every ``restart_every`` steps (step 0 included) the
+whole population of a row becomes the pool's best under one penalty ``2.0 x m``, ``m`` uniform in [1/3, 3] per row
+and step (dreamy draws it the same way, then scores with 2.0 itself; here the drawn penalty is used).
 
 Randomness: the initial tokens come from ``Generator().manual_seed(seed)`` and the swaps of step ``t`` from a
-generator seeded by ``(seed, t)``: a row follows the same trajectory alone, in any batch, on any process, and
-after a resume (the step count restores the generator). Objectives of kept members are stored, never recomputed,
-so each member's objective never decreases.
+generator seeded by ``(seed, t)`` (restart penalties from ``(seed, t, 1)``): a row follows the same trajectory
+alone, in any batch, on any process, and after a resume (the step count restores the generator). Objectives of
+kept members are stored, never recomputed, so each member's objective never decreases between restarts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from amax_lightning.objective import RowObjective
 from amax_lightning.param import keyed_generator
 
 FRONTIER_CAPACITY = 512  # Pareto points kept per row; beyond it the highest-activation ones are kept
+RESTART_PENALTY, RESTART_SPREAD = 2.0, 3.0  # EPO restarts: penalty 2.0 x m, m uniform in [1/3, 3] (dreamy's)
 MAX_INITIAL_DRAWS = 1000  # draws of an initial sequence that must survive retokenization
 _RETOKENIZE_CACHE_SIZE = 1_000_000
 
@@ -48,6 +51,14 @@ def log_spaced_weights(population: int, low: float = 0.1, high: float = 10.0) ->
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of seed ``seed``'s swaps at step ``step``."""
     return keyed_generator(seed, step)
+
+
+def restart_penalty(seed: int, step: int) -> float:
+    """EPO's cross-entropy penalty for seed ``seed``'s restart at step ``step``: ``RESTART_PENALTY`` times a factor
+    uniform in ``[1 / RESTART_SPREAD, RESTART_SPREAD]``, from the stream (seed, step, 1)."""
+    low, high = 1.0 / RESTART_SPREAD, RESTART_SPREAD
+    u = float(torch.rand((), generator=keyed_generator(seed, step, 1), dtype=torch.float64))
+    return RESTART_PENALTY * (low + (high - low) * u)
 
 
 def parse_exclude_tokens(spec: str, vocab_size: int) -> list[int]:
@@ -89,13 +100,19 @@ def allowed_tokens(backbone: Backbone, exclude: list[int]) -> torch.Tensor:
 class SearchSettings:
     """How rows are searched: ``method`` (``gcg`` or ``epo``), swaps from the gradient's ``top_k`` tokens per
     position, ``candidates`` children per row per step, one fluency weight per population member (GCG: ``(0.0,)``),
-    and whether candidates must survive decode -> encode (``retokenize``)."""
+    whether candidates must survive decode -> encode (``retokenize``), and EPO's restarts every ``restart_every``
+    steps (0: never)."""
 
     method: str
     top_k: int
     candidates: int
     fluency_weights: tuple[float, ...]
     retokenize: bool
+    restart_every: int = 0
+
+    def restarts_at(self, step: int) -> bool:
+        """Whether EPO restarts its populations at step ``step``."""
+        return self.fluency and self.restart_every > 0 and step % self.restart_every == 0
 
     @property
     def population(self) -> int:
@@ -357,21 +374,28 @@ class TokenSearch:
         ce = torch.cat([s[1] for s in scored]).to(state.activation.dtype)
         valid = valid & torch.isfinite(activation) & torch.isfinite(ce)  # a non-finite score never wins nor enters
         evaluated = Evaluated(children, activation, ce, valid)
-        state = self._select(state, evaluated)
+        restart = None
+        if self.settings.restarts_at(step):
+            seeds = [self.objective.layout.seed_of(row) for row in range(start, chunks[-1].stop)]
+            restart = torch.tensor([restart_penalty(seed, step) for seed in seeds], dtype=activation.dtype,
+                                   device=activation.device)
+        state = self._select(state, evaluated, restart)
         if self.settings.fluency:
             masked_act = torch.where(valid, activation, -math.inf)
             state = self._add_to_frontier(state, children, masked_act, torch.where(valid, ce, math.inf))
         return state, evaluated
 
-    def _select(self, state: SearchState, evaluated: Evaluated) -> SearchState:
+    def _select(self, state: SearchState, evaluated: Evaluated, restart: torch.Tensor | None = None) -> SearchState:
         """Each member becomes the best of the pool (members, then children) under its own weight; ties keep the
-        earliest, so a member stays unless a child is strictly better."""
+        earliest, so a member stays unless a child is strictly better. With ``restart`` (a penalty per row), every
+        member of a row becomes the pool's best under that row's penalty instead (EPO's restart)."""
         act = torch.cat([state.activation, torch.where(evaluated.valid, evaluated.activation, -math.inf)], dim=1)
         ce = torch.cat([state.cross_entropy, torch.where(evaluated.valid, evaluated.cross_entropy, 0.0)], dim=1)
         tokens = torch.cat([state.tokens, evaluated.tokens], dim=1)
-        weights = self.weights(act)
-        score = act[:, None, :] - weights[None, :, None] * ce[:, None, :] if self.settings.fluency \
-            else act[:, None, :].expand(-1, self.settings.population, -1)
+        population = self.settings.population
+        weights = self.weights(act)[None, :, None] if restart is None else restart[:, None, None].expand(-1, population, 1)
+        score = act[:, None, :] - weights * ce[:, None, :] if self.settings.fluency \
+            else act[:, None, :].expand(-1, population, -1)
         best = score.argmax(dim=-1)  # (rows, population)
         return state._replace(
             tokens=tokens.gather(1, best[..., None].expand(-1, -1, tokens.shape[-1])),

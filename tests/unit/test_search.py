@@ -10,7 +10,7 @@ from conftest import TINY_TARGET, save_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from amax_lightning.errors import UserError
-from amax_lightning.search import pareto_merge, parse_exclude_tokens, step_generator
+from amax_lightning.search import pareto_merge, parse_exclude_tokens, restart_penalty, step_generator
 
 BRUTE_TARGET = "blocks.1.hook_resid_pre:3"
 
@@ -104,7 +104,7 @@ def test_epo_cross_entropy_is_the_models_own_next_token_loss(tiny_gpt2_dir):
 
 @pytest.mark.parametrize("method", ["gcg", "epo"])
 def test_a_seed_in_a_batch_follows_its_trajectory_alone_and_never_decreases(tiny_gpt2_dir, method):
-    options = dict(target=TINY_TARGET, method=method, candidates=16, top_k=32, population=4)
+    options = dict(target=TINY_TARGET, method=method, candidates=16, top_k=32, population=4, restart_every=0)
     batched, alone = make(tiny_gpt2_dir, seeds=[0, 1, 2], **options), make(tiny_gpt2_dir, seeds=[1], **options)
     history = []
     run_steps(batched, 8, lambda state, _: history.append(state))
@@ -116,6 +116,49 @@ def test_a_seed_in_a_batch_follows_its_trajectory_alone_and_never_decreases(tiny
     for before, after in itertools.pairwise(member):
         assert (after >= before).all()  # each member's own objective never decreases
     assert (member[-1] > member[0]).any()  # and the search moves
+
+
+def test_epo_restart_moves_every_member_to_the_pools_best_under_the_drawn_penalty(tiny_gpt2_dir):
+    """At steps 0, 3, 6 (restart_every 3) every member of a seed is the pool's best under that seed's penalty for
+    that step; in between members differ again; a seed in the batch still equals it alone."""
+    options = dict(target=TINY_TARGET, method="epo", candidates=16, top_k=32, population=4, restart_every=3,
+                   retokenize=False)
+    module, alone = make(tiny_gpt2_dir, seeds=[0, 1], **options), make(tiny_gpt2_dir, seeds=[1], **options)
+    state = module.search_state()
+    rows, differ = [slice(0, 2)], False
+    for step in range(7):
+        before = state
+        state, evaluated = module.search.step(state, rows, step)
+        if step % 3:
+            differ |= any(not torch.equal(state.tokens[r, 0], state.tokens[r, i]) for r in range(2) for i in range(4))
+            continue
+        for row, seed in enumerate([0, 1]):
+            penalty = restart_penalty(seed, step)
+            assert 2.0 / 3 <= penalty <= 6.0
+            members = before.activation[row], before.cross_entropy[row]
+            if step == 0:  # the initial members are scored inside the first step
+                members = module.search.score(before.tokens[row : row + 1], slice(row, row + 1))
+                members = members[0][0], members[1][0]
+            ok = evaluated.valid[row]
+            act = torch.cat([members[0], evaluated.activation[row][ok]])
+            ce = torch.cat([members[1], evaluated.cross_entropy[row][ok]])
+            best = (act - penalty * ce).max()
+            chosen = state.activation[row] - penalty * state.cross_entropy[row]
+            torch.testing.assert_close(chosen, best.expand(4), rtol=0, atol=1e-5)
+            assert all(torch.equal(state.tokens[row, 0], state.tokens[row, i]) for i in range(4))
+    assert differ  # between restarts the members go their own ways
+    assert torch.equal(state.tokens[1], run_steps(alone, 7).tokens[0])
+    # the penalty decides: a planted pool whose best is child 2 under penalty 1 and child 1 under penalty 2
+    from amax_lightning.search import Evaluated
+
+    planted = state.rows(slice(0, 1))._replace(activation=torch.zeros(1, 4), cross_entropy=torch.zeros(1, 4))
+    length = planted.tokens.shape[-1]
+    children = Evaluated(torch.stack([torch.full((length,), 7), torch.full((length,), 9)])[None],
+                         torch.tensor([[1.0, 3.0]]), torch.tensor([[0.2, 1.5]]), torch.ones(1, 2, dtype=torch.bool))
+    for penalty, token in ((1.0, 9), (2.0, 7)):
+        picked = module.search._select(planted, children, torch.tensor([penalty]))
+        assert (picked.tokens == token).all()
+    assert restart_penalty(0, 3) != restart_penalty(1, 3) and restart_penalty(0, 3) == restart_penalty(0, 3)
 
 
 def test_epo_frontier_is_exactly_the_non_dominated_evaluated_points(tiny_gpt2_dir):
@@ -180,6 +223,7 @@ def test_exclude_tokens_spec(tmp_path):
     ({"method": "epo", "population": 200, "candidates": 8}, "population"),
     ({"method": "epo", "fluency_weights": []}, "fluency_weights is empty"),
     ({"method": "epo", "fluency_weights": [1.0, -1.0]}, "fluency_weights"),
+    ({"method": "epo", "restart_every": -1}, "restart_every -1 is out of range"),
     ({"method": "epo", "fluency_weights": [1e300]}, "fluency_weights"),
     ({"method": "gcg", "exclude_tokens": "\u00b2"}, "is not a token id"),
 ])

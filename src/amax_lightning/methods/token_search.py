@@ -36,14 +36,14 @@ class TokenSearchMethod:
         ``gcg`` or ``epo``.
     n_tokens
         Positions per sequence.
-    top_k, candidates, population, fluency_weights, exclude_tokens, retokenize
+    top_k, candidates, population, fluency_weights, exclude_tokens, retokenize, restart_every
         The module's options of the same names (``ActMaxModule``).
     prior_names, compile_mode
         The run's priors and compile mode: token search takes neither (a UserError names them).
     """
 
     def __init__(self, objective: RowObjective, method: str, n_tokens: int, top_k: int, candidates: int, population: int,
-                 fluency_weights: Sequence[float] | None, exclude_tokens: str, retokenize: bool,
+                 fluency_weights: Sequence[float] | None, exclude_tokens: str, retokenize: bool, restart_every: int,
                  prior_names: Sequence[str], compile_mode: str) -> None:
         backbone = objective.backbone
         if prior_names:
@@ -66,7 +66,8 @@ class TokenSearchMethod:
                 raise UserError("fluency_weights is empty; give one weight per population member, e.g. [0.1, 1, 10]")
         check_run_size(objective.layout.n_rows * max(candidates, len(weights)), n_tokens, backbone.d_model)
         exclude = parse_exclude_tokens(exclude_tokens, backbone.vocab_embeddings.shape[0])
-        settings = SearchSettings(method, top_k, candidates, weights, bool(retokenize))
+        restart_every = check_int("restart_every", restart_every, low=0)
+        settings = SearchSettings(method, top_k, candidates, weights, bool(retokenize), restart_every)
         self.search = TokenSearch(objective, settings, allowed_tokens(backbone, exclude))
 
     def initial_parameter(self, state: SearchState) -> torch.Tensor:
@@ -99,7 +100,8 @@ class TokenSearchMethod:
         settings = self.search.settings
         return {"top_k": self.search.top_k, "candidates": settings.candidates,
                 "fluency_weights": list(settings.fluency_weights) if settings.fluency else None,
-                "retokenize": settings.retokenize, "allowed_tokens": len(self.search.allowed_ids)}
+                "retokenize": settings.retokenize, "allowed_tokens": len(self.search.allowed_ids),
+                "restart_every": settings.restart_every if settings.fluency else None}
 
     def best_sequences_markdown(self, seeds: Sequence[int], best: torch.Tensor, objective: torch.Tensor) -> str:
         """A markdown table of every seed's best sequence (rows, n_tokens), its objective and its text."""
