@@ -62,22 +62,30 @@ class DeferInterrupts(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # parameters, Adam state and global_step all belong to the same finished step here; after the last step
-        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial. Under DDP
-        # the processes decide together (a Ctrl-C seen by any stops all at this step; none waits in a collective).
-        if trainer.world_size > 1:
-            self.pending = trainer.strategy.reduce_boolean_decision(self.pending, all=False)
-        if self.pending and trainer.global_step < trainer.max_steps:
+        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
+        stop = self._anywhere(trainer, self.pending)
+        self.pending = self.pending or stop  # never cleared: a Ctrl-C arriving meanwhile counts at the next step
+        if stop and trainer.global_step < trainer.max_steps:
             raise KeyboardInterrupt
+
+    @staticmethod
+    def _anywhere(trainer: Trainer, seen: bool) -> bool:
+        """Whether any process has ``seen`` a signal: a collective under DDP, so that every process stops at the
+        same point and none is left waiting in the next collective."""
+        return trainer.strategy.reduce_boolean_decision(seen, all=False) if trainer.world_size > 1 else seen
 
     @contextlib.contextmanager
     def interrupt_now(self, trainer: Trainer, earlier: bool = True):
         """Inside the block, Ctrl-C raises KeyboardInterrupt and SIGTERM raises SIGTERMException at once; with
         ``earlier``, one that came before (during the last step) raises on entry. The previous handlers come
         back after it."""
-        if earlier and self.pending:
-            raise KeyboardInterrupt
-        if earlier and trainer.received_sigterm:
-            raise SIGTERMException
+        if earlier:  # both decisions on every process (collectives under DDP), then raise
+            ctrl_c = self._anywhere(trainer, self.pending)
+            sigterm = self._anywhere(trainer, bool(trainer.received_sigterm))
+            if ctrl_c:
+                raise KeyboardInterrupt
+            if sigterm:
+                raise SIGTERMException
         if threading.current_thread() is not threading.main_thread():
             yield
             return

@@ -95,7 +95,7 @@ class FiniteCheck:
     every
         Steps between the host's looks (>= 1).
     message
-        ``message(bad_rows, step)``: the NonFiniteError's text for the rows (bool mask over this process's rows).
+        ``message(bad_rows, step)``: the NonFiniteError's text for the rows (bool mask over every row).
     """
 
     def __init__(self, every: int, message: Callable[[torch.Tensor, int], str]) -> None:
@@ -105,8 +105,8 @@ class FiniteCheck:
         self._first_bad_rows: torch.Tensor | None = None
 
     def observe(self, finite: torch.Tensor, step: int, last_step: int) -> None:
-        """Note step ``step``'s per-row finiteness (bool, this process's rows); raise if the host looks and sees
-        a bad step."""
+        """Note step ``step``'s per-row finiteness (bool over every row, gathered from all processes, so that all
+        stop at the same step); raise if the host looks and sees a bad step."""
         if self.every == 1:
             if not bool(finite.all()):
                 raise NonFiniteError(self.message(~finite, step))

@@ -298,9 +298,8 @@ class ActMaxModule(LightningModule):
         for name, tensor in zip(SearchState._fields, local):
             getattr(self, f"search_{name}").copy_(self.gather_rows(tensor))
         state = self.search_state()
-        best = TokenSearch.best_member(state)
+        best, objective = TokenSearch.best(state)
         self.parameter.data.copy_(self.backbone.embed_tokens(best))
-        objective = state.activation.max(dim=1).values
         finite = torch.isfinite(state.activation).all(dim=1)
         self._end_step(objective, -objective, self.parameter.detach().norm(dim=-1).mean(-1), finite, gathered=True)
         if not (self.global_step + 1) % self.trainer.log_every_n_steps and len(self.targets) == 1 \
@@ -374,7 +373,7 @@ class ActMaxModule(LightningModule):
         chunks = self.row_chunks()
         token_ids = None
         if self.search is not None:  # the searched tokens themselves, not the nearest tokens of their embeddings
-            token_ids = TokenSearch.best_member(self.search_state())[self.layout.shard]
+            token_ids = TokenSearch.best(self.search_state())[0][self.layout.shard]
         local = self.objective.evaluate(self.parameter, chunks, token_ids=token_ids)
         return RowTensors(*(self.gather_rows(t) for t in local))
 
@@ -386,6 +385,10 @@ class ActMaxModule(LightningModule):
 
         saved = {key: normal(key, value) for key, value in checkpoint.get("hyper_parameters", {}).items()
                  if key in self.PROTOCOL_KEYS}
+        if self.method == "epo":
+            saved.setdefault("restart_every", 0)  # made before EPO restarts existed: it ran without them
+        else:
+            saved.pop("restart_every", None)  # only EPO restarts
         check_resumable(saved, {key: normal(key, self.hparams[key]) for key in self.PROTOCOL_KEYS}, self.PROTOCOL_KEYS)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -23,7 +23,8 @@ def seeded_randn(seed: int, *shape: int) -> torch.Tensor:
 
 def keyed_generator(*keys: int) -> torch.Generator:
     """A CPU generator for the stream named by ``keys`` (e.g. seed and step): independent streams for different
-    keys, via numpy's SeedSequence."""
+    keys, via numpy's SeedSequence. Users: token-search swaps (seed, step), EPO restarts (seed, step, 1) and
+    perturbations (seed, size index, replica); no run uses two of them, so their keys may coincide."""
     state = np.random.SeedSequence(list(keys)).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 

@@ -408,8 +408,17 @@ class TokenSearch:
         return state._replace(frontier_activation=act, frontier_cross_entropy=front_ce, frontier_tokens=front_tokens)
 
     @staticmethod
-    def best_member(state: SearchState) -> torch.Tensor:
-        """Per row, the sequence (rows, T) of its highest-activation member (ties: the first member)."""
-        best = state.activation.argmax(dim=1)
-        return state.tokens[torch.arange(len(best), device=best.device), best]
+    def best(state: SearchState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the highest-activation sequence found so far (rows, T) and its objective (rows,): the best
+        member (ties: the first), or for EPO the top of the Pareto frontier when it is higher (a restart can move
+        every member off it). NaN objectives before the first step."""
+        rows = torch.arange(state.tokens.shape[0], device=state.tokens.device)
+        member = state.activation.argmax(dim=1)
+        tokens, value = state.tokens[rows, member], state.activation[rows, member]
+        if state.frontier_activation.shape[1]:
+            top = state.frontier_activation.argmax(dim=1)
+            higher = state.frontier_activation[rows, top] > value
+            tokens = torch.where(higher[:, None], state.frontier_tokens[rows, top], tokens)
+            value = torch.where(higher, state.frontier_activation[rows, top], value)
+        return tokens, value
 

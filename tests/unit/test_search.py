@@ -161,6 +161,30 @@ def test_epo_restart_moves_every_member_to_the_pools_best_under_the_drawn_penalt
     assert restart_penalty(0, 3) != restart_penalty(1, 3) and restart_penalty(0, 3) == restart_penalty(0, 3)
 
 
+def test_epo_reports_the_best_sequence_ever_found_even_after_a_restart(tiny_gpt2_dir):
+    """Step 3 is a restart (restart_every 3): members may all move below the best point found; the reported
+    sequence is the frontier's top, an old checkpoint (no restart_every) is refused, other methods ignore it."""
+    from amax_lightning.search import TokenSearch
+
+    module = make(tiny_gpt2_dir, target=TINY_TARGET, seeds=[0, 1, 2], method="epo", candidates=16, top_k=32,
+                  population=4, restart_every=3, retokenize=False)
+    state = run_steps(module, 4)
+    tokens, value = TokenSearch.best(state)
+    top = state.frontier_activation.argmax(dim=1)
+    rows = torch.arange(3)
+    assert torch.equal(value, state.frontier_activation[rows, top])
+    assert (value >= state.activation.max(dim=1).values).all()
+    assert (value > state.activation.max(dim=1).values).any()  # the restart moved some seed's members below it
+    found = [bool((state.frontier_tokens[r, top[r]] == tokens[r]).all()) or
+             any(bool((state.tokens[r, i] == tokens[r]).all()) for i in range(4)) for r in range(3)]
+    assert all(found)
+    old = {"hyper_parameters": {k: v for k, v in module.hparams.items() if k != "restart_every"}}
+    with pytest.raises(UserError, match="restart_every=0 but this run has restart_every=3"):
+        module.check_resumable(old)
+    gcg = make(tiny_gpt2_dir, target=TINY_TARGET, seeds=[0, 1, 2], method="gcg", restart_every=3)
+    gcg.check_resumable({"hyper_parameters": {**gcg.hparams, "restart_every": 7}})  # ignored by GCG
+
+
 def test_epo_frontier_is_exactly_the_non_dominated_evaluated_points(tiny_gpt2_dir):
     module = make(tiny_gpt2_dir, target=TINY_TARGET, seeds=[0, 1], method="epo", candidates=16, top_k=32,
                   population=4, retokenize=False)

@@ -72,7 +72,7 @@ class TokenSearchMethod:
 
     def initial_parameter(self, state: SearchState) -> torch.Tensor:
         """The embedding (rows, n_tokens, d_model) of every row's best initial sequence."""
-        return self.search.backbone.embed_tokens(TokenSearch.best_member(state)).detach()
+        return self.search.backbone.embed_tokens(TokenSearch.best(state)[0]).detach()
 
     @staticmethod
     def optimizer(parameter: torch.nn.Parameter) -> torch.optim.Optimizer:
