@@ -341,10 +341,13 @@ class TokenSearch:
         position's top tokens, drawn with ``step_generator``."""
         n_rows, population, n_tokens = tokens.shape
         count = self.settings.candidates
-        draws = [(torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g))
-                 for g in (step_generator(self.objective.layout.seed_of(r), step) for r in range(rows.start, rows.stop))]
-        position = torch.stack([d[0] for d in draws]).to(tokens.device)  # (rows, candidates)
-        choice = torch.stack([d[1] for d in draws]).to(tokens.device)
+        seeds = [self.objective.layout.seed_of(r) for r in range(rows.start, rows.stop)]
+        drawn = {}  # one stream per seed: a sweep's units of one seed draw the same swaps, so draw them once
+        for seed in dict.fromkeys(seeds):
+            g = step_generator(seed, step)
+            drawn[seed] = (torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g))
+        position = torch.stack([drawn[seed][0] for seed in seeds]).to(tokens.device)  # (rows, candidates)
+        choice = torch.stack([drawn[seed][1] for seed in seeds]).to(tokens.device)
         parent = torch.arange(count, device=tokens.device) % population
         base = tokens[:, parent]  # (rows, candidates, T)
         picked = top[torch.arange(n_rows, device=tokens.device)[:, None], parent, position, choice]
@@ -377,8 +380,8 @@ class TokenSearch:
         restart = None
         if self.settings.restarts_at(step):
             seeds = [self.objective.layout.seed_of(row) for row in range(start, chunks[-1].stop)]
-            restart = torch.tensor([restart_penalty(seed, step) for seed in seeds], dtype=activation.dtype,
-                                   device=activation.device)
+            penalty = {seed: restart_penalty(seed, step) for seed in dict.fromkeys(seeds)}
+            restart = torch.tensor([penalty[seed] for seed in seeds], dtype=activation.dtype, device=activation.device)
         state = self._select(state, evaluated, restart)
         if self.settings.fluency:
             masked_act = torch.where(valid, activation, -math.inf)
