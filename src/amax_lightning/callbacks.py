@@ -200,7 +200,7 @@ class ResultsWriter(Callback):
 
     def _finish(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool) -> None:
         """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
-        if module.layout.copies > 1:  # perturbed copies of every seed: the SensitivityRecorder reports this run
+        if module.reporter() is not ResultsWriter:  # perturbed copies: the SensitivityRecorder reports this run
             return
         module.flush_finite_check()  # a deferred finiteness check (finite_check_every): a bad run writes nothing
         interrupts = find_callback(trainer, DeferInterrupts)

@@ -105,15 +105,14 @@ class AmaxCLI(LightningCLI):
         """The Trainer, with amax_lightning's default logger (exclusive run folders), a progress bar counting
         steps, and the interrupt handling, which runs after every callback that records the step (a Ctrl-C stops
         the run only once they have)."""
-        from amax_lightning.sensitivity import SensitivityRecorder
-
         config = self.config_init.get(self.subcommand, self.config_init).get("trainer") or {}
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = RunLogger(save_dir=root)
         callbacks = list(config.get("callbacks") or [])
-        if self.model.layout.copies > 1 and not any(isinstance(c, SensitivityRecorder) for c in callbacks):
-            callbacks.append(SensitivityRecorder())  # perturbed copies: records distances every step
+        reporter = self.model.reporter()  # the ResultsWriter itself comes from the --results.* options
+        if reporter is not ResultsWriter and not any(isinstance(c, reporter) for c in callbacks):
+            callbacks.append(reporter())  # the SensitivityRecorder records every step, before an interrupt acts
         if config.get("enable_progress_bar") in (None, True):
             callbacks.append(StepProgressBar())
         kwargs["callbacks"] = [*callbacks, DeferInterrupts()]

@@ -193,7 +193,7 @@ class ActMaxModule(LightningModule):
     @property
     def search(self) -> TokenSearch | None:
         """The GCG / EPO search (``search.py``) of a token-search run; None for the continuous method."""
-        return self.algorithm.search if isinstance(self.algorithm, TokenSearchMethod) else None
+        return self.algorithm.search
 
     def search_state(self) -> SearchState:
         """Every row's token-search state (token search only)."""
@@ -219,7 +219,7 @@ class ActMaxModule(LightningModule):
             model=self.model_name_or_path, aggregate=self.aggregate, priors=list(self.prior_names),
             n_tokens=self.n_tokens, lr=self.lr, l2=self.l2, seeds=self.seeds, init_scale=self.init_scale,
             vocab_norm=self.vocab_norm, numerics=self.numerics(), method=self.method,
-            search=self.algorithm.record() if self.search is not None else None,
+            search=self.algorithm.record(),
         )
 
     def numerics(self) -> dict:
@@ -319,14 +319,19 @@ class ActMaxModule(LightningModule):
     def train_dataloader(self):
         return step_loader()
 
-    def configure_callbacks(self):
-        """The end-of-fit ResultsWriter (the SensitivityRecorder with perturbed copies) and the interrupt handling,
-        unless the Trainer already has them."""
-        from amax_lightning.callbacks import DeferInterrupts, ResultsWriter, find_callback
+    def reporter(self) -> type:
+        """The callback that reports this run at its end: the ResultsWriter, or with perturbed copies of every seed
+        the SensitivityRecorder (which also records every step)."""
+        from amax_lightning.callbacks import ResultsWriter
         from amax_lightning.sensitivity import SensitivityRecorder
 
-        writer = SensitivityRecorder if self.layout.copies > 1 else ResultsWriter
-        return [kind() for kind in (DeferInterrupts, writer) if find_callback(self.trainer, kind) is None]
+        return SensitivityRecorder if self.layout.copies > 1 else ResultsWriter
+
+    def configure_callbacks(self):
+        """The run's reporter and the interrupt handling, unless the Trainer already has them."""
+        from amax_lightning.callbacks import DeferInterrupts, find_callback
+
+        return [kind() for kind in (DeferInterrupts, self.reporter()) if find_callback(self.trainer, kind) is None]
 
     def flush_finite_check(self) -> None:
         """Raise NonFiniteError if a step so far had a non-finite value (the deferred check looks now)."""

@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ FRONTIER_CAPACITY = 512  # Pareto points kept per row; beyond it the highest-act
 RESTART_PENALTY, RESTART_SPREAD = 2.0, 3.0  # EPO restarts: penalty 2.0 x m, m uniform in [1/3, 3] (dreamy's)
 MAX_INITIAL_DRAWS = 1000  # draws of an initial sequence that must survive retokenization
 _RETOKENIZE_CACHE_SIZE = 1_000_000
+T = TypeVar("T")
 
 
 def log_spaced_weights(population: int, low: float = 0.1, high: float = 10.0) -> list[float]:
@@ -341,17 +343,24 @@ class TokenSearch:
         position's top tokens, drawn with ``step_generator``."""
         n_rows, population, n_tokens = tokens.shape
         count = self.settings.candidates
-        seeds = [self.objective.layout.seed_of(r) for r in range(rows.start, rows.stop)]
-        drawn = {}  # one stream per seed: a sweep's units of one seed draw the same swaps, so draw them once
-        for seed in dict.fromkeys(seeds):
+        def draw(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
             g = step_generator(seed, step)
-            drawn[seed] = (torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g))
-        position = torch.stack([drawn[seed][0] for seed in seeds]).to(tokens.device)  # (rows, candidates)
-        choice = torch.stack([drawn[seed][1] for seed in seeds]).to(tokens.device)
+            return torch.randint(n_tokens, (count,), generator=g), torch.randint(self.top_k, (count,), generator=g)
+
+        draws = self._per_seed(range(rows.start, rows.stop), draw)
+        position = torch.stack([d[0] for d in draws]).to(tokens.device)  # (rows, candidates)
+        choice = torch.stack([d[1] for d in draws]).to(tokens.device)
         parent = torch.arange(count, device=tokens.device) % population
         base = tokens[:, parent]  # (rows, candidates, T)
         picked = top[torch.arange(n_rows, device=tokens.device)[:, None], parent, position, choice]
         return base.scatter(2, position[..., None], picked[..., None]), position
+
+    def _per_seed(self, rows: range, value_of: Callable[[int], T]) -> list[T]:
+        """``value_of(seed)`` for each row's seed, computed once per seed: a sweep's units of one seed share its
+        random streams (swaps, restart penalties), so thousands of rows need only as many draws as seeds."""
+        seeds = [self.objective.layout.seed_of(row) for row in rows]
+        values = {seed: value_of(seed) for seed in dict.fromkeys(seeds)}
+        return [values[seed] for seed in seeds]
 
     def step(self, state: SearchState, chunks: list[slice], step: int) -> tuple[SearchState, Evaluated]:
         """One GCG / EPO step of the rows in ``chunks`` (consecutive; ``state`` holds just those rows).
@@ -379,9 +388,8 @@ class TokenSearch:
         evaluated = Evaluated(children, activation, ce, valid)
         restart = None
         if self.settings.restarts_at(step):
-            seeds = [self.objective.layout.seed_of(row) for row in range(start, chunks[-1].stop)]
-            penalty = {seed: restart_penalty(seed, step) for seed in dict.fromkeys(seeds)}
-            restart = torch.tensor([penalty[seed] for seed in seeds], dtype=activation.dtype, device=activation.device)
+            penalties = self._per_seed(range(start, chunks[-1].stop), lambda seed: restart_penalty(seed, step))
+            restart = torch.tensor(penalties, dtype=activation.dtype, device=activation.device)
         state = self._select(state, evaluated, restart)
         if self.settings.fluency:
             masked_act = torch.where(valid, activation, -math.inf)

@@ -23,6 +23,8 @@ class ContinuousMethod:
         ``none`` (eager) or a ``torch.compile`` mode for the objective's forward (static shapes).
     """
 
+    search = None  # no token search
+
     def __init__(self, objective: RowObjective, lr: float, compile_mode: str) -> None:
         self.objective = objective
         self.lr = lr
@@ -32,6 +34,10 @@ class ContinuousMethod:
     def initial_parameter(self, n_tokens: int) -> torch.Tensor:
         """Every row's start, from its seed's own generator (``RowObjective.initial_parameter``)."""
         return self.objective.initial_parameter(n_tokens)
+
+    def record(self) -> None:
+        """Search settings for results.json: none for the continuous method."""
+        return None
 
     def optimizer(self, parameter: torch.nn.Parameter) -> torch.optim.Optimizer:
         """Adam; the priors' projections run inside each step, after the update, so a checkpoint or an interrupt
