@@ -7,7 +7,13 @@ run with an empty null-model cache, then a second with the same model (the cache
 start, the printed path (the last line of stdout) and the exit. Imports are timed alone in fresh interpreters (the
 stack, and ``amax_lightning.cli``), and the null model cold and warm in this process. Medians of ``--repeats``.
 
-    python benchmarks/time_to_result.py [--steps 500] [--repeats 1]
+``--decode auto,fp32`` runs the pairs of runs once per decode path (``$AMAX_LIGHTNING_DECODE``), alternating, so the
+ratios are measured side by side; ``fp32`` is what a CPU without bf16 kernels runs. The CPU's kind comes first
+(name, PyTorch's capability string, AVX-512 BF16, AMX, oneDNN bf16 kernels) with the path ``auto`` chose and the
+seconds per block it timed. ``--pool-table`` adds the null model's standard errors against the number of
+directions (the numbers behind ``null_model.EXPECTED_SE`` and ``P_VALUE_SE``).
+
+    python benchmarks/time_to_result.py [--steps 500] [--repeats 1] [--decode auto,fp32] [--pool-table]
 """
 
 from __future__ import annotations
@@ -47,10 +53,10 @@ def write_gpt2_small(root: Path) -> Path:
     return folder
 
 
-def run_once(model: Path, cwd: Path, cache: Path, steps: int) -> dict:
+def run_once(model: Path, cwd: Path, cache: Path, steps: int, decode: str) -> dict:
     """One CLI run; seconds for: until the steps start (imports, parsing, model load, setup), the steps, after them
     until the path is printed (analysis, report, TensorBoard), start to printed path, and start to exit."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AMAX_LIGHTNING_CACHE": str(cache),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AMAX_LIGHTNING_CACHE": str(cache), "AMAX_LIGHTNING_DECODE": decode,
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")])}
     command = [sys.executable, "-m", "amax_lightning", "fit", "--config", str(REPO / "configs" / "reproduce.yaml"),
                "--model.model_name_or_path", str(model), "--trainer.max_steps", str(steps),
@@ -82,10 +88,10 @@ def import_seconds(modules: str, gc_off: bool) -> float:
     return time.time() - started
 
 
-def end_of_fit_pieces(model: Path, cache: Path) -> dict:
-    """In this process: the model load, the null model cold and warm."""
+def end_of_fit_pieces(model: Path, cache: Path, decode: str) -> dict:
+    """In this process: the model load, the null model cold and warm (the study's 50 vectors)."""
     from amax_lightning.backbone import load_backbone
-    from amax_lightning.null_model import cached_null_token_distribution
+    from amax_lightning.null_model import sampled_null
 
     started = time.time()
     backbone = load_backbone(str(model))
@@ -93,48 +99,103 @@ def end_of_fit_pieces(model: Path, cache: Path) -> dict:
     vocab, scale = backbone.vocab_embeddings.detach(), backbone.embedding_std
     for label in ("null model, cold cache", "null model, warm cache"):
         started = time.time()
-        cached_null_token_distribution(vocab, 20_000, scale=scale, folder=str(cache / "pieces"))
+        pool = sampled_null(vocab, 50, scale=scale, folder=str(cache / f"pieces-{decode}"), path=decode)
         pieces[label] = time.time() - started
+    pieces["null model directions"] = pool.n_samples
     return pieces
+
+
+def cpu_kind(model: Path, cache: Path) -> str:
+    """The device's kind and the decode path ``auto`` picks on it (timing both where PyTorch has bf16 kernels)."""
+    import json
+
+    from amax_lightning.backbone import load_backbone
+    from amax_lightning.decode import device_kind
+    from amax_lightning.null_model import sampled_null
+
+    kind = device_kind("cpu")
+    vocab = load_backbone(str(model)).vocab_embeddings.detach()
+    folder = cache / "kind"
+    sampled_null(vocab, 50, max_samples=2048, folder=str(folder), path="auto")
+    verdicts = [json.loads(path.read_text()) for path in folder.glob("decode-*.json")]
+    chosen = (f"{verdicts[0]['path']} (timed: fp32 {verdicts[0]['fp32_seconds_per_block']:.3f} s, bf16 "
+              f"{verdicts[0]['bf16_seconds_per_block']:.3f} s per 256-direction block)") if verdicts else \
+        "fp32 (no bf16 kernels: not timed)"
+    yes = {True: "yes", False: "no", None: "unknown"}
+    return (f"CPU: {kind['name']}, capability {kind['capability']}, AVX-512 BF16 {yes[kind['avx512_bf16']]}, "
+            f"AMX (bf16 matrix units) {yes[kind['amx']]}, oneDNN bf16 kernels {yes[kind['native_bf16_matmul']]}, "
+            f"{kind['threads']} threads, torch {kind['torch']}; decode path chosen by auto: {chosen}")
+
+
+def pool_table(model: Path, sizes=(2048, 3072, 5120, 10240, 20480)) -> None:
+    """Standard errors of the null model's estimates for the study's 50 vectors against the pool's size."""
+    from amax_lightning.backbone import load_backbone
+    from amax_lightning.null_model import null_token_ids, pool_estimates
+
+    backbone = load_backbone(str(model))
+    started = time.time()
+    ids = null_token_ids(backbone.vocab_embeddings.detach(), 0, max(sizes), backbone.embedding_std)
+    seconds = time.time() - started
+    print(f"\nnull model for 50 vectors against its directions ({max(sizes)} decoded in {seconds:.1f} s, "
+          f"{1000 * seconds / max(sizes):.2f} ms each; p(k) = P(n_unique <= k)):\n")
+    print("| directions | E[n_unique] | SE | p(49) | SE | p(48) | SE | precise enough |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+    for size in sizes:
+        e = pool_estimates(ids[:size], 50)
+        cdf = e.at_most / e.n_simulations
+        print(f"| {size} | {e.expected:.4f} | {e.expected_se:.4f} | {cdf[49]:.4f} | {e.cdf_se[49]:.4f} | "
+              f"{cdf[48]:.5f} | {e.cdf_se[48]:.5f} | {'yes' if e.precise_enough() else 'no'} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--decode", default="auto", help="decode paths, comma-separated: auto, fp32, bf16")
+    parser.add_argument("--pool-table", action="store_true")
     args = parser.parse_args()
+    paths = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = write_gpt2_small(root)
+        print(cpu_kind(model, root) + "\n", flush=True)
         imports = {(modules, gc_off): statistics.median(import_seconds(modules, gc_off) for _ in range(3))
                    for modules in ("torch", "torch, transformers, lightning.pytorch", "amax_lightning.cli")
                    for gc_off in (False, True)}
-        first, second = [], []
+        first = {path: [] for path in paths}
+        second = {path: [] for path in paths}
         for repeat in range(args.repeats):
-            cache = root / f"cache{repeat}"
-            first.append(run_once(model, root / f"first{repeat}", cache, args.steps))
-            second.append(run_once(model, root / f"second{repeat}", cache, args.steps))
-        pieces = end_of_fit_pieces(model, root)
+            for path in paths:  # alternating: the paths see the same machine
+                cache = root / f"cache{repeat}-{path}"
+                first[path].append(run_once(model, root / f"first{repeat}{path}", cache, args.steps, path))
+                second[path].append(run_once(model, root / f"second{repeat}{path}", cache, args.steps, path))
+        pieces = {path: end_of_fit_pieces(model, root, path) for path in paths}
+        if args.pool_table:
+            pool_table(model)
     median = lambda runs, key: statistics.median(run[key] for run in runs)  # noqa: E731
-    print(f"time to result, GPT-2 small shape (random weights), {args.steps} steps, 10 seeds; medians of "
-          f"{args.repeats}; seconds\n")
-    print("| phase | first run (cold cache) | second run (same model) |\n|---|---:|---:|")
+    print(f"\ntime to result, GPT-2 small shape (random weights), {args.steps} steps, 10 seeds; medians of "
+          f"{args.repeats}; seconds; decode path as $AMAX_LIGHTNING_DECODE\n")
+    print("| phase | " + " | ".join(f"first run, {p} | second run, {p}" for p in paths) + " |")
+    print("|---|" + "---:|---:|" * len(paths))
     for key, label in (("before_steps", "imports, parsing, model load, setup"), ("steps", "optimization steps"),
                        ("after_steps", "analysis, report, TensorBoard, until the path is printed"),
                        ("to_path", "**start to printed path**"), ("exit", "printed path to exit"),
                        ("total", "start to exit")):
-        print(f"| {label} | {median(first, key):.1f} | {median(second, key):.1f} |")
-    for runs, name in ((first, "first"), (second, "second")):
-        print(f"\n{name} run: printed path / steps = {median(runs, 'to_path') / median(runs, 'steps'):.2f}x, "
-              f"printed path - steps = {median(runs, 'to_path') - median(runs, 'steps'):.1f} s "
-              f"(to exit: {median(runs, 'total') / median(runs, 'steps'):.2f}x, "
-              f"{median(runs, 'total') - median(runs, 'steps'):.1f} s)")
+        print(f"| {label} | " + " | ".join(f"{median(first[p], key):.1f} | {median(second[p], key):.1f}"
+                                           for p in paths) + " |")
+    for path in paths:
+        for runs, name in ((first[path], "first"), (second[path], "second")):
+            print(f"\n{path}, {name} run: printed path / steps = "
+                  f"{median(runs, 'to_path') / median(runs, 'steps'):.2f}x, printed path - steps = "
+                  f"{median(runs, 'to_path') - median(runs, 'steps'):.1f} s (to exit: "
+                  f"{median(runs, 'total') / median(runs, 'steps'):.2f}x, "
+                  f"{median(runs, 'total') - median(runs, 'steps'):.1f} s)")
     print("\nimports alone in a fresh interpreter (median of 3), collector on / off (the command runs with it off):")
     for (modules, gc_off), seconds in imports.items():
         if gc_off:
             print(f"  import {modules}: {imports[modules, False]:.2f} / {seconds:.2f} s")
-    for label, seconds in pieces.items():
-        print(f"{label}: {seconds:.2f} s")
+    for path in paths:
+        print(f"{path}: " + ", ".join(f"{label} {value:.2f} s" if isinstance(value, float) else f"{label} {value}"
+                                      for label, value in pieces[path].items()))
 
 
 if __name__ == "__main__":

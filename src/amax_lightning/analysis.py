@@ -16,12 +16,7 @@ import torch
 from amax_lightning.backbone import Backbone
 from amax_lightning.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
-from amax_lightning.null_model import (
-    NullModelResult,
-    cached_null_token_distribution,
-    expected_n_unique,
-    unique_count_p_value,
-)
+from amax_lightning.null_model import NullModelResult, expected_n_unique, sampled_null, unique_count_p_value
 from amax_lightning.objective import RowTensors, aggregate
 from amax_lightning.priors import norm_range
 from amax_lightning.targets import Target
@@ -265,28 +260,27 @@ def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float,
                     n_simulations: int, allowed: torch.Tensor | None = None) -> list[UnitResults]:
     """Each unit's results with the chance expectation of n_unique and the p-value of its own count added.
 
-    The null distribution (``n_samples`` random directions drawn like the initial embeddings, std ``scale``,
-    decoded) is computed once for all units and kept on disk for the next run with this vocabulary
-    (``null_model.cached_null_token_distribution``); ``n_samples`` 0 returns the units unchanged. Token search
-    draws its initial tokens uniformly from the ``allowed`` tokens (bool mask (V,)): then that uniform
+    The null (at most ``n_samples`` random directions drawn like the initial embeddings, std ``scale``, decoded;
+    as many as the estimates' precision needs, ``null_model.sampled_null``) is computed once for all units and its
+    directions kept on disk for the next run with this vocabulary; ``n_samples`` 0 returns the units unchanged.
+    Token search draws its initial tokens uniformly from the ``allowed`` tokens (bool mask (V,)): then that uniform
     distribution is the null, exactly (no sampling; ``n_samples`` is recorded as 0).
     """
     if not n_samples:
         return units
     n_vectors = units[0].uniqueness.n_total
-    if allowed is not None:
-        p = allowed.double().cpu().numpy() / int(allowed.sum())
-        n_samples = 0
+    if allowed is None:
+        estimates = sampled_null(vocab, n_vectors, max_samples=n_samples, scale=scale, n_simulations=n_simulations)
+        nulls = [estimates.result(unit.uniqueness.n_unique) for unit in units]
     else:
-        p = cached_null_token_distribution(vocab, n_samples, scale=scale, seed=0)
-    expected = expected_n_unique(p, n_vectors)
-    out = []
-    for unit in units:
-        observed = unit.uniqueness.n_unique
-        p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed, n_simulations, seed=0)
-        null = NullModelResult(n_vectors, n_samples, expected, observed, p_value, n_sim, se)
-        out.append(dataclasses.replace(unit, null_model=null))
-    return out
+        p = allowed.double().cpu().numpy() / int(allowed.sum())
+        expected = expected_n_unique(p, n_vectors)
+        nulls = []
+        for unit in units:
+            observed = unit.uniqueness.n_unique
+            p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed, n_simulations, seed=0)
+            nulls.append(NullModelResult(n_vectors, 0, expected, observed, p_value, n_sim, se, 0.0))
+    return [dataclasses.replace(unit, null_model=null) for unit, null in zip(units, nulls)]
 
 
 def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, top_k: int, text: str | None,

@@ -25,10 +25,11 @@ from amax_lightning.analysis import (
 )
 from amax_lightning.baseline import read_text_file
 from amax_lightning.checks import check_int
+from amax_lightning.decode import requested_path
 from amax_lightning.errors import UserError
 from amax_lightning.runs import write_text_atomic
 
-MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 2 minutes on 2 CPU cores at GPT-2 small's size
+MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
 MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
 MAX_BASELINE_TOP_K = 100_000  # at most the vocabulary anyway
 MAX_BASELINE_CONTEXTS = 10_000
@@ -117,7 +118,8 @@ class ResultsWriter(Callback):
     Parameters
     ----------
     null_samples
-        Random directions decoded to estimate the chance distribution of tokens (the null model); 0 = off.
+        The most random directions decoded to estimate the chance distribution of tokens (the null model; fewer
+        when its estimates are precise enough, ``null_model.sampled_null``); 0 = off.
     null_simulations
         Monte Carlo studies drawn from that distribution for the p-value of the observed n_unique.
     baseline_top_k
@@ -139,6 +141,7 @@ class ResultsWriter(Callback):
     ) -> None:
         self.null_samples = check_int("results.null_samples", null_samples, low=0, high=MAX_NULL_SAMPLES)
         self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
+        requested_path()  # a bad $AMAX_LIGHTNING_DECODE fails now, not after the steps
         self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0, high=MAX_BASELINE_TOP_K)
         self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1, high=MAX_BASELINE_CONTEXTS)
         if baseline_text is not None and not os.path.isfile(baseline_text):

@@ -3,39 +3,54 @@
 The study decodes n optimized vectors to their nearest vocabulary tokens and counts distinct ids. Whether
 "48 of 50 unique" is more or fewer repeats than chance depends on how concentrated nearest-token decoding
 is: some tokens are hubs that many directions land on. The null here is "each vector decodes like a random
-start point": draw ``n_samples`` directions as the initial embeddings are drawn (``randn(d_model) * scale``),
-decode them to their nearest token by cosine (``decode.CheckedNearestTokens``: the answer of
-:func:`amax_lightning.decode.nearest_tokens`, from a bf16 matmul checked in fp32), and take the empirical token
-frequencies ``p``.
+start point": directions drawn as the initial embeddings are drawn (``randn(d_model) * scale``), decoded to their
+nearest token by cosine (``decode.CheckedNearestTokens``: the ids of :func:`amax_lightning.decode.nearest_tokens`).
 
-Under the null, n vectors decode i.i.d. from ``p``. Then
+A pool of N decoded directions answers both questions without bias (:func:`pool_estimates`): n vectors of a
+study are n i.i.d. null draws, and so are n distinct directions of the pool. So
 
-* ``E[n_unique] = sum_v 1 - (1 - p_v)^n`` exactly (for this ``p``), and
+* ``E[n_unique]`` is the mean distinct count over every n-subset of the pool, in closed form
+  (``sum_v 1 - C(N - c_v, n) / C(N, n)``, c_v the directions decoded to token v), and
 * the one-sided p-value ``P(n_unique <= observed)`` (small = fewer distinct tokens than chance, i.e. evidence
-  that the optimum is a stable feature) is estimated by Monte Carlo.
+  that the optimum is a stable feature) is the share of ``n_simulations`` random n-subsets of the pool with that
+  few distinct tokens, Monte Carlo.
 
-Caveat: ``p`` is an estimate. Tokens never hit in ``n_samples`` draws get probability 0, so the expectation
-is slightly biased low when ``n_samples`` is not much larger than the number of tokens with real mass.
+(Drawing the n with replacement from the pool's frequencies, as this module did before, counts a direction drawn
+twice as a repeat: on a vocabulary where random directions rarely share a token that biases E low by about
+n^2 / 2N and the p-value of ``n - 1`` unique up several-fold.)
+
+**How many directions.** Decoding is the cost (one (N, d) x (d, V) matmul). Directions are added ``chunk_rows`` at
+a time until both estimates are as precise as the answer needs, at most ``max_samples`` (:data:`EXPECTED_SE`,
+:data:`P_VALUE_SE`). Their standard errors come from ``GROUPS`` disjoint groups of the pool: each group's
+estimate is unbiased, their spread over sqrt(GROUPS) is the standard error of the groups' mean, and the full
+pool's estimate (the average over all n-subsets, so the groups' mean averaged over the pool's orderings) varies
+at most as much: the reported errors are upper bounds, Monte Carlo noise included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from amax_lightning.checks import check_int
-from amax_lightning.decode import CheckedNearestTokens
+from amax_lightning.decode import CheckedNearestTokens, device_kind, requested_path
 from amax_lightning.errors import UserError
-from amax_lightning.runs import write_atomic
+from amax_lightning.param import keyed_generator
+from amax_lightning.runs import write_atomic, write_text_atomic
 
 _SIM_CHUNK = 4096  # simulated studies held in memory at once; fixed so results do not depend on memory
+MAX_POOL = 1_000_000  # random directions in one null pool: about 2 minutes of decoding on 2 CPU cores
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,10 @@ class NullModelResult:
     n_vectors
         Vectors per study (seeds x tokens, e.g. 50).
     n_samples
-        Random directions decoded to estimate the null token distribution; 0 when the distribution is exact
-        (token search: uniform over the allowed tokens, as its initial tokens are drawn).
+        Random directions decoded (the pool); 0 when the distribution is exact (token search: uniform over the
+        allowed tokens, as its initial tokens are drawn).
     expected_n_unique
-        Exact ``E[n_unique]`` for ``n_vectors`` i.i.d. draws from the estimated distribution.
+        ``E[n_unique]`` for ``n_vectors`` i.i.d. draws: from the pool (``subset_expected_n_unique``), or exact.
     observed_n_unique
         The study's distinct-token count, or None if none was given.
     p_value
@@ -59,7 +74,10 @@ class NullModelResult:
     n_simulations
         Monte Carlo studies simulated for the p-value (0 when none were needed).
     p_value_se
-        Binomial standard error of the Monte Carlo p-value, ``sqrt(p (1 - p) / N)``; None without an observation.
+        Standard error of the p-value: from the pool's groups (``pool_estimates``), at least the binomial
+        ``sqrt(p (1 - p) / N)`` of the Monte Carlo; None without an observation.
+    expected_n_unique_se
+        Standard error of ``expected_n_unique`` (tokens; 0 when exact); None for results made before it existed.
     """
 
     n_vectors: int
@@ -69,6 +87,7 @@ class NullModelResult:
     p_value: float | None
     n_simulations: int
     p_value_se: float | None = None
+    expected_n_unique_se: float | None = None
 
 
 
@@ -83,62 +102,208 @@ def _check_distribution(p) -> np.ndarray:
     return p
 
 
-def null_token_distribution(
-    vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0, chunk_rows: int = 1024
-) -> np.ndarray:
-    """Empirical nearest-token distribution of random directions drawn like the initial embeddings.
+GROUPS = 10  # disjoint groups of the pool whose spread gives the standard errors
+EXPECTED_SE = 0.05  # tokens: E[n_unique] to a twentieth of a token (observed counts are whole tokens)
+P_VALUE_SE = 0.005  # wherever the p-value is <= P_VALUE_REGION: a tenth of the 0.05 threshold
+P_VALUE_REGION = 0.1
+FIRST_SAMPLES = 2048  # directions decoded before the first look at the errors (at least GROUPS x n_vectors)
+GROUP_STUDIES = 2000  # random n-subsets per group at least: their noise alone stays below P_VALUE_SE / 2
+PROGRESS_DELAY = 2.0  # seconds of decoding before the progress bar shows
 
-    ``null_token_counts`` divided by ``n_samples``; see there for the parameters.
-    """
-    return null_token_counts(vocab, n_samples, scale, seed, chunk_rows) / n_samples
+
+def _check_vocab(vocab) -> None:
+    if not isinstance(vocab, torch.Tensor) or vocab.ndim != 2 or 0 in vocab.shape:
+        raise UserError(f"vocab has shape {getattr(vocab, 'shape', None)}; it must be a non-empty (V, d_model) tensor")
 
 
-def null_token_counts(
-    vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0, chunk_rows: int = 1024
-) -> np.ndarray:
-    """How many of ``n_samples`` random directions, drawn like the initial embeddings, decode to each token.
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"scale {scale!r} is out of range; it must be a finite number > 0")
+    return float(scale)
+
+
+def null_token_ids(vocab: torch.Tensor, start: int, stop: int, scale: float = 1.0, seed: int = 0,
+                   chunk_rows: int = 1024, decoder: CheckedNearestTokens | None = None,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Token ids of random directions ``start..stop-1``, drawn like the initial embeddings, decoded by cosine.
+
+    Direction i is row ``i % chunk_rows`` of chunk ``i // chunk_rows``, ``randn(chunk_rows, d_model) * scale`` from
+    the generator keyed by (seed, chunk): any range of the sequence is drawn on its own, so a pool can be extended.
 
     Parameters
     ----------
     vocab
         Input-embedding rows of the vocabulary, shape (V, d_model), e.g. ``Backbone.vocab_embeddings``.
-    n_samples
-        Number of random vectors to decode (count, >= 1). The estimate's resolution is ``1 / n_samples``.
+    start, stop
+        The directions' positions in the sequence (counts, 0 <= start <= stop).
     scale
         Standard deviation of each coordinate (embedding units; the study uses ``std(wte)``). Decoding by
         cosine ignores the scale; it is kept so the draws match the study's start points.
     seed
-        Seed of the CPU ``torch.Generator`` that draws the vectors.
+        Names the sequence of directions.
     chunk_rows
-        Vectors drawn and decoded at once (count, >= 1); bounds memory. The draws, and so ``p``, depend on it.
+        Directions per drawn chunk (count, >= 1); the directions, and so the ids, depend on it.
+    decoder
+        A ``CheckedNearestTokens`` of ``vocab`` (made here when None).
+    progress
+        Called with the number of directions decoded after each chunk.
 
     Returns
     -------
     numpy.ndarray
-        Shape (V,), int64, summing to ``n_samples``: the samples decoded to each token id.
+        Shape (stop - start,), int64 token ids.
     """
-    if not isinstance(vocab, torch.Tensor) or vocab.ndim != 2 or 0 in vocab.shape:
-        raise UserError(f"vocab has shape {getattr(vocab, 'shape', None)}; it must be a non-empty (V, d_model) tensor")
+    decoder = decoder or CheckedNearestTokens(vocab)
+    ids = []
+    for chunk in range(start // chunk_rows, -(-stop // chunk_rows)):
+        vectors = torch.randn(chunk_rows, vocab.shape[1], generator=keyed_generator(seed, chunk)) * scale
+        first, last = max(start, chunk * chunk_rows), min(stop, (chunk + 1) * chunk_rows)
+        rows = vectors[first - chunk * chunk_rows : last - chunk * chunk_rows]
+        ids.append(decoder(rows.to(vocab.device)).cpu().numpy())
+        if progress is not None:
+            progress(last - first)
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def null_token_counts(vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0,
+                      chunk_rows: int = 1024) -> np.ndarray:
+    """How many of the first ``n_samples`` random directions (``null_token_ids``) decode to each token.
+
+    Returns shape (V,), int64, summing to ``n_samples``.
+    """
+    _check_vocab(vocab)
     n_samples = check_int("n_samples", n_samples, 1)
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise UserError(f"scale {scale!r} is out of range; it must be a finite number > 0")
-    decode = CheckedNearestTokens(vocab)
-    generator = torch.Generator().manual_seed(int(seed))
-    counts = torch.zeros(vocab.shape[0], dtype=torch.int64)
-    for start in range(0, n_samples, chunk_rows):
-        rows = min(chunk_rows, n_samples - start)
-        vectors = torch.randn(rows, vocab.shape[1], generator=generator) * scale
-        counts += torch.bincount(decode(vectors.to(vocab.device)).cpu(), minlength=vocab.shape[0])
-    return counts.numpy()
+    ids = null_token_ids(vocab, 0, n_samples, _check_scale(scale), seed, chunk_rows)
+    return np.bincount(ids, minlength=vocab.shape[0]).astype(np.int64)
+
+
+def null_token_distribution(vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0,
+                            chunk_rows: int = 1024) -> np.ndarray:
+    """Empirical nearest-token distribution of random directions: ``null_token_counts / n_samples``."""
+    return null_token_counts(vocab, n_samples, scale, seed, chunk_rows) / n_samples
+
+
+def subset_expected_n_unique(counts, n_vectors: int) -> float:
+    """Mean distinct-token count over every ``n_vectors``-subset of a pool with ``counts[v]`` members of token v.
+
+    ``sum_v 1 - C(N - c_v, n) / C(N, n)`` (N the pool size, at least ``n_vectors``): the chance that an n-subset
+    misses token v is hypergeometric. Unbiased for ``E[n_unique]`` of n i.i.d. draws from the pool's source.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total, n = int(counts.sum()), int(n_vectors)
+    if n > total:
+        raise UserError(f"a pool of {total} directions cannot hold {n} vectors")
+    values, multiplicity = np.unique(counts[counts > 0], return_counts=True)
+    log_all = math.lgamma(total + 1) - math.lgamma(total - n + 1)
+    miss = [math.exp(math.lgamma(total - c + 1) - math.lgamma(total - c - n + 1) - log_all) if total - c >= n else 0.0
+            for c in values.tolist()]
+    return float(np.dot(multiplicity, 1.0 - np.asarray(miss)))
+
+
+def subset_n_unique(ids: np.ndarray, n_vectors: int, n_studies: int, rng: np.random.Generator) -> np.ndarray:
+    """Distinct-token counts of ``n_studies`` uniformly random ``n_vectors``-subsets of the pool ``ids``.
+
+    Each shuffle of the pool is cut into ``len(ids) // n_vectors`` disjoint subsets (each one uniformly random).
+    Returns shape (n_studies,), int64.
+    """
+    per_shuffle = len(ids) // n_vectors
+    out, done = np.empty(n_studies, dtype=np.int64), 0
+    while done < n_studies:
+        shuffles = min(-(-(n_studies - done) // per_shuffle), max(1, _SIM_CHUNK * n_vectors // len(ids)))
+        pools = rng.permuted(np.broadcast_to(ids, (shuffles, len(ids))), axis=1)
+        studies = np.sort(pools[:, : per_shuffle * n_vectors].reshape(-1, n_vectors), axis=1)
+        rows = min(len(studies), n_studies - done)
+        out[done : done + rows] = 1 + (np.diff(studies[:rows], axis=1) != 0).sum(axis=1)
+        done += rows
+    return out
+
+
+@dataclass(frozen=True)
+class PoolEstimates:
+    """What a pool of decoded random directions says about studies of ``n_vectors`` vectors.
+
+    Attributes
+    ----------
+    n_vectors, n_samples
+        Vectors per study; directions in the pool.
+    expected, expected_se
+        ``E[n_unique]`` (``subset_expected_n_unique``) and its standard error (tokens).
+    at_most, n_simulations
+        ``at_most[k]``: of ``n_simulations`` random n-subsets of the pool, how many had at most k distinct tokens
+        (k = 0..n_vectors).
+    cdf_se
+        ``cdf_se[k]``: standard error of ``P(n_unique <= k)`` estimated from the pool.
+    """
+
+    n_vectors: int
+    n_samples: int
+    expected: float
+    expected_se: float
+    at_most: np.ndarray
+    n_simulations: int
+    cdf_se: np.ndarray
+
+    def precise_enough(self) -> bool:
+        """Errors within ``EXPECTED_SE`` and, wherever ``P(n_unique <= k) <= P_VALUE_REGION``, ``P_VALUE_SE``."""
+        near = self.at_most / self.n_simulations <= P_VALUE_REGION
+        return self.expected_se <= EXPECTED_SE and bool(np.all(self.cdf_se[near] <= P_VALUE_SE))
+
+    def result(self, observed: int | None) -> NullModelResult:
+        """The ``NullModelResult`` for an observed distinct count (1..n_vectors) or None (the expectation only)."""
+        if observed is None:
+            return NullModelResult(self.n_vectors, self.n_samples, self.expected, None, None, 0, None, self.expected_se)
+        observed = check_int("observed n_unique", observed, 1, self.n_vectors)
+        p_value = (int(self.at_most[observed]) + 1) / (self.n_simulations + 1)
+        if observed == self.n_vectors:
+            p_value, se = 1.0, 0.0
+        else:
+            se = max(float(self.cdf_se[observed]), math.sqrt(p_value * (1 - p_value) / self.n_simulations))
+        return NullModelResult(self.n_vectors, self.n_samples, self.expected, observed, min(p_value, 1.0),
+                               self.n_simulations, se, self.expected_se)
+
+
+def pool_estimates(ids: np.ndarray, n_vectors: int, n_simulations: int = 10_000, seed: int = 0) -> PoolEstimates:
+    """``E[n_unique]`` and ``P(n_unique <= k)`` for every k from a pool of decoded directions, with their errors.
+
+    Parameters
+    ----------
+    ids
+        The pool: token ids of i.i.d. null directions, shape (N,), N at least ``GROUPS * n_vectors``.
+    n_vectors
+        Vectors per study (count, >= 1).
+    n_simulations
+        Random n-subsets of the whole pool for the p-values; each group draws ``max(GROUP_STUDIES, n_simulations /
+        GROUPS)`` for the errors.
+    seed
+        Seed of the ``numpy.random.default_rng`` that draws the subsets.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    n_simulations = check_int("n_simulations", n_simulations, 1)
+    if len(ids) < GROUPS * n_vectors:
+        raise UserError(f"a null pool of {len(ids)} directions is too small for {n_vectors} vectors per study; "
+                        f"it needs at least {GROUPS * n_vectors}")
+    rng = np.random.default_rng(int(seed))
+    k = np.arange(n_vectors + 1)
+    at_most = (subset_n_unique(ids, n_vectors, n_simulations, rng)[:, None] <= k).sum(axis=0)
+    size = len(ids) // GROUPS
+    groups = [ids[g * size : (g + 1) * size] for g in range(GROUPS)]
+    per_group = max(GROUP_STUDIES, -(-n_simulations // GROUPS))
+    group_expected = [subset_expected_n_unique(np.bincount(group), n_vectors) for group in groups]
+    group_cdf = [(subset_n_unique(group, n_vectors, per_group, rng)[:, None] <= k).mean(axis=0) for group in groups]
+    return PoolEstimates(
+        n_vectors, len(ids), subset_expected_n_unique(np.bincount(ids), n_vectors),
+        float(np.std(group_expected, ddof=1) / math.sqrt(GROUPS)), at_most, n_simulations,
+        np.std(group_cdf, axis=0, ddof=1) / math.sqrt(GROUPS))
 
 
 CACHE_ENV = "AMAX_LIGHTNING_CACHE"
-_CACHE_FORMAT = 3  # bump when the draws, the decoding or the key change (2: bf16 checked in fp32; 3: sha256 key)
+_CACHE_FORMAT = 4  # bump when the draws, the decoding or the key change (4: directions keyed by chunk, ids stored)
 
 
 def cache_folder() -> str:
-    """Where null distributions are kept: ``$AMAX_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/amax_lightning``, else
+    """Where null pools are kept: ``$AMAX_LIGHTNING_CACHE``, else ``$XDG_CACHE_HOME/amax_lightning``, else
     ``~/.cache/amax_lightning``."""
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
@@ -146,49 +311,104 @@ def cache_folder() -> str:
     return os.path.join(base, "amax_lightning")
 
 
-def null_cache_key(vocab: torch.Tensor, n_samples: int, scale: float, seed: int, chunk_rows: int) -> str:
-    """A content hash of the vocabulary matrix (fp32 bytes and shape) and of every setting the counts depend on."""
+def null_cache_key(vocab: torch.Tensor, scale: float, seed: int, chunk_rows: int) -> str:
+    """A content hash of the vocabulary matrix (fp32 bytes and shape) and of every setting the ids depend on."""
     digest = hashlib.sha256()  # hardware-accelerated on most CPUs: 0.08 s for GPT-2's 154 MB
-    settings = {"format": _CACHE_FORMAT, "shape": list(vocab.shape), "n_samples": int(n_samples),
-                "scale": float(scale), "seed": int(seed), "chunk_rows": int(chunk_rows),
-                "device": vocab.device.type}  # fp32 sums differ by device in the last bits: near-ties may too
+    settings = {"format": _CACHE_FORMAT, "shape": list(vocab.shape), "scale": float(scale), "seed": int(seed),
+                "chunk_rows": int(chunk_rows), "device": vocab.device.type}  # device sums differ in the last bits
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(vocab.detach().to("cpu", torch.float32).contiguous().numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 
-def _cached_counts(path: str, key: str, n_tokens: int, n_samples: int) -> np.ndarray | None:
-    """The counts stored at ``path`` if the file is ours, for this key, and well formed; else None."""
+def _cached_ids(path: str, key: str, n_tokens: int) -> np.ndarray:
+    """The pool stored at ``path`` if the file is ours, for this key, and well formed; else an empty pool."""
+    empty = np.zeros(0, dtype=np.int64)
     try:
         with np.load(path, allow_pickle=False) as stored:
             if str(stored["key"]) != key:
-                return None
-            counts = np.asarray(stored["counts"])
+                return empty
+            ids = np.asarray(stored["ids"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    ok = counts.shape == (n_tokens,) and counts.dtype == np.int64 and counts.min(initial=0) >= 0
-    return counts if ok and int(counts.sum()) == n_samples else None
+        return empty
+    ok = ids.ndim == 1 and ids.dtype == np.int32 and (ids.size == 0 or (ids.min() >= 0 and ids.max() < n_tokens))
+    return ids.astype(np.int64) if ok else empty
 
 
-def cached_null_token_distribution(
-    vocab: torch.Tensor, n_samples: int, scale: float = 1.0, seed: int = 0, chunk_rows: int = 1024,
-    folder: str | None = None,
-) -> np.ndarray:
-    """``null_token_distribution``, computed once per vocabulary and settings and kept in ``cache_folder()``.
+def _decode_verdict_path(folder: str, vocab: torch.Tensor, block_rows: int) -> str:
+    """The file remembering which decode path is faster on this machine, for this shape."""
+    kind = {**device_kind(vocab.device), "shape": list(vocab.shape), "block_rows": block_rows}
+    return os.path.join(folder, f"decode-{hashlib.sha256(json.dumps(kind, sort_keys=True).encode()).hexdigest()[:16]}.json")
 
-    The file is named by ``null_cache_key`` and holds the key itself; a corrupt, foreign or malformed file is
-    ignored and rebuilt, and a cache that cannot be written only costs the recomputation.
+
+def pool_decoder(vocab: torch.Tensor, folder: str | None, path: str | None = None) -> CheckedNearestTokens:
+    """A ``CheckedNearestTokens`` on the path asked for (``path``, else ``$AMAX_LIGHTNING_DECODE``), else on the
+    one this machine was found faster on before (kept in ``folder``), else one that times both."""
+    decoder_path = requested_path(path)
+    if decoder_path == "auto" and folder is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(_decode_verdict_path(folder, vocab, 256)) as handle:
+                remembered = json.load(handle)["path"]
+            decoder_path = remembered if remembered in ("bf16", "fp32") else "auto"
+    return CheckedNearestTokens(vocab, path=decoder_path)
+
+
+def _remember_verdict(decoder: CheckedNearestTokens, vocab: torch.Tensor, folder: str) -> None:
+    if decoder.verdict is not None:
+        text = json.dumps({**decoder.verdict, "device": device_kind(vocab.device)}, indent=1)
+        with contextlib.suppress(OSError):
+            write_text_atomic(_decode_verdict_path(folder, vocab, decoder.block_rows), text)
+
+
+def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_000, scale: float = 1.0,
+                 n_simulations: int = 10_000, seed: int = 0, chunk_rows: int = 1024, folder: str | None = None,
+                 use_cache: bool = True, path: str | None = None) -> PoolEstimates:
+    """The null for studies of ``n_vectors`` vectors, from as many random directions as its precision needs.
+
+    Directions are decoded ``chunk_rows`` at a time, from ``max(GROUPS * n_vectors, min(FIRST_SAMPLES,
+    max_samples))`` on, until ``PoolEstimates.precise_enough`` or ``max_samples`` (but never fewer than
+    ``GROUPS * n_vectors``); the looks at the errors come at fixed pool sizes, so the answer does not depend on the
+    cache. The decoded pool is kept in ``folder`` (default ``cache_folder()``; ``use_cache`` False: nowhere) under
+    ``null_cache_key`` and extended when a later study needs more. A first run that takes more than 2 s shows a
+    progress bar on stderr (``PROGRESS_DELAY``). ``path`` forces the decoder's first pass (``decode.CheckedNearestTokens``).
     """
-    key = null_cache_key(vocab, n_samples, scale, seed, chunk_rows)
-    path = os.path.join(folder or cache_folder(), f"null-{key}.npz")
-    counts = _cached_counts(path, key, vocab.shape[0], n_samples)
-    if counts is None:
-        counts = null_token_counts(vocab, n_samples, scale, seed, chunk_rows)
-        try:
-            write_atomic(path, lambda tmp: np.savez(tmp, key=np.array(key), counts=counts))
-        except OSError:
-            pass
-    return counts / n_samples
+    _check_vocab(vocab)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    max_samples = check_int("max_samples", max_samples, 1)
+    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
+    scale = _check_scale(scale)
+    smallest = GROUPS * n_vectors
+    if smallest > MAX_POOL:
+        raise UserError(f"the null model for {n_vectors} vectors per study needs {smallest} random directions, more "
+                        f"than {MAX_POOL}; turn it off with results.null_samples 0")
+    looks = sorted({max(smallest, min(FIRST_SAMPLES, max_samples)), max(smallest, max_samples)})
+    looks = [*range(looks[0], looks[-1], chunk_rows), looks[-1]]
+    folder = (folder or cache_folder()) if use_cache else None
+    key = null_cache_key(vocab, scale, seed, chunk_rows)
+    file = os.path.join(folder, f"null-{key}.npz") if folder else None
+    ids = _cached_ids(file, key, vocab.shape[0]) if file else np.zeros(0, dtype=np.int64)
+    stored, decoder, bar = len(ids), None, None
+    try:
+        for size in looks:
+            if size > len(ids):
+                if decoder is None:
+                    decoder = pool_decoder(vocab, folder, path)
+                    bar = tqdm(total=looks[-1], initial=len(ids), delay=PROGRESS_DELAY, file=sys.stderr, unit="dir", leave=False,
+                               desc="null model: decoding random directions (kept for the next run)")
+                ids = np.concatenate([ids, null_token_ids(vocab, len(ids), size, scale, seed, chunk_rows, decoder,
+                                                          progress=bar.update)])
+            estimates = pool_estimates(ids[:size], n_vectors, n_simulations, seed)
+            if estimates.precise_enough():
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if file and len(ids) > stored:
+        with contextlib.suppress(OSError):
+            write_atomic(file, lambda tmp: np.savez(tmp, key=np.array(key), ids=ids.astype(np.int32)))
+    if decoder is not None and folder:
+        _remember_verdict(decoder, vocab, folder)
+    return estimates
 
 
 def expected_n_unique(p, n_vectors: int) -> float:
@@ -284,7 +504,7 @@ def null_model(
     n_vectors: int,
     observed_n_unique: int | None = None,
     *,
-    n_samples: int = 100_000,
+    n_samples: int = 20_000,
     scale: float = 1.0,
     n_simulations: int = 10_000,
     seed: int = 0,
@@ -292,33 +512,10 @@ def null_model(
 ) -> NullModelResult:
     """Expected distinct-token count, and the p-value of an observed one, under the random-direction null.
 
-    Parameters
-    ----------
-    vocab
-        Input-embedding rows of the vocabulary, shape (V, d_model), e.g. ``Backbone.vocab_embeddings``.
-    n_vectors
-        Vectors per study (count, >= 1): seeds x tokens, 50 in the study.
-    observed_n_unique
-        The study's distinct-token count (1..n_vectors), or None for the expectation only.
-    n_samples
-        Random directions decoded to estimate the null distribution (count, >= 1).
-    scale
-        Standard deviation per coordinate of the random directions (embedding units, e.g. ``std(wte)``).
-    n_simulations
-        Monte Carlo studies for the p-value (count, >= 1).
-    seed
-        Seeds both the direction draws (torch) and the Monte Carlo (numpy); same seed, same result.
-    chunk_rows
-        Directions drawn and decoded at once (count, >= 1).
-
-    Returns
-    -------
-    NullModelResult
+    ``sampled_null`` without the cache: ``n_samples`` is the most random directions decoded (fewer when the
+    estimates are precise enough). ``observed_n_unique`` is the study's distinct-token count (1..n_vectors), or None
+    for the expectation only; the other parameters are ``sampled_null``'s.
     """
-    p = null_token_distribution(vocab, n_samples, scale=scale, seed=seed, chunk_rows=chunk_rows)
-    expected = expected_n_unique(p, n_vectors)
-    if observed_n_unique is None:
-        check_int("n_simulations", n_simulations, 1)
-        return NullModelResult(n_vectors, n_samples, expected, None, None, 0, None)
-    p_value, se, n_sim = unique_count_p_value(p, n_vectors, observed_n_unique, n_simulations, seed)
-    return NullModelResult(n_vectors, n_samples, expected, int(observed_n_unique), p_value, n_sim, se)
+    estimates = sampled_null(vocab, n_vectors, max_samples=n_samples, scale=scale, n_simulations=n_simulations,
+                             seed=seed, chunk_rows=chunk_rows, use_cache=False)
+    return estimates.result(observed_n_unique)

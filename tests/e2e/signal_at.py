@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import os
 import signal as signal_lib
-import threading
 
 from lightning.pytorch import Callback
 
 
 class SignalAt(Callback):
     """Send ``signal`` (a name, e.g. ``SIGINT``) to this process when step ``step`` starts (after the checkpoint
-    of step ``step`` was saved), or, with ``step`` -1, ``delay`` seconds into the end-of-fit analysis; under DDP
-    only in process ``rank`` (-1: every process)."""
+    of step ``step`` was saved), or, with ``step`` -1, when the end-of-fit analysis starts decoding the null
+    model's random directions (whatever the machine's speed); under DDP only in process ``rank`` (-1: every
+    process)."""
 
-    def __init__(self, signal: str = "SIGINT", step: int = 1, delay: float = 1.0, rank: int = -1) -> None:
-        self.signum, self.step, self.delay, self.rank = getattr(signal_lib, signal), step, delay, rank
+    def __init__(self, signal: str = "SIGINT", step: int = 1, rank: int = -1) -> None:
+        self.signum, self.step, self.rank = getattr(signal_lib, signal), step, rank
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
@@ -24,7 +24,15 @@ class SignalAt(Callback):
 
     def on_train_end(self, trainer, module) -> None:
         if self.step == -1:  # callbacks given by the user run before the ResultsWriter's analysis starts
-            threading.Timer(self.delay, os.kill, (os.getpid(), self.signum)).start()
+            import amax_lightning.null_model as null_model
+
+            decode = null_model.null_token_ids
+
+            def signal_then_decode(*args, **kwargs):
+                os.kill(os.getpid(), self.signum)
+                return decode(*args, **kwargs)
+
+            null_model.null_token_ids = signal_then_decode
 
 
 

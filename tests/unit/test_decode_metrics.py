@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from amax_lightning.decode import CheckedNearestTokens, nearest_tokens, nearest_tokens_with_neighbours
+import amax_lightning.decode as decode_module
+from amax_lightning.decode import (
+    DECODE_ENV,
+    CheckedNearestTokens,
+    device_kind,
+    nearest_tokens,
+    nearest_tokens_with_neighbours,
+)
+from amax_lightning.errors import UserError
 from amax_lightning.metrics import UniqueTokens
 
 
@@ -64,18 +73,71 @@ def test_embedding_similarity_by_hand():
     assert out["mean_pairwise_cosine"] == pytest.approx(2 * half / 3, abs=1e-6)
 
 
+@pytest.mark.parametrize("path", ["bf16", "fp32"])
 @pytest.mark.parametrize("d, scale", [(64, 1.0), (768, 0.14)])
-def test_bf16_checked_decoding_equals_the_fp32_argmax(d, scale):
-    """The null model's fast decoder gives nearest_tokens' ids, also for vectors planted near ties."""
+def test_checked_decoding_equals_the_fp32_argmax_on_both_paths(d, scale, path):
+    """The null model's decoder gives nearest_tokens' ids on either first pass, also for vectors planted near ties
+    (halfway between two tokens, 1e-4 off); within 1e-6 of a tie, where fp32 rounding decides, both paths agree."""
     g = torch.Generator().manual_seed(d)
     vocab = torch.randn(50257, d, generator=g) * scale
-    vectors = torch.randn(2048, d, generator=g)
-    near_ties = F.normalize(vocab[:64], dim=-1) + F.normalize(vocab[64:128], dim=-1)  # halfway between two tokens
-    vectors = torch.cat([vectors, near_ties + 1e-4 * torch.randn(64, d, generator=g)])
+    near_ties = F.normalize(vocab[:64], dim=-1) + F.normalize(vocab[64:128], dim=-1)
+    vectors = torch.cat([torch.randn(448, d, generator=g), near_ties + 1e-4 * torch.randn(64, d, generator=g)])
+    closer = near_ties + 1e-6 * torch.randn(64, d, generator=g)
     expected, _ = nearest_tokens(vectors, vocab)
-    decode = CheckedNearestTokens(vocab, block_rows=500)  # blocks of 500 rows, the last one shorter
+    decode = CheckedNearestTokens(vocab, block_rows=250, path=path)  # blocks of 250 rows, the last one shorter
     decode._pairs = decode._pairs[:, :10]  # the candidates' buffer must grow
-    assert torch.equal(decode(vectors), expected)
+    assert decode.path == path and torch.equal(decode(vectors), expected)
+    if path == "fp32":
+        assert torch.equal(decode(closer), CheckedNearestTokens(vocab, path="bf16")(closer))
+
+
+def test_both_paths_give_the_same_ids_at_exact_ties():
+    """Two identical vocabulary rows: both paths keep both and pick the lower id, as nearest_tokens does."""
+    g = torch.Generator().manual_seed(0)
+    vocab = torch.randn(1000, 32, generator=g)
+    vocab[900] = vocab[100]
+    vectors = torch.cat([vocab[100:101] + 0.01 * torch.randn(20, 32, generator=g), torch.randn(300, 32, generator=g)])
+    ids = {path: CheckedNearestTokens(vocab, path=path)(vectors) for path in ("bf16", "fp32")}
+    assert torch.equal(ids["bf16"], ids["fp32"]) and torch.equal(ids["fp32"], nearest_tokens(vectors, vocab)[0])
+    assert (ids["fp32"][:20] == 100).all()
+
+
+def test_the_environment_forces_a_path(monkeypatch):
+    vocab = torch.randn(100, 8)
+    for path in ("bf16", "fp32"):
+        monkeypatch.setenv(DECODE_ENV, path)
+        assert CheckedNearestTokens(vocab).path == path
+    monkeypatch.setenv(DECODE_ENV, "fp16")
+    with pytest.raises(UserError, match="AMAX_LIGHTNING_DECODE 'fp16' is not one of auto, bf16, fp32"):
+        CheckedNearestTokens(vocab)
+
+
+def test_auto_is_fp32_without_bf16_kernels(monkeypatch):
+    monkeypatch.setattr(decode_module, "native_bf16_matmul", lambda device: False)
+    assert CheckedNearestTokens(torch.randn(100, 8), path="auto").path == "fp32"
+
+
+@pytest.mark.parametrize("fp32_seconds, bf16_seconds, chosen", [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32"),
+                                                                (0.5, 2.0, "fp32")])
+def test_auto_times_both_paths_and_keeps_the_faster(monkeypatch, fp32_seconds, bf16_seconds, chosen):
+    """A planted clock: blocks alternate fp32, bf16; the first of each (a warm-up, planted 100x slower) is not
+    counted; bf16 must be below 0.9 of fp32; every block's ids are the argmax whichever path decoded it."""
+    monkeypatch.setattr(decode_module, "native_bf16_matmul", lambda device: True)
+    durations = [100 * fp32_seconds, 100 * bf16_seconds] + [fp32_seconds, bf16_seconds] * 2 + [0.0] * 10
+    clock = iter(np.cumsum([0.0] + [x for d in durations for x in (d, 0.0)]))
+    monkeypatch.setattr(decode_module, "_now", lambda device: float(next(clock)))
+    vocab, vectors = torch.randn(500, 16), torch.randn(8 * 32 + 5, 16)
+    decode = CheckedNearestTokens(vocab, block_rows=32, path="auto")
+    assert decode.path is None
+    assert torch.equal(decode(vectors), nearest_tokens(vectors, vocab)[0])
+    assert decode.path == chosen and decode.verdict["path"] == chosen
+    assert decode.verdict["fp32_seconds_per_block"] == fp32_seconds and list(decode._first_pass) == [chosen]
+
+
+def test_device_kind_names_the_cpu():
+    kind = device_kind("cpu")
+    assert kind["device"] == "cpu" and kind["name"] and kind["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(kind["native_bf16_matmul"], bool) and kind["threads"] == torch.get_num_threads()
 
 
 def test_neighbours_are_the_k_highest_cosines():
