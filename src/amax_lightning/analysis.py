@@ -15,6 +15,7 @@ import torch
 
 from amax_lightning.backbone import Backbone
 from amax_lightning.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
+from amax_lightning.logit_effects import LogitEffects, logit_effects
 from amax_lightning.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.null_model import NullModelResult, expected_n_unique, sampled_null, unique_count_p_value
 from amax_lightning.objective import RowTensors, aggregate
@@ -160,6 +161,7 @@ class UnitResults:
     method: str = "continuous"  # continuous, gcg or epo; for token search decoded_gap is 0 by construction
     search: Optional[dict] = field(default=None, metadata=OPTIONAL)  # token search's settings
     pareto: Optional[list[SeedFrontier]] = field(default=None, metadata=OPTIONAL)  # EPO: per seed, sorted by seed
+    logit_effects: Optional[LogitEffects] = field(default=None, metadata=OPTIONAL)  # tokens its direction promotes
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -254,6 +256,14 @@ def with_pareto(unit: UnitResults, seeds: list[int], activation: torch.Tensor, c
                                        tokens[i][kept].tolist())]
         frontiers.append(SeedFrontier(seed, points))
     return dataclasses.replace(unit, pareto=sorted(frontiers, key=lambda f: f.seed))
+
+
+def with_logit_effects(units: list[UnitResults], backbone: Backbone, targets: list[Target],
+                       hook_vectors: torch.Tensor | None) -> list[UnitResults]:
+    """Each unit's results with the tokens its output direction promotes and suppresses (``logit_effects.py``);
+    ``hook_vectors`` (units, hook width) are what the units write into their hook's space."""
+    effects = logit_effects(backbone, targets, hook_vectors)
+    return [dataclasses.replace(unit, logit_effects=effect) for unit, effect in zip(units, effects)]
 
 
 def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float, n_samples: int,

@@ -48,6 +48,8 @@ class TopContext:
         The unit's activation there (the target's units).
     text
         The surrounding text with the token wrapped in ``[[ ]]``.
+    context, context_activations, context_index
+        The same window token by token, the activation at each token, and the max token's index in it.
     """
 
     position: int
@@ -55,6 +57,9 @@ class TopContext:
     token: str
     activation: float
     text: str
+    context: list[str]  # the tokens of ``text``, one string each, the max token among them
+    context_activations: list[float]  # the unit's activation at each of them
+    context_index: int  # where the max token is in ``context``
 
 
 @dataclass(frozen=True)
@@ -253,10 +258,13 @@ def top_contexts(
     if not ids:
         raise UserError(f"text file {str(path)!r} has no tokens; give a non-empty text")
     acts = text_activations(backbone, target, torch.tensor(ids), window, stride, batch_size, reader)
-    return [
-        TopContext(p, ids[p], backbone.tokenizer.decode([ids[p]]), float(acts[p]), _highlight(backbone, ids, p, context_tokens))
-        for p in _top_indices(acts, k).tolist()
-    ]
+    contexts = []
+    for p in _top_indices(acts, k).tolist():
+        start, stop = max(0, p - context_tokens), p + 1 + context_tokens
+        contexts.append(TopContext(p, ids[p], backbone.tokenizer.decode([ids[p]]), float(acts[p]),
+                                   _highlight(backbone, ids, p, context_tokens), backbone.token_strings(ids[start:stop]),
+                                   acts[start:stop].tolist(), p - start))
+    return contexts
 
 
 def read_text_file(path: str | Path) -> str:

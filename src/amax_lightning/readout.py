@@ -54,11 +54,13 @@ class Readout(nn.Module):
     (``weights`` None) or a row of ``weights``, read as ``x . weights[id] + bias[id]`` (then ReLU when ``relu``).
     ``x`` is the hook's vector, centred over its width when ``centre``, normalized as ``normalize`` says
     (``sae.normalize_input``), minus ``offset`` when given (an SAE's ``b_dec``). Row r reads unit ``r // n_seeds``.
+    ``writes`` (units, width) is what each unit writes into the hook's space (an SAE's decoder rows, a direction);
+    a unit without ``weights`` writes its own coordinate.
     """
 
     def __init__(self, unit_ids: list[int], n_seeds: int, centre: bool = False, weights: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, offset: torch.Tensor | None = None, normalize: str = "none",
-                 relu: bool = False) -> None:
+                 relu: bool = False, writes: torch.Tensor | None = None) -> None:
         super().__init__()
         self.centre, self.normalize, self.relu = centre, normalize, relu
         ids = torch.tensor(unit_ids, dtype=torch.long)
@@ -67,6 +69,14 @@ class Readout(nn.Module):
         self.register_buffer("weights", weights, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("offset", offset, persistent=False)  # on the run's device, like the weights
+        self.writes = writes  # kept on the CPU: only the end-of-fit analysis reads it
+
+    def written_directions(self, width: int) -> torch.Tensor | None:
+        """Each unit's vector in the hook's space, shape (units, width): its decoder row, direction or one-hot
+        coordinate; None when an SAE has no decoder."""
+        if self.weights is None:
+            return torch.nn.functional.one_hot(self.unit_ids.cpu(), width).float()
+        return self.writes
 
     def transform(self, values: torch.Tensor) -> torch.Tensor:
         """The hook's values as the units see them: centred if asked, normalized, minus the offset."""
@@ -173,8 +183,9 @@ def _sae_readout(spec: str, backbone: Backbone, n_seeds: int, activation: str, c
     records = [{**record, "latent": i, "neuronpedia": sae.neuronpedia_url(i)} for i in ids]
 
     offset = sae.b_dec.clone() if sae.apply_b_dec_to_input else None
+    writes = sae.W_dec[ids].clone() if sae.W_dec is not None else None
     readout = Readout(list(range(len(ids))), n_seeds, centring.applied, weights, bias, offset,
-                      sae.normalize_activations, relu=activation == "post")
+                      sae.normalize_activations, relu=activation == "post", writes=writes)
     return BuiltReadout(targets, readout, records)
 
 
@@ -205,4 +216,5 @@ def _direction_readout(spec: str, backbone: Backbone, n_seeds: int, center_resid
     records = [{"file": path, "index": None if array.ndim == 1 else i, "norm": float(norms[i]),
                 "normalized": "projected on the direction divided by its norm"} for i in range(len(rows))]
     unit = (rows / norms[:, None]).float()
-    return BuiltReadout(targets, Readout(list(range(len(rows))), n_seeds, centring.applied, unit), records)
+    readout = Readout(list(range(len(rows))), n_seeds, centring.applied, unit, writes=unit)
+    return BuiltReadout(targets, readout, records)

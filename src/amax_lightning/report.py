@@ -17,12 +17,27 @@ from PIL import Image  # noqa: E402  (matplotlib's own PNG writer)
 from amax_lightning.analysis import AtlasResults, AtlasRow, UnitResults  # noqa: E402
 from amax_lightning.runs import write_atomic, write_text_atomic  # noqa: E402
 
+_MARKDOWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "\\": "\\\\",
+                     **{c: "\\" + c for c in "`*_[]~"}}
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` safe in a markdown table cell: HTML's ``& < >`` as entities, ``|`` and markdown's inline marks
+    (`` ` * _ [ ] ~ \\ ``) backslash-escaped, line breaks as ``\\n``. Tokens are untrusted text."""
+    escaped = "".join(_MARKDOWN_ESCAPES.get(c, c) for c in text)
+    return escaped.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def markdown_token(token: str) -> str:
+    """A token in a markdown report: as a JSON string (control characters escaped), then ``markdown_cell``."""
+    return markdown_cell(json.dumps(token))
+
 
 def summary_markdown(results: UnitResults) -> str:
     """A markdown table (seed, tokens, cosines, final activation, decoded activation) and the uniqueness line."""
     priors = ", ".join(results.priors) or "none"
     lines = [
-        f"target {results.target} ({results.aggregate} over positions) of {results.model}, "
+        f"target {markdown_cell(results.target)} ({results.aggregate} over positions) of {markdown_cell(results.model)}, "
         f"{results.steps} steps, " + (f"lr {results.lr}, priors: {priors}" if results.method == "continuous"
                                       else f"method {results.method}") + (" — PARTIAL" if results.partial else ""),
         "",
@@ -30,11 +45,11 @@ def summary_markdown(results: UnitResults) -> str:
         "|---:|---|---|---:|---:|",
     ]
     for run in results.runs:
-        tokens = " ".join(json.dumps(t) for t in run.tokens)
+        tokens = " ".join(markdown_token(t) for t in run.tokens)
         cosines = " ".join(f"{c:.3f}" for c in run.cosine)
         lines.append(f"| {run.seed} | {tokens} | {cosines} | {run.final_activation:.4g} | {run.decoded_activation:.4g} |")
     u = results.uniqueness
-    repeated = [f"{json.dumps(t)} x{c}" for t, c in zip(u.tokens, u.counts) if c > 1]
+    repeated = [f"{markdown_token(t)} x{c}" for t, c in zip(u.tokens, u.counts) if c > 1]
     lines += ["", f"unique tokens: {u.n_unique} of {u.n_total}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
     null = results.null_model
     if null:
@@ -179,7 +194,7 @@ def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str
     ]
     for row in ranked[:top]:
         p_value = "-" if row.null_p_value is None else f"{row.null_p_value:.3g}"
-        summary.append(f"| {row.target} | {row.n_unique} of {row.n_total} | {row.mean_final_activation:.4g} "
+        summary.append(f"| {markdown_cell(row.target)} | {row.n_unique} of {row.n_total} | {row.mean_final_activation:.4g} "
                        f"| {row.mean_nearest_cosine:.3f} | {p_value} |")
     text = "\n".join(summary)
     figure, axes = plt.subplots(figsize=(7, 4))

@@ -291,11 +291,13 @@ def csv_rows(summary: dict) -> list[dict]:
 
 def markdown(document: dict) -> str:
     """sensitivity.md: per target the verdict, the per-size table at the last snapshot, snapshots and numerics."""
+    from amax_lightning.report import markdown_cell
+
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# Sensitivity: basins, plateau or chaos", ""]
     for summary in document["targets"]:
         last = summary["snapshots"][-1] if summary["snapshots"] else None
-        lines += [f"## {summary['target']}", "",
+        lines += [f"## {markdown_cell(summary['target'])}", "",
                   f"{len(summary['seeds'])} seeds x {len(summary['sizes'])} sizes x {summary['replicas']} replicas, "
                   f"lr {summary['lr']}, model {summary['model']}", "",
                   f"**Verdict ({', '.join(summary['verdict']['labels'])}).** {summary['verdict']['text']}", ""]
@@ -331,6 +333,9 @@ def markdown(document: dict) -> str:
 
 
 PLOTS = ("agreement_vs_size", "distance_vs_step", "agreement_vs_steps")
+PLOT_TITLES = {"agreement_vs_size": "Replica token agreement against perturbation size",
+               "distance_vs_step": "Distance between replicas per step",
+               "agreement_vs_steps": "Token agreement between seeds per step"}
 
 
 def figures(document: dict) -> dict:
@@ -376,6 +381,7 @@ def write_summary(folder: str, document: dict) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
     from amax_lightning.report import save_png
+    from amax_lightning.report_html import write_sensitivity_page
     from amax_lightning.runs import write_text_atomic
 
     os.makedirs(folder, exist_ok=True)
@@ -396,4 +402,5 @@ def write_summary(folder: str, document: dict) -> str:
     board.close()
     path = os.path.join(folder, "sensitivity.md")
     write_text_atomic(path, markdown(document))
+    write_sensitivity_page(folder, document, PLOT_TITLES)
     return path

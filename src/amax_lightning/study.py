@@ -18,8 +18,12 @@ import os
 import yaml
 
 from amax_lightning.analysis import AtlasResults, UnitResults
-from amax_lightning.cli import run
+from amax_lightning.backbone import load_backbone
+from amax_lightning.callbacks import ResultsWriter
+from amax_lightning.cli import AmaxCLI, OneLineErrorParser, run
 from amax_lightning.errors import UserError, first_line
+from amax_lightning.module import ActMaxModule
+from amax_lightning.report import markdown_cell
 from amax_lightning.runs import claim_version_folder, write_text_atomic
 
 COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
@@ -69,24 +73,63 @@ def variant_label(variant: dict) -> str:
 
 
 def run_study(args: list[str]) -> str:
-    """Run every target x variant of the study file given by ``--config``; return the path of ``study.md``."""
+    """Run every target x variant of the study file given by ``--config``; return the path of ``study.md``.
+
+    Every fit's options are checked first (``check_fit``), so a bad target or variant stops the study before its
+    first fit. A study stopped later (an error, Ctrl-C) still writes the table of the fits it finished."""
     if len(args) < 2 or args[0] != "--config":
         raise UserError("study needs --config <study.yaml> first, e.g. study --config configs/priors_study.yaml")
     study, extra = load_study(args[1]), args[2:]
     if any(arg.split("=")[0] == "--model.target" for arg in extra):
         raise UserError("--model.target cannot be passed to study; list the targets in the study file")
-    rows = []
+    fits = []
     for target in study["targets"]:
         for variant in study["variants"]:
-            fit_args = ["fit"] + (["--config", study["fit_config"]] if study["fit_config"] else [])
-            fit_args += ["--model.target", target]
+            fit_args = (["--config", study["fit_config"]] if study["fit_config"] else []) + ["--model.target", target]
             fit_args += [f"--{key}={value}" for key, value in variant.items()]
-            writer = run([*fit_args, *extra])
+            fits.append((target, variant, [*fit_args, *extra]))
+    backbones: dict = {}
+    for target, variant, fit_args in fits:
+        check_fit(fit_args, backbones, f"{target} with {variant_label(variant)}")
+    backbones.clear()
+    rows = []
+    try:
+        for target, variant, fit_args in fits:
+            writer = run(["fit", *fit_args])
             if writer is None or writer.results is None:
                 raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
             units = writer.results.units if isinstance(writer.results, AtlasResults) else [writer.results]
             rows += [study_row(variant_label(variant), unit, writer.results_path) for unit in units]
+    except BaseException:
+        if rows:
+            write_study(rows, complete=False)
+        raise
     return write_study(rows)
+
+
+class _CheckOnly(AmaxCLI):
+    """Parses a fit's arguments and builds its module and results writer on a shared model; fits nothing."""
+
+    backbones: dict = {}
+
+    def instantiate_classes(self) -> None:
+        options = self.config.model.as_dict()
+        key = (options["model_name_or_path"], options["trust_remote_code"])
+        if key not in self.backbones:
+            self.backbones[key] = load_backbone(*key)
+        ActMaxModule(**{**options, "backbone": self.backbones[key]})
+        ResultsWriter(**self.config.results.as_dict())
+
+
+def check_fit(fit_args: list[str], backbones: dict, what: str) -> None:
+    """Check a fit's arguments (without ``fit``) as the fit would: parse them and build its module and results
+    writer, loading each model once into ``backbones``. Raises a UserError naming the fit, ``what``."""
+    _CheckOnly.backbones = backbones
+    try:
+        _CheckOnly(ActMaxModule, parser_class=OneLineErrorParser, run=False, seed_everything_default=False,
+                   auto_configure_optimizers=False, args=fit_args)
+    except UserError as exc:
+        raise UserError(f"study fit {what}: {exc}") from exc
 
 
 def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
@@ -106,12 +149,17 @@ def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
     }
 
 
-def write_study(rows: list[dict], root: str = "studies") -> str:
-    """Write study.md and study.csv into a new ``<root>/version_N``; print the table and the path last."""
+def write_study(rows: list[dict], root: str = "studies", complete: bool = True) -> str:
+    """Write study.md, study.csv and report.html into a new ``<root>/version_N``; print the table and the path last.
+    ``complete`` False marks a study that stopped early (the rows are the fits it finished)."""
+    from amax_lightning.report_html import write_study_page
+
     folder = os.path.join(root, f"version_{claim_version_folder(root)}")
-    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else markdown_cell(str(v)))  # noqa: E731
     table = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
     table += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS[:-1]) + " |" for row in rows]
+    if not complete:
+        table.append(f"\nstopped early: these are the {len(rows)} rows of the fits it finished")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -119,6 +167,7 @@ def write_study(rows: list[dict], root: str = "studies") -> str:
     write_text_atomic(os.path.join(folder, "study.csv"), buffer.getvalue())
     path = os.path.join(folder, "study.md")
     write_text_atomic(path, "# Reproducibility across targets and priors\n\n" + "\n".join(table) + "\n")
+    write_study_page(folder, rows, COLUMNS, complete)
     print("\n".join(table), flush=True)
     print(path, flush=True)
     return path

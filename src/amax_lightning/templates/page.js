@@ -1,0 +1,185 @@
+"use strict";
+// amax_lightning report pages: tooltips, the colour switch of token grids, and the atlas table.
+// Untrusted text (token strings, targets) is only ever set with textContent, never as markup.
+(function () {
+  var tooltip = document.getElementById("tooltip");
+  function showTip(el) {
+    tooltip.textContent = el.getAttribute("data-tip");
+    tooltip.hidden = false;
+    var box = el.getBoundingClientRect();
+    tooltip.style.left = Math.min(box.left, window.innerWidth - 540) + "px";
+    tooltip.style.top = (box.bottom + 6) + "px";
+  }
+  function hideTip() { tooltip.hidden = true; }
+  ["mouseover", "focusin"].forEach(function (kind) {
+    document.addEventListener(kind, function (event) {
+      var el = event.target.closest ? event.target.closest("[data-tip]") : null;
+      if (el) { showTip(el); }
+    });
+  });
+  ["mouseout", "focusout"].forEach(function (kind) {
+    document.addEventListener(kind, function (event) {
+      if (event.target.closest && event.target.closest("[data-tip]")) { hideTip(); }
+    });
+  });
+
+  document.querySelectorAll("input[name=colour]").forEach(function (radio) {
+    radio.addEventListener("change", function () {
+      var grid = document.getElementById("token-grid");
+      grid.classList.toggle("colour-optimized", radio.value === "optimized" && radio.checked);
+    });
+  });
+
+  // The diverging colour scale, as report_html.diverging computes it.
+  var NEG = [33, 102, 172], ZERO = [255, 255, 255], POS = [178, 24, 43];
+  function diverging(value, scale) {
+    var t = (!scale || !isFinite(value)) ? 0 : Math.max(-1, Math.min(1, value / scale));
+    var end = t > 0 ? POS : NEG;
+    var rgb = ZERO.map(function (z, i) { return Math.round(z + Math.abs(t) * (end[i] - z)); });
+    return "rgb(" + rgb.join(", ") + ")";
+  }
+  function fmt(value, digits) {
+    if (value === null || value === undefined) { return "-"; }
+    if (Number.isInteger(value)) { return String(value); }
+    return Number(value.toPrecision(digits || 4)).toString();
+  }
+
+  var source = document.getElementById("atlas-data");
+  if (!source) { return; }
+  var data = JSON.parse(source.textContent);
+  var PAGE = 100;
+  var state = { key: 1, descending: false, filter: "", page: 0, open: new Set() };
+  var order = data.rows.map(function (_, i) { return i; });
+  var shown = order.slice();
+  var body = document.querySelector("#atlas tbody");
+  var headers = document.querySelectorAll("#atlas th[data-key]");
+  var count = document.getElementById("atlas-count");
+  var prev = document.getElementById("atlas-prev"), next = document.getElementById("atlas-next");
+
+  function compare(a, b) {
+    var x = data.rows[a][state.key], y = data.rows[b][state.key];
+    if (x === null && y === null) { return a - b; }
+    if (x === null) { return 1; }   // missing values last, in both directions
+    if (y === null) { return -1; }
+    var c = typeof x === "string" ? x.localeCompare(y) : x - y;
+    return (state.descending ? -c : c) || a - b;
+  }
+  function apply() {
+    var needle = state.filter.toLowerCase();
+    shown = order.filter(function (i) { return !needle || String(data.rows[i][0]).toLowerCase().indexOf(needle) >= 0; });
+    shown.sort(compare);
+    state.page = Math.min(state.page, Math.max(0, Math.ceil(shown.length / PAGE) - 1));
+    headers.forEach(function (th) {
+      var key = Number(th.getAttribute("data-key"));
+      if (key === state.key) { th.setAttribute("aria-sort", state.descending ? "descending" : "ascending"); }
+      else { th.removeAttribute("aria-sort"); }
+    });
+    draw();
+  }
+  function cell(row, text, numeric) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    if (numeric) { td.className = "num"; }
+    row.appendChild(td);
+    return td;
+  }
+  function seedsRow(unit) {
+    var tr = document.createElement("tr");
+    tr.className = "seeds";
+    var td = document.createElement("td");
+    td.colSpan = data.columns.length + 1;
+    var acts = data.activations[unit], ids = data.tokens[unit];
+    var scale = Math.max.apply(null, acts.map(Math.abs)) || 1;
+    data.seeds.forEach(function (seed, s) {
+      var line = document.createElement("div");
+      line.className = "seedrow";
+      var label = document.createElement("span");
+      label.className = "label";
+      label.textContent = "seed " + seed;
+      line.appendChild(label);
+      var tokens = document.createElement("span");
+      tokens.className = "tokens";
+      for (var p = 0; p < data.n_tokens; p++) {
+        var k = s * data.n_tokens + p, value = acts[k];
+        var tok = document.createElement("span");
+        tok.className = "tok";
+        tok.tabIndex = 0;
+        tok.textContent = data.strings[ids[k]];
+        tok.style.background = diverging(value, scale);
+        tok.style.color = Math.abs(value) / scale > 0.6 ? "#fff" : "#111";
+        tok.setAttribute("data-tip", "position " + p + ": activation of the decoded token " + fmt(value, 3));
+        tokens.appendChild(tok);
+      }
+      line.appendChild(tokens);
+      td.appendChild(line);
+    });
+    tr.appendChild(td);
+    return tr;
+  }
+  function draw() {
+    var start = state.page * PAGE, stop = Math.min(shown.length, start + PAGE);
+    var fragment = document.createDocumentFragment();
+    for (var n = start; n < stop; n++) {
+      var unit = shown[n], values = data.rows[unit];
+      var tr = document.createElement("tr");
+      tr.className = "unit";
+      tr.setAttribute("data-unit", String(unit));
+      tr.tabIndex = 0;
+      var first = cell(tr, state.open.has(unit) ? "▾" : "▸", false);
+      first.setAttribute("aria-hidden", "true");
+      data.columns.forEach(function (column, c) {
+        var td = cell(tr, column.kind === "text" ? values[c] : fmt(values[c], 4), column.kind !== "text");
+        if (column.kind === "text") { td.className = "target"; }
+      });
+      if (data.links) {
+        var td = cell(tr, "", false);
+        var url = data.links[unit];
+        if (typeof url === "string" && url.indexOf("https://www.neuronpedia.org/") === 0) {
+          var a = document.createElement("a");
+          a.href = url;
+          a.textContent = "Neuronpedia";
+          a.rel = "noopener noreferrer";
+          td.appendChild(a);
+        }
+      }
+      fragment.appendChild(tr);
+      if (state.open.has(unit)) { fragment.appendChild(seedsRow(unit)); }
+    }
+    body.replaceChildren(fragment);
+    count.textContent = shown.length ? ("units " + (start + 1) + "–" + stop + " of " + shown.length +
+      (shown.length < data.rows.length ? " (filtered from " + data.rows.length + ")" : "")) : "no unit matches";
+    prev.disabled = state.page === 0;
+    next.disabled = stop >= shown.length;
+  }
+  headers.forEach(function (th) {
+    th.addEventListener("click", function () {
+      var key = Number(th.getAttribute("data-key"));
+      state.descending = state.key === key ? !state.descending : data.columns[key].kind !== "text" && key !== 1 && key !== 6;
+      state.key = key;
+      state.page = 0;
+      apply();
+    });
+  });
+  document.getElementById("atlas-filter").addEventListener("input", function (event) {
+    state.filter = event.target.value;
+    state.page = 0;
+    apply();
+  });
+  prev.addEventListener("click", function () { state.page -= 1; draw(); });
+  next.addEventListener("click", function () { state.page += 1; draw(); });
+  function toggle(row) {
+    var unit = Number(row.getAttribute("data-unit"));
+    if (state.open.has(unit)) { state.open.delete(unit); } else { state.open.add(unit); }
+    draw();
+  }
+  body.addEventListener("click", function (event) {
+    if (event.target.closest("a")) { return; }
+    var row = event.target.closest("tr.unit");
+    if (row) { toggle(row); }
+  });
+  body.addEventListener("keydown", function (event) {
+    var row = event.target.closest("tr.unit");
+    if (row && (event.key === "Enter" || event.key === " ")) { event.preventDefault(); toggle(row); }
+  });
+  apply();
+})();

@@ -1,0 +1,230 @@
+"""report.html in a real browser (headless Chromium): every page kind loads from file:// with no console error and
+no network request, shows results.json's tokens in order coloured by their activations, shows numbers on hover,
+sorts and filters the atlas, follows the study's links, and renders hostile token strings as text."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+from browser import BrowserMissing, page_problems, start_chromium
+from conftest import HOSTILE_TOKENS, TINY_TARGET
+
+from amax_lightning.__main__ import main
+from amax_lightning.report_html import diverging, symmetric_scale, visible
+
+REQUIRED = os.environ.get("AMAX_REQUIRE_BROWSER") == "1"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Here the driver talks to chromedriver on the loopback address: only loopback connections are allowed."""
+    connect = socket.socket.connect
+
+    def loopback_only(sock, address, *args):
+        host = address[0] if isinstance(address, tuple) else address
+        if host not in ("127.0.0.1", "::1", "localhost") and not str(host).startswith("/"):
+            raise RuntimeError(f"tests must not use the network ({host})")
+        return connect(sock, address, *args)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        driver = start_chromium()
+    except BrowserMissing as exc:
+        if REQUIRED:
+            pytest.fail(f"AMAX_REQUIRE_BROWSER=1 but {exc}")
+        pytest.skip(str(exc))
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, path, screenshot=None) -> None:
+    """Load a page from file://, wait for its script, and assert it logged no error and fetched nothing."""
+    page_problems(driver)  # drain what earlier pages left
+    driver.get(f"file://{path}")
+    assert driver.execute_script("return document.readyState") == "complete"
+    assert page_problems(driver) == []
+    if screenshot is not None:
+        driver.save_screenshot(str(screenshot))
+        assert os.path.getsize(screenshot) > 10_000
+
+
+def css_rgb(value: str) -> str:
+    """Chromium's computed ``rgba(r, g, b, 1)`` / ``rgb(r, g, b)`` as ``rgb(r, g, b)``."""
+    parts = value[value.index("(") + 1 : value.index(")")].split(",")[:3]
+    return "rgb(" + ", ".join(p.strip() for p in parts) + ")"
+
+
+GRID_TOKENS = """return [...document.querySelectorAll('#token-grid .tokens')].map(row => [...row.querySelectorAll('.tok')].map(
+  t => [t.firstChild.textContent, getComputedStyle(t).backgroundColor]))"""
+
+
+def test_unit_page_shows_the_tokens_coloured_with_numbers_on_hover(browser, fit_tiny, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    _, results = fit_tiny(steps=5, seeds=[0, 1, 2], writer_options={"baseline_top_k": 20, "baseline_text": str(text)})
+    folder = tmp_path / "run"
+    open_page(browser, folder / "report.html", tmp_path / "unit.png")
+    assert browser.find_element(By.ID, "answer").text.startswith(f"{results['uniqueness']['n_unique']} of 15 ")
+    runs = results["runs"]
+    scale = symmetric_scale([a for run in runs for a in run["position_activations"] + run["decoded_position_activations"]])
+    shown = browser.execute_script(GRID_TOKENS)
+    assert [[text for text, _ in row] for row in shown] == [[visible(t) for t in run["tokens"]] for run in runs]
+    for row, run in zip(shown, runs):
+        assert [css_rgb(colour) for _, colour in row] == [diverging(a, scale) for a in run["decoded_position_activations"]]
+    first = browser.find_element(By.CSS_SELECTOR, "#token-grid .tok")
+    tip = first.find_element(By.CSS_SELECTOR, ".tip")
+    assert not tip.is_displayed()
+    ActionChains(browser).move_to_element(first).perform()
+    assert tip.is_displayed()
+    assert f"{runs[0]['decoded_position_activations'][0]:.4g}" in tip.text
+    assert f"{runs[0]['cosine'][0]:.3g}" in tip.text and visible(runs[0]["nearest"][0][1]["token"]) in tip.text
+    browser.find_element(By.CSS_SELECTOR, "input[name=colour][value=optimized]").click()
+    colours = [css_rgb(colour) for _, colour in browser.execute_script(GRID_TOKENS)[0]]
+    assert colours == [diverging(a, scale) for a in runs[0]["position_activations"]]
+    promoted = browser.find_elements(By.CSS_SELECTOR, "#logit-promoted tbody td.mono")
+    assert [e.text for e in promoted] == [visible(t["token"]) for t in results["logit_effects"]["promoted"]]
+    contexts = browser.find_elements(By.CSS_SELECTOR, "#contexts .tok.max")
+    assert [e.text for e in contexts] == [visible(c["token"]) for c in results["data_baseline"]["top_contexts"]]
+    images = browser.execute_script("return [...document.images].map(i => i.naturalWidth)")
+    assert len(images) == 4 and all(width > 100 for width in images)
+
+
+def test_epo_frontier_points_show_their_text(browser, fit_tiny, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    _, results = fit_tiny(steps=4, method="epo", candidates=16, top_k=32, population=4, seeds=[0, 1])
+    open_page(browser, tmp_path / "run" / "report.html")
+    points = browser.find_elements(By.CSS_SELECTOR, "#pareto circle.pt")
+    assert len(points) == sum(len(seed["frontier"]) for seed in results["pareto"])
+    ActionChains(browser).move_to_element(points[0]).perform()
+    tooltip = browser.find_element(By.ID, "tooltip")
+    assert tooltip.is_displayed() and tooltip.text == points[0].get_attribute("data-tip")
+    texts = {visible(p["text"]) for seed in results["pareto"] for p in seed["frontier"]}
+    assert any(text in tooltip.text for text in texts) and "cross-entropy" in tooltip.text
+
+
+ATLAS_ROWS = "return [...document.querySelectorAll('#atlas tbody tr.unit')].map(r => [...r.cells].map(c => c.textContent))"
+
+
+def test_atlas_sorts_filters_pages_and_expands(browser, fit_tiny, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, results = fit_tiny(steps=3, target="blocks.2.hook_resid_pre:0-11", seeds=[0, 1])
+    open_page(browser, tmp_path / "run" / "report.html", tmp_path / "atlas.png")
+    atlas = results["atlas"]
+    rows = browser.execute_script(ATLAS_ROWS)
+    assert len(rows) == 12
+    by_unique = sorted(range(12), key=lambda i: (atlas[i]["n_unique"], i))
+    assert [r[1] for r in rows] == [atlas[i]["target"] for i in by_unique]  # default: most reproducible first
+    header = browser.find_element(By.CSS_SELECTOR, "#atlas th[data-key='3']")  # mean final activation
+    header.click()
+    values = [float(r[4]) for r in browser.execute_script(ATLAS_ROWS)]
+    assert values == sorted(values, reverse=True) and header.get_attribute("aria-sort") == "descending"
+    header.click()
+    values = [float(r[4]) for r in browser.execute_script(ATLAS_ROWS)]
+    assert values == sorted(values) and header.get_attribute("aria-sort") == "ascending"
+    search = browser.find_element(By.ID, "atlas-filter")
+    search.send_keys("pre:1")
+    assert sorted(r[1] for r in browser.execute_script(ATLAS_ROWS)) == sorted(
+        a["target"] for a in atlas if "pre:1" in a["target"])
+    assert "filtered from 12" in browser.find_element(By.ID, "atlas-count").text
+    search.clear()
+    search.send_keys("\b")  # an input event with the empty filter
+    browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit").click()
+    target = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td.target").text
+    unit = next(u for u in results["units"] if u["target"] == target)
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .tok")
+    assert [t.text for t in tokens] == [visible(t) for run in unit["runs"] for t in run["tokens"]]
+    activations = [a for run in unit["runs"] for a in run["decoded_position_activations"]]
+    scale = max(abs(float(f"{a:.3g}")) for a in activations)
+    assert [css_rgb(t.value_of_css_property("background-color")) for t in tokens] == [
+        diverging(float(f"{a:.3g}"), scale) for a in activations]
+
+
+def test_study_rows_link_to_their_runs_even_after_a_move(browser, tiny_gpt2_dir, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "study.yaml").write_text("targets: [blocks.2.hook_resid_pre:5, blocks.1.mlp.hook_post:7]\n")
+    main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir), "--seeds", "0-1",
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--results.null_samples", "200"])
+    moved = tmp_path / "moved"
+    shutil.move(work, moved)  # relative links: the page works wherever the tree goes
+    open_page(browser, moved / "studies/version_0/report.html", tmp_path / "study.png")
+    cells = browser.execute_script("return [...document.querySelectorAll('#study tbody tr')].map(r => r.cells[0].textContent)")
+    assert cells == ["blocks.2.hook_resid_pre:5", "blocks.1.mlp.hook_post:7"]
+    browser.find_elements(By.CSS_SELECTOR, "#study a")[1].click()
+    assert browser.current_url.startswith(f"file://{moved}/lightning_logs/")
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("blocks.1.mlp.hook_post:7")
+    assert page_problems(browser) == []
+
+
+def test_sensitivity_page(browser, tiny_gpt2_dir, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(f"targets: [{TINY_TARGET}]\nseeds: 0-1\nsizes: [0, 1.0e-5, 0.1]\nreplicas: 2\n"
+                                     "snapshots: [3, 6]\nnumerics: []\nalone: false\n")
+    main(["sensitivity", "--config", "s.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir),
+          "--trainer.enable_progress_bar", "false"])
+    document = json.loads((tmp_path / "sensitivity/version_0/sensitivity.json").read_text())
+    open_page(browser, tmp_path / "sensitivity/version_0/report.html", tmp_path / "sensitivity.png")
+    assert browser.find_element(By.ID, "answer-0").text == f"{TINY_TARGET}: {document['targets'][0]['verdict']['text']}"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "table.sizes tbody tr")) == 3
+    widths = browser.execute_script("return [...document.images].map(i => i.naturalWidth)")
+    assert len(widths) == 3 and all(w > 100 for w in widths)
+
+
+def no_injection(driver) -> None:
+    """No dialog opened, no injected element, only the page's own scripts."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert  # noqa: B018  (an alert() that ran would be open)
+    assert driver.find_elements(By.ID, "pwned") == []
+    assert driver.find_elements(By.CSS_SELECTOR, "img[src=x], textarea, b#pwned") == []
+    scripts = driver.execute_script("return [...document.scripts].map(s => s.type || 'js')")
+    assert scripts.count("js") == 1 and set(scripts) <= {"js", "application/json"}
+
+
+def test_hostile_tokens_render_as_text(browser, hostile_gpt2_dir, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--model.model_name_or_path", str(hostile_gpt2_dir), "--seeds", "0-2", "--trainer.max_steps", "2",
+              "--trainer.enable_progress_bar", "false", "--results.null_samples", "200"]
+    main(["fit", "--model.target", TINY_TARGET, *common])
+    main(["fit", "--model.target", "blocks.2.hook_resid_pre:0-3", *common])
+    unit = json.loads((tmp_path / "lightning_logs/version_0/results.json").read_text())
+    for run in unit["runs"]:  # every token is hostile text or a byte-fallback piece, then "#<id>"
+        assert all(t == f"{HOSTILE_TOKENS[i % len(HOSTILE_TOKENS)]}#{i}" or t.startswith("\ufffd")
+                   for t, i in zip(run["tokens"], run["token_ids"]))
+    open_page(browser, tmp_path / "lightning_logs/version_0/report.html", tmp_path / "hostile.png")
+    no_injection(browser)
+    shown = browser.execute_script(GRID_TOKENS)
+    assert [[text for text, _ in row] for row in shown] == [[visible(t) for t in run["tokens"]] for run in unit["runs"]]
+    promoted = browser.find_elements(By.CSS_SELECTOR, "#logit-promoted tbody td.mono")
+    assert [e.text for e in promoted] == [visible(t["token"]) for t in unit["logit_effects"]["promoted"]]
+    open_page(browser, tmp_path / "lightning_logs/version_1/report.html")
+    browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit").click()
+    no_injection(browser)
+    target = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td.target").text
+    sweep = json.loads((tmp_path / "lightning_logs/version_1/results.json").read_text())
+    runs = next(u for u in sweep["units"] if u["target"] == target)["runs"]
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .tok")] == [
+        visible(t) for run in runs for t in run["tokens"]]

@@ -1,0 +1,166 @@
+"""report.html as written by the commands (no browser here: tests/e2e/test_report_browser.py opens them): hostile
+token text stays text in HTML and markdown, the page allows only its own script, logit effects land in
+results.json; the command line's help; a study checks every fit first and keeps the table of finished fits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+from conftest import TINY_TARGET
+
+from amax_lightning.__main__ import main
+
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "main", "footer", "section", "h1", "h2",
+                "p", "div", "span", "b", "br", "a", "label", "input", "table", "thead", "tbody", "tr", "th", "td",
+                "figure", "figcaption", "img", "svg", "g", "line", "text", "polyline", "circle", "rect", "script", "button"}
+
+
+class Page(HTMLParser):
+    """Every start tag with its attributes, and each script's type and text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags, self.scripts, self._script = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "script":
+            self._script = [dict(attrs).get("type", "js"), ""]
+
+    def handle_data(self, data):
+        if self._script is not None:
+            self._script[1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "script" and self._script is not None:
+            self.scripts.append(tuple(self._script))
+            self._script = None
+
+
+def fit(tmp_path, monkeypatch, model_dir, target=TINY_TARGET, *extra) -> dict:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--model.model_name_or_path", str(model_dir), "--model.target", target, "--seeds", "0-2",
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--results.null_samples", "200", *extra])
+    versions = sorted((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return json.loads((versions[-1] / "results.json").read_text())
+
+
+def assert_safe_page(path) -> Page:
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    tags = {tag for tag, _ in page.tags}
+    assert tags <= ALLOWED_TAGS, tags - ALLOWED_TAGS
+    assert not [(tag, a) for tag, attrs in page.tags for a in attrs if a.startswith("on")]  # no event handlers
+    assert not [a for tag, a in page.tags if a.get("id") == "pwned" or a.get("src") == "x"]
+    executable = [body for kind, body in page.scripts if kind == "js"]
+    assert len(executable) == 1 and all(kind in ("js", "application/json") for kind, _ in page.scripts)
+    csp = next(a["content"] for tag, a in page.tags if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    digest = base64.b64encode(hashlib.sha256(executable[0].encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
+    assert not re.search(r"(src|href)=\"(https?:)?//", text)  # nothing fetched; links only to Neuronpedia pages
+    return page
+
+
+def test_hostile_tokens_stay_text_in_html_and_markdown(hostile_gpt2_dir, tmp_path, monkeypatch):
+    results = fit(tmp_path, monkeypatch, hostile_gpt2_dir)
+    tokens = [t for run in results["runs"] for t in run["tokens"]]
+    assert any(t.startswith(("<script>", "</script>", "</textarea>", "\"'><img")) for t in tokens + [
+        e["token"] for e in results["logit_effects"]["promoted"] + results["logit_effects"]["suppressed"]])
+    assert_safe_page(tmp_path / "lightning_logs/version_0/report.html")
+    report = (tmp_path / "lightning_logs/version_0/report.md").read_text(encoding="utf-8")
+    for line in report.splitlines():
+        assert "<" not in line.replace("&lt;", "") and ">" not in line.replace("&gt;", "")
+        if line.startswith("| ") and not line.startswith("| seed"):
+            assert len(re.findall(r"(?<!\\)\|", line)) == 6  # a token's | does not split its cell
+    sweep = fit(tmp_path, monkeypatch, hostile_gpt2_dir, "blocks.2.hook_resid_pre:0-2")
+    page = assert_safe_page(tmp_path / "lightning_logs/version_1/report.html")
+    data = json.loads(next(body for kind, body in page.scripts if kind == "application/json"))
+    assert len(data["rows"]) == 3
+    shown = [data["strings"][i] for i in data["tokens"][0]]
+    from amax_lightning.report_html import visible
+
+    assert shown == [visible(t) for run in sweep["units"][0]["runs"] for t in run["tokens"]]
+
+
+def test_logit_effects_in_results_follow_the_formula(tiny_gpt2_dir, tiny_backbone, tmp_path, monkeypatch):
+    results = fit(tmp_path, monkeypatch, tiny_gpt2_dir)
+    column = tiny_backbone.model.wte.weight[:, 5].detach()
+    effects = results["logit_effects"]
+    assert [t["token_id"] for t in effects["promoted"]] == column.topk(10).indices.tolist()
+    assert [t["token_id"] for t in effects["suppressed"]] == (-column).topk(10).indices.tolist()
+    assert effects["ln_f_scale"] is False and effects["direction"].startswith("e_5")
+    assert "logit_effects" not in fit(tmp_path, monkeypatch, tiny_gpt2_dir, "blocks.1.attn.hook_q:0.3")
+
+
+def test_help_names_our_commands(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: amax_lightning [-h] {fit,study,sensitivity} ...")
+    assert all(f"\n  {name} " in out for name in ("fit", "study", "sensitivity")) and "validate" not in out
+    for command in ("study", "sensitivity"):
+        main([command, "--help"])
+        assert capsys.readouterr().out.startswith(f"usage: amax_lightning {command} --config")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: amax_lightning [options] fit ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["validate"], "'validate' is not a command; use one of fit, study, sensitivity"),
+    (["predict", "--seed", "1"], "'predict' is not a command"),
+    ([], "a command is needed: one of fit, study, sensitivity"),
+])
+def test_other_commands_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith("amax_lightning: error: ") and message in err[-1]
+
+
+STUDY = "targets: [blocks.2.hook_resid_pre:5, blocks.3.mlp.hook_post:7]\nvariants: [{}, {model.priors: clamp}]\n"
+
+
+def test_study_checks_every_fit_before_the_first(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study.yaml").write_text(STUDY)  # the tiny model has blocks 0..2: the second target is bad
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert err[0] == ("amax_lightning: error: study fit blocks.3.mlp.hook_post:7 with none: target layer 3 is out of "
+                      "range; this model has blocks 0..2")
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "studies").exists()
+    (tmp_path / "study.yaml").write_text(STUDY.replace("clamp", "no_such_prior").replace("blocks.3", "blocks.1"))
+    with pytest.raises(SystemExit):
+        main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir)])
+    assert "with priors=no_such_prior" in capsys.readouterr().err and not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_stopped_study_writes_the_table_of_its_finished_fits(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    import amax_lightning.study as study
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study.yaml").write_text(STUDY.replace("blocks.3", "blocks.1"))
+    real_run, calls = study.run, []
+
+    def interrupted_third(args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(args)
+
+    monkeypatch.setattr(study, "run", interrupted_third)
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir), "--seeds", "0-1",
+              "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--results.null_samples", "0"])
+    assert exit_.value.code == 130
+    table = (tmp_path / "studies/version_0/study.md").read_text()
+    assert table.count("| blocks.") == 2 and "stopped early: these are the 2 rows of the fits it finished" in table
+    page = (tmp_path / "studies/version_0/report.html").read_text()
+    assert "stopped early" in page and page.count('href="../../lightning_logs/version_') == 2
