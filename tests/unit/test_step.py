@@ -36,7 +36,8 @@ def test_chunked_value_and_grad_is_the_true_loss_and_exact_gradient(tiny_module,
     reference = objective(parameter, slice(0, 6))
     (reference.loss.sum() * 2.0).backward()
     torch.testing.assert_close(returned.detach(), reference.loss.sum().detach() * 2.0)
-    torch.testing.assert_close(chunked_grad, parameter.grad, rtol=1e-6, atol=1e-7)
+    # the same sums over other matmul shapes round differently per CPU kind: 1.3e-7 at chunk 4 on an AVX-512 Xeon
+    torch.testing.assert_close(chunked_grad, parameter.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(activations, reference.activations.detach())
     assert embedding.shape == (6, 5, 64) and not loss.requires_grad
 
