@@ -148,6 +148,8 @@ def answer(results: UnitResults) -> str:
     if null is None:
         return text + " (no null model was computed: run with --results.null_samples > 0 for the chance level)."
     source = "random directions decoded" if null.n_samples else "uniform over the allowed tokens"
+    if null.p_value is None:
+        return f"{text}; chance ({source}) expects {null.expected_n_unique:.1f}."
     verdict = ("fewer than chance: the seeds agree more than random starts would"
                if null.p_value < 0.05 else "no fewer than chance: the seeds do not find a common optimum")
     return (f"{text}; chance ({source}) expects {null.expected_n_unique:.1f} (p = {null.p_value:.3g} for "
@@ -175,7 +177,7 @@ def token_rows(results: UnitResults) -> tuple[list[dict], float]:
     return rows, scale
 
 
-def pareto_chart(results: UnitResults, width: int = 640, height: int = 320) -> dict | None:
+def pareto_chart(results: UnitResults, width: int = 680, height: int = 340) -> dict | None:
     """EPO's frontiers as SVG scatter coordinates: x = cross-entropy, y = activation; each point keeps its text."""
     if not results.pareto:
         return None
@@ -240,8 +242,11 @@ def settings(results: UnitResults) -> list[tuple[str, str]]:
     rows += [(f"numerics: {key}", str(value)) for key, value in results.numerics.items()]
     if results.null_model:
         null = results.null_model
-        rows += [("null model", f"{null.n_samples} random directions, {null.n_simulations} simulated studies, "
-                                f"p-value standard error {null.p_value_se:.2g}")]
+        errors = ", ".join(f"{name} standard error {value:.2g}" for name, value in
+                           (("expected n_unique", null.expected_n_unique_se), ("p-value", null.p_value_se))
+                           if value is not None)
+        rows += [("null model", f"{null.n_samples} random directions, {null.n_simulations} simulated studies"
+                                + (f"; {errors}" if errors else ""))]
     return rows
 
 

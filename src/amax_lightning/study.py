@@ -110,7 +110,9 @@ def run_study(args: list[str]) -> str:
 class _CheckOnly(AmaxCLI):
     """Parses a fit's arguments and builds its module and results writer on a shared model; fits nothing."""
 
-    backbones: dict = {}
+    def __init__(self, backbones: dict, *args, **kwargs) -> None:
+        self.backbones = backbones  # (model_name_or_path, trust_remote_code) -> Backbone, shared by the checks
+        super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
         options = self.config.model.as_dict()
@@ -124,9 +126,8 @@ class _CheckOnly(AmaxCLI):
 def check_fit(fit_args: list[str], backbones: dict, what: str) -> None:
     """Check a fit's arguments (without ``fit``) as the fit would: parse them and build its module and results
     writer, loading each model once into ``backbones``. Raises a UserError naming the fit, ``what``."""
-    _CheckOnly.backbones = backbones
     try:
-        _CheckOnly(ActMaxModule, parser_class=OneLineErrorParser, run=False, seed_everything_default=False,
+        _CheckOnly(backbones, ActMaxModule, parser_class=OneLineErrorParser, run=False, seed_everything_default=False,
                    auto_configure_optimizers=False, args=fit_args)
     except UserError as exc:
         raise UserError(f"study fit {what}: {exc}") from exc
