@@ -104,9 +104,9 @@ def measure(units_list: list[int], repeats: int) -> list[dict]:
     folder = Path(tempfile.mkdtemp(prefix="amax-pages-"))
     unit = synthetic_unit("blocks.8.hook_resid_pre:91", vocab, rng)
     os.makedirs(folder / "run")
-    from amax_lightning.report import summary_markdown, write_report
-
     import torch
+
+    from amax_lightning.report import summary_markdown, write_report
 
     history = torch.cumsum(torch.rand(500, SEEDS), 0) / 100
     write_report(str(folder / "run"), unit, summary_markdown(unit), list(range(1, 501)), history, list(range(SEEDS)))
