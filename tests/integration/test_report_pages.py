@@ -11,7 +11,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from conftest import TINY_TARGET
+from conftest import TINY_TARGET, write_sae
 
 from amax_lightning.__main__ import main
 
@@ -63,7 +63,8 @@ def assert_safe_page(path) -> Page:
     csp = next(a["content"] for tag, a in page.tags if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy")
     digest = base64.b64encode(hashlib.sha256(executable[0].encode()).digest()).decode()
     assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
-    assert not re.search(r"(src|href)=\"(https?:)?//", text)  # nothing fetched; links only to Neuronpedia pages
+    assert not re.search(r"src=\"(https?:)?//", text)  # nothing fetched
+    assert not re.search(r"href=\"(https?:)?//(?!www\.neuronpedia\.org/)", text)  # links: Neuronpedia's only
     return page
 
 
@@ -164,3 +165,15 @@ def test_a_stopped_study_writes_the_table_of_its_finished_fits(tiny_gpt2_dir, tm
     assert table.count("| blocks.") == 2 and "stopped early: these are the 2 rows of the fits it finished" in table
     page = (tmp_path / "studies/version_0/report.html").read_text()
     assert "stopped early" in page and page.count('href="../../lightning_logs/version_') == 2
+
+
+def test_sae_pages_link_to_neuronpedia(tiny_gpt2_dir, tmp_path, monkeypatch):
+    folder = write_sae(tmp_path / "sae", hook="blocks.2.hook_resid_pre")  # its cfg names neuronpedia id tiny/1-res
+    results = fit(tmp_path, monkeypatch, tiny_gpt2_dir, f"sae:{folder}:3")
+    assert results["logit_effects"]["direction"].startswith("W_dec[3]")
+    page = assert_safe_page(tmp_path / "lightning_logs/version_0/report.html")
+    assert ("a", {"href": "https://www.neuronpedia.org/tiny/1-res/3", "rel": "noopener noreferrer"}) in page.tags
+    fit(tmp_path, monkeypatch, tiny_gpt2_dir, f"sae:{folder}:3,5")
+    page = assert_safe_page(tmp_path / "lightning_logs/version_1/report.html")
+    data = json.loads(next(body for kind, body in page.scripts if kind == "application/json"))
+    assert data["links"] == ["https://www.neuronpedia.org/tiny/1-res/3", "https://www.neuronpedia.org/tiny/1-res/5"]
