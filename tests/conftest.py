@@ -163,3 +163,23 @@ def write_sae(folder: Path, generation: str = "6.x", hook: str = "blocks.1.hook_
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "sae_weights.safetensors"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-host SLURM (``tests/e2e/slurm_cluster.py``), shared by the session's cluster tests and stopped
+    at its end. Where it cannot run, the tests skip with the reason, or fail when ``AMAX_REQUIRE_SLURM=1`` (CI)."""
+    sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+    from slurm_cluster import SlurmCluster, why_not_available
+
+    reason = why_not_available()
+    if reason is not None:
+        if os.environ.get("AMAX_REQUIRE_SLURM") == "1":
+            pytest.fail(f"AMAX_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -25,6 +25,7 @@ from amax_lightning.analysis import (
 )
 from amax_lightning.baseline import read_text_file
 from amax_lightning.checks import check_int
+from amax_lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
 from amax_lightning.decode import requested_path
 from amax_lightning.errors import UserError
 from amax_lightning.runs import write_text_atomic
@@ -41,17 +42,21 @@ def find_callback(trainer: Trainer, kind: type) -> Optional[Callback]:
 
 
 class DeferInterrupts(Callback):
-    """Ctrl-C during the steps takes effect at the end of the current step, so the checkpoint saved then is a
-    consistent state (parameter, Adam state and step count of one finished step). After the last step, Ctrl-C
-    and SIGTERM interrupt at once (``interrupt_now``): nothing reads Lightning's SIGTERM flag any more."""
+    """Ctrl-C, SIGTERM and SIGUSR1 during the steps take effect at the end of the current step, on every process
+    at the same step, so the checkpoint saved then is a consistent state (parameter, Adam state and step count of
+    one finished step). SIGUSR1 (SLURM's warning before a time limit) then requeues the job (``cluster.Requeue``).
+    After the last step they interrupt at once (``interrupt_now``): nothing reads Lightning's SIGTERM flag any more.
+    A collective that failed because another process was lost is reported in one line (``cluster``)."""
 
     def __init__(self) -> None:
         self.pending = False
+        self.sigterm = False
+        self.sigusr1 = False
         self._ignored = False  # SIGINT was ignored when the fit started (a background job): leave it so
         self._previous: dict[int, object] = {}
 
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
-        self.pending = False
+        self.pending = self.sigterm = self.sigusr1 = False
         main = threading.current_thread() is threading.main_thread()
         self._ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # e.g. a job started with `&`
         if main and not self._ignored:
@@ -61,32 +66,57 @@ class DeferInterrupts(Callback):
         self.pending = True
         signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))  # a second Ctrl-C: at once
 
+    def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
+        """SIGTERM and SIGUSR1 only set flags, read at the end of the step. Installed here, after Lightning's own
+        handlers (its SIGTERM handler runs a collective inside the handler; its SLURM SIGUSR1 handler saves
+        ``hpc_ckpt_*.ckpt`` in the middle of a step); Lightning restores the earlier handlers at teardown."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._note_sigterm)
+        signal.signal(signal.SIGUSR1, self._note_sigusr1)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+
+    def _note_sigusr1(self, signum, frame) -> None:
+        self.sigusr1 = True
+
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
         # parameters, Adam state and global_step all belong to the same finished step here; after the last step
         # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
-        stop = self._anywhere(trainer, self.pending)
-        self.pending = self.pending or stop  # never cleared: a Ctrl-C arriving meanwhile counts at the next step
-        if stop and trainer.global_step < trainer.max_steps:
-            raise KeyboardInterrupt
+        ctrl_c, sigterm, sigusr1 = self._anywhere(trainer, self.pending, self.sigterm, self.sigusr1)
+        self.pending, self.sigterm, self.sigusr1 = ctrl_c, sigterm, sigusr1  # never cleared: counted at the next step
+        if trainer.global_step < trainer.max_steps:
+            self._raise_for(trainer, ctrl_c, sigterm, sigusr1)
 
     @staticmethod
-    def _anywhere(trainer: Trainer, seen: bool) -> bool:
-        """Whether any process has ``seen`` a signal: a collective under DDP, so that every process stops at the
+    def _raise_for(trainer: Trainer, ctrl_c: bool, sigterm: bool, sigusr1: bool) -> None:
+        if ctrl_c:
+            raise KeyboardInterrupt
+        if sigusr1:
+            raise Requeue
+        if sigterm:
+            raise SIGTERMException
+
+    @staticmethod
+    def _anywhere(trainer: Trainer, *seen: bool) -> list[bool]:
+        """Whether any process has seen each signal: one collective under DDP, so that every process stops at the
         same point and none is left waiting in the next collective."""
-        return trainer.strategy.reduce_boolean_decision(seen, all=False) if trainer.world_size > 1 else seen
+        if trainer.world_size == 1:
+            return [bool(s) for s in seen]
+        import torch
+
+        flags = torch.tensor([float(bool(s)) for s in seen], device=trainer.strategy.root_device)
+        return [bool(v > 0) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
 
     @contextlib.contextmanager
     def interrupt_now(self, trainer: Trainer, earlier: bool = True):
         """Inside the block, Ctrl-C raises KeyboardInterrupt and SIGTERM raises SIGTERMException at once; with
         ``earlier``, one that came before (during the last step) raises on entry. The previous handlers come
         back after it."""
-        if earlier:  # both decisions on every process (collectives under DDP), then raise
-            ctrl_c = self._anywhere(trainer, self.pending)
-            sigterm = self._anywhere(trainer, bool(trainer.received_sigterm))
-            if ctrl_c:
-                raise KeyboardInterrupt
-            if sigterm:
-                raise SIGTERMException
+        if earlier:  # the decisions on every process (one collective under DDP), then raise
+            self._raise_for(trainer, *self._anywhere(trainer, self.pending, self.sigterm or trainer.received_sigterm,
+                                                     self.sigusr1))
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -94,7 +124,11 @@ class DeferInterrupts(Callback):
         def terminate(signum, frame):
             raise SIGTERMException
 
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
+        def requeue(signum, frame):
+            raise Requeue
+
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                    signal.SIGUSR1: signal.signal(signal.SIGUSR1, requeue)}
         if not self._ignored:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -107,6 +141,18 @@ class DeferInterrupts(Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
+        """A collective that failed because another process exited or stopped answering: one line on stderr
+        (which process, how, at which step, the checkpoint on disk); ``cli.run_trainer`` then exits with code 1."""
+        if trainer.world_size == 1 or not is_lost_peer(exception):
+            return
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        timeout = getattr(trainer.strategy, "_timeout", None)
+        print(lost_peer_message(exception, trainer.global_rank, trainer.world_size, trainer.global_step, saved,
+                                int(timeout.total_seconds()) if timeout is not None else None),
+              file=sys.stderr, flush=True)
+        exception.amax_reported = True
 
 
 class ResultsWriter(Callback):
@@ -173,22 +219,31 @@ class ResultsWriter(Callback):
         self._finish(trainer, module, steps=trainer.global_step, partial=False)
 
     def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
-        """On Ctrl-C or SIGTERM: save ``last.ckpt``; during the steps also write results marked partial.
+        """On Ctrl-C or SIGTERM: save ``last.ckpt``; during the steps also write results marked partial. On SIGUSR1
+        (``Requeue``): save ``last.ckpt`` and requeue the SLURM job at once. After a lost process: nothing.
 
         Interrupted during the end-of-fit analysis, no results are written; resuming finishes the analysis. An
         error in the analysis also keeps ``last.ckpt`` (the steps were good). Other errors write nothing.
         """
+        if is_lost_peer(exception):  # a collective would wait for the lost process: last.ckpt stays as it was
+            return
         interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
         if self._analyzing and trainer.global_step == 0 and trainer.is_global_zero:  # the analysis of a resumed,
             # finished run (in on_fit_start, before Lightning restores the step count): its checkpoint stays as it is
             print("amax_lightning: stopped during the end-of-fit analysis of a resumed run: no results written; "
                   "its checkpoint is unchanged, resume again with --ckpt_path last", file=sys.stderr, flush=True)
         if not (interrupted or self._analyzing) or trainer.global_step == 0:
+            if isinstance(exception, Requeue) and trainer.is_global_zero:
+                requeue(trainer.global_step, None)
             return
         checkpoint = None
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
             checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
             trainer.save_checkpoint(checkpoint, weights_only=False)
+        if isinstance(exception, Requeue):  # at once, before SLURM's time is up: no partial results, the job goes on
+            if trainer.is_global_zero:
+                requeue(trainer.global_step, checkpoint)
+            return
         resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
         if self._analyzing:
             if trainer.is_global_zero:
@@ -210,8 +265,10 @@ class ResultsWriter(Callback):
         guard = interrupts.interrupt_now(trainer, earlier=not partial) if interrupts else contextlib.nullcontext()
         self._analyzing = not partial
         with guard:
+            # a collective under DDP: every rank asks before rank 0 analyzes alone, so no process waits inside a
+            # collective (and its timeout) for the analysis
+            log_dir = trainer.log_dir or trainer.default_root_dir
             results = self._analyze(trainer, module, steps, partial)
-            log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
             if results is not None:
                 self._write(trainer, module, log_dir, results, steps)
         self._analyzing = False

@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
 import warnings
 from typing import Optional, Union
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from amax_lightning import cluster
 from amax_lightning.callbacks import DeferInterrupts, ResultsWriter, find_callback
 from amax_lightning.checks import check_int
 from amax_lightning.errors import UserError, first_line
@@ -64,6 +67,11 @@ class OneLineErrorParser(LightningArgumentParser):
 class AmaxCLI(LightningCLI):
     """LightningCLI for ActMaxModule: adds ``--seed``/``--seeds``, the study's trainer defaults, input checks."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: Lightning's validate, test and predict have nothing to do here."""
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--seed", type=Optional[int], default=None, help="Run one seed, e.g. --seed 3.")
         parser.add_argument(
@@ -80,6 +88,13 @@ class AmaxCLI(LightningCLI):
             help="CPU threads for torch's math (torch.set_num_threads); default: torch's choice. On cores shared "
             "with other jobs, 1 can be several times faster.",
         )
+        parser.add_argument(
+            "--collective_timeout",
+            type=int,
+            default=cluster.DEFAULT_COLLECTIVE_TIMEOUT,
+            help="Seconds a process waits in a collective (DDP) for the others before it stops with one line naming "
+            "the lost process; default 600.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.set_defaults(STUDY_DEFAULTS)
@@ -95,11 +110,14 @@ class AmaxCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config)
         threads = DEFAULT_THREADS if config.threads is None else check_int("threads", config.threads, low=1, high=4096)
         torch.set_num_threads(threads)  # also resets what an earlier fit in this process (a study) set
+        if config.threads is not None:  # else Lightning's DDP launch sets cores / processes, overriding --threads
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         check_int("trainer.max_steps", config.trainer.max_steps, low=1, high=MAX_STEPS)
         if config.trainer.log_every_n_steps is not None:  # None: Lightning's default
             check_int("trainer.log_every_n_steps", config.trainer.log_every_n_steps, low=1, high=MAX_STEPS)
         if config.get("checkpoint") is not None and config.checkpoint.every_n_train_steps is not None:
             check_int("checkpoint.every_n_train_steps", config.checkpoint.every_n_train_steps, low=0, high=MAX_STEPS)
+        check_int("collective_timeout", config.collective_timeout, low=1, high=cluster.MAX_COLLECTIVE_TIMEOUT)
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer, with amax_lightning's default logger (exclusive run folders), a progress bar counting
@@ -114,9 +132,26 @@ class AmaxCLI(LightningCLI):
         if reporter is not ResultsWriter and not any(isinstance(c, reporter) for c in callbacks):
             callbacks.append(reporter())  # the SensitivityRecorder records every step, before an interrupt acts
         if config.get("enable_progress_bar") in (None, True):
-            callbacks.append(StepProgressBar())
+            callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         kwargs["callbacks"] = [*callbacks, DeferInterrupts()]
+        kwargs.update(self._launched_trainer(config))
         return super().instantiate_trainer(**kwargs)
+
+    def _launched_trainer(self, config: dict) -> dict:
+        """The Trainer's processes as srun / torchrun started them (one-line errors where the flags disagree), and
+        under DDP collectives that give up after ``--collective_timeout`` seconds."""
+        launch = cluster.detect_launch()
+        settings = cluster.matching_trainer(launch, config.get("devices", "auto"), config.get("num_nodes", 1))
+        devices = cluster.count_devices(settings.get("devices", config.get("devices", "auto"))) or 1
+        processes = launch.world_size if launch else devices
+        strategy = config.get("strategy", "auto")
+        environment = cluster.cluster_environment(launch)
+        timeout = self.config.get(self.subcommand, self.config).collective_timeout
+        if strategy == "ddp" or (strategy == "auto" and processes > 1):
+            settings["strategy"] = cluster.ddp_strategy(timeout, environment)
+        elif environment is not None and isinstance(strategy, str):
+            settings["plugins"] = [*(config.get("plugins") or []), environment]
+        return settings
 
     def before_fit(self) -> None:
         self.model.check_trainer(self.trainer)
@@ -130,6 +165,9 @@ class AmaxCLI(LightningCLI):
         fit_args = self.config_init[self.subcommand]
         if fit_args.weights_only is None:
             fit_args.weights_only = True  # checkpoints are loaded with torch.load(weights_only=True)
+        if fit_args.ckpt_path is None and cluster.requeued() and isinstance(self.trainer.logger, RunLogger) \
+                and find_last_checkpoint(self.trainer.logger.root_dir) is not None:
+            fit_args.ckpt_path = "last"  # a requeued SLURM job continues where it was stopped
         resume_last = fit_args.ckpt_path == "last"
         if resume_last:
             fit_args.ckpt_path = self._resume_in_place()
@@ -207,7 +245,10 @@ def run(args: list[str] | None = None) -> ResultsWriter | None:
 
 
 def run_trainer(args: list[str] | None = None):
-    """Run ``fit ...`` in this process and return its Trainer (None when the command did not build one)."""
+    """Run ``fit ...`` in this process and return its Trainer (None when the command did not build one).
+
+    A lost process ends the run with the one line ``DeferInterrupts`` printed, and ``SystemExit(1)``.
+    """
     quiet_console()
     sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -217,12 +258,51 @@ def run_trainer(args: list[str] | None = None):
             seed_everything_default=False,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+            parser_kwargs={"prog": "amax_lightning"},
             args=args,
         )
+    except Exception as exc:
+        if getattr(exc, "amax_reported", False):
+            raise SystemExit(1) from None
+        raise
     finally:  # Lightning restores the handlers it saw at fit start, ours included, when a fit fails
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
     return getattr(cli, "trainer", None)
+
+
+class PlainProgress(ProgressBar):
+    """The progress of a run whose output is not a terminal (a batch job's log file): one plain line on stderr
+    every ``every_s`` seconds, every tenth of the steps, and at the last step, instead of the redrawn bar."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._started = self._shown = 0.0
+        self._first_step = 0
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, module) -> None:
+        self._started = self._shown = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        step, total, now = trainer.global_step, trainer.max_steps, time.monotonic()
+        tenth = max(1, total // 10)
+        if not self._enabled or not (step % tenth == 0 or step == total or now - self._shown >= self.every_s):
+            return
+        self._shown = now
+        rate = (step - self._first_step) / max(now - self._started, 1e-9)
+        loss = trainer.callback_metrics.get("loss")
+        loss_text = f" loss={float(loss):.4g}" if loss is not None else ""
+        print(f"steps: {100 * step // total}% {step}/{total} [{now - self._started:.0f} s, {rate:.3g} steps/s]"
+              f"{loss_text}", file=sys.stderr, flush=True)
 
 
 NOT_ABOUT_THE_RUN = ("GPU available", "TPU available", "HPU available", "💡 Tip", "`Trainer.fit` stopped")
@@ -239,6 +319,10 @@ def quiet_console() -> None:
         chatter = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningChatter) for f in chatter.filters):
             chatter.addFilter(_DropLightningChatter())
+    # token search steps inside an optimizer closure (manual optimization); its checkpoints hold the state after
+    # the step on purpose (README, "Checkpoints"), so Lightning's warning and code sample about that stay out
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")  # README "Clusters"
     for message in (".*does not have many workers.*", ".*module\\(s\\) in eval mode.*",  # the frozen backbone
                     ".*treespec.*", ".*LeafSpec.*", ".*args parameter is intended to run from within Python.*"):
         warnings.filterwarnings("ignore", message=message)

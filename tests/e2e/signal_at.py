@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal as signal_lib
+import time
 
 from lightning.pytorch import Callback
 
@@ -45,3 +46,23 @@ class PoisonAt(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             module.parameter.data[module.layout.shard.start] = float("nan")
+
+
+class WaitAt(Callback):
+    """At the start of step ``step``, in rank 0 only, create the file ``marker`` and wait (at most ``limit`` seconds)
+    until this process has received a signal that the run defers (``DeferInterrupts``): a test sends a real signal
+    from outside (``scancel --signal``, ``scontrol requeue``) at a known step."""
+
+    def __init__(self, marker: str = "at_step", step: int = 6, limit: float = 60.0) -> None:
+        self.marker, self.step, self.limit = marker, step, limit
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or trainer.global_rank != 0:
+            return
+        from amax_lightning.callbacks import DeferInterrupts, find_callback
+
+        interrupts = find_callback(trainer, DeferInterrupts)
+        open(self.marker, "w").close()
+        deadline = time.monotonic() + self.limit
+        while time.monotonic() < deadline and not (interrupts.pending or interrupts.sigterm or interrupts.sigusr1):
+            time.sleep(0.05)
