@@ -165,6 +165,42 @@ def write_sae(folder: Path, generation: str = "6.x", hook: str = "blocks.1.hook_
     return folder
 
 
+HOSTILE_TOKENS = (
+    "<script>alert(1)</script>", "</script><script>alert(2)</script>", "\"'><img src=x onerror=alert(3)>",
+    "</textarea></style><b id=pwned>x</b>", "a|b|c", "line\nbreak", "\u0000nul", "\u202eevil\u200f", "😀 emoji",
+    "*bold* _it_ [link](javascript:alert(4))", "{{ 7*7 }}{% raw %}", "&amp; &lt;", "`code`", "\\", "",
+)
+
+
+def hostile_vocabulary(size: int = 50257) -> dict[str, int]:
+    """A GPT-2 byte-level vocabulary whose tokens decode to ``HOSTILE_TOKENS`` (each with its id appended), and
+    every 16th to a lone UTF-8 lead byte (a byte-fallback piece, decoded as U+FFFD); the last is <|endoftext|>."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # GPT-2 shows these bytes as chr(256 + n), in order
+    as_unicode = {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+    vocab = {}
+    for i in range(size - 1):
+        raw = bytes([0xE2, 0x30 + i % 10]) if i % 16 == 15 else HOSTILE_TOKENS[i % len(HOSTILE_TOKENS)].encode()
+        key = "".join(as_unicode[b] for b in raw + f"#{i}".encode())
+        vocab[key] = i
+    vocab["<|endoftext|>"] = size - 1
+    return vocab
+
+
+@pytest.fixture(scope="session")
+def hostile_gpt2_dir(tmp_path_factory) -> Path:
+    """The tiny GPT-2 with a tokenizer whose every token is hostile text (markup, quotes, control and bidi
+    characters, emoji, byte-fallback pieces): reports must show them as text."""
+    torch.manual_seed(1234)
+    source = tmp_path_factory.mktemp("hostile_tokenizer")
+    (source / "vocab.json").write_text(json.dumps(hostile_vocabulary()), encoding="utf-8")
+    (source / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    folder = tmp_path_factory.mktemp("hostile_gpt2")
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(folder)
+    GPT2Tokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A real single-host SLURM (``tests/e2e/slurm_cluster.py``), shared by the session's cluster tests and stopped

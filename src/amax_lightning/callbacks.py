@@ -20,6 +20,7 @@ from amax_lightning.analysis import (
     analyze_unit,
     atlas_of,
     with_data_baseline,
+    with_logit_effects,
     with_null_model,
     with_pareto,
 )
@@ -29,6 +30,7 @@ from amax_lightning.cluster import Requeue, is_lost_peer, lost_peer_message, req
 from amax_lightning.decode import requested_path
 from amax_lightning.errors import UserError
 from amax_lightning.runs import write_text_atomic
+from amax_lightning.targets import hook_width
 
 MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
 MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
@@ -281,6 +283,8 @@ class ResultsWriter(Callback):
         protocol, layout, backbone = module.protocol(), module.layout, module.backbone
         units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone,
                               module.unit_records[u]) for u, target in enumerate(module.targets)]
+        width = hook_width(module.targets[0].hook, backbone.shape)
+        units = with_logit_effects(units, backbone, module.targets, module.objective.readout.written_directions(width))
         search = module.search
         units = with_null_model(units, backbone.vocab_embeddings, module.init_scale, self.null_samples,
                                 self.null_simulations, allowed=search.allowed if search is not None else None)
@@ -294,15 +298,17 @@ class ResultsWriter(Callback):
                                   self.baseline_contexts, reader=module.objective.unit_reader(0))
 
     def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
-        from amax_lightning import report  # plotting is imported only when a report is written
+        from amax_lightning import report, report_html  # imported only when a report is written
 
         os.makedirs(log_dir, exist_ok=True)
         if isinstance(results, AtlasResults):
             summary, images = report.write_atlas(log_dir, results)
+            report_html.write_atlas_page(log_dir, results)
         else:
             history_steps, history = module.activation_history()
             summary = report.summary_markdown(results)
             images = report.write_report(log_dir, results, summary, history_steps, history, module.seeds)
+            report_html.write_unit_page(log_dir, results)
         path = os.path.join(log_dir, "results.json")
         write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
         self.results_path, self.results = path, results
