@@ -34,34 +34,41 @@ def job_log(cwd: Path, job: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def batch_jobs(slurm, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """Per method, the results.json and log of the uninterrupted batch job (2 tasks), run on first use."""
+def uninterrupted(slurm, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Per method, results.json and the log of an uninterrupted 2-process run, made on first use: continuous by the
+    batch script of the README, GCG by ``srun -n 2`` (which Lightning alone refuses)."""
 
-    class Jobs(dict):
+    class Runs(dict):
         def __missing__(self, method: str) -> tuple[Path, str]:
-            cwd = tmp_path_factory.mktemp(f"job_{method}")
-            job = sbatch(slurm, cwd, *fit_args(tiny_gpt2_dir, method))
-            fields = slurm.wait_done(job)
-            assert fields["JobState"] == "COMPLETED", job_log(cwd, job)[-3000:]
-            self[method] = results_in(cwd), job_log(cwd, job)
+            cwd = tmp_path_factory.mktemp(f"uninterrupted_{method}")
+            if method == "continuous":
+                job = sbatch(slurm, cwd, *fit_args(tiny_gpt2_dir, method))
+                fields = slurm.wait_done(job)
+                log = job_log(cwd, job)
+                assert fields["JobState"] == "COMPLETED", log[-3000:]
+            else:
+                proc = slurm.run("srun", "-n", "2", sys.executable, "-m", "amax_lightning", "fit",
+                                 *fit_args(tiny_gpt2_dir, method), cwd=cwd, env=job_env(), check=False, timeout=120)
+                log = proc.stderr + proc.stdout  # as in a job log: the results path is the last line
+                assert proc.returncode == 0, log[-3000:]
+            self[method] = results_in(cwd), log
             return self[method]
 
-    return Jobs()
+    return Runs()
 
 
 @pytest.mark.parametrize("method", ["continuous", "gcg"])
-def test_batch_script_equals_one_process(batch_jobs, tiny_gpt2_dir, tmp_path, method):
-    path, log = batch_jobs[method]
-    assert_same_as_one_process(json.loads(path.read_text()), one_process(tiny_gpt2_dir, method, tmp_path),
-                               method)
+def test_batch_script_and_srun_n_2_equal_one_process(uninterrupted, tiny_gpt2_dir, tmp_path, method):
+    path, log = uninterrupted[method]
+    assert_same_as_one_process(json.loads(path.read_text()), one_process(tiny_gpt2_dir, method, tmp_path), method)
     assert "Traceback" not in log and "\r" not in log and "manual optimization" not in log  # a log a job can keep
     assert "steps: 100% 12/12" in log and log.strip().splitlines()[-1] == str(path)
     assert "SLURM auto-requeueing" not in log and not list(path.parent.parent.parent.rglob("hpc_ckpt_*.ckpt"))
 
 
 def test_srun_n_2_with_wrong_devices_is_one_line(slurm, tiny_gpt2_dir, tmp_path):
-    """``srun -n 2`` is accepted (the fits above run under the same srun); a --trainer.devices that disagrees with it
-    stops every task with one line naming the flag to use, exit 2."""
+    """``srun -n 2`` runs (above); a --trainer.devices that disagrees with it stops every task with one line naming the
+    flag to use, exit 2."""
     proc = slurm.run("srun", "-n", "2", sys.executable, "-m", "amax_lightning", "fit",
                      *fit_args(tiny_gpt2_dir, "gcg", "--trainer.devices", "3"), check=False, cwd=tmp_path,
                      env=job_env())
@@ -89,7 +96,7 @@ def signal_and_resume(slurm, cwd: Path, model: Path, method: str, send) -> str:
 
 
 @pytest.mark.parametrize("method, how", [("continuous", "SIGUSR1"), ("gcg", "SIGTERM")])
-def test_preempted_job_is_requeued_and_resumes_byte_identical(slurm, batch_jobs, tiny_gpt2_dir, tmp_path, method,
+def test_preempted_job_is_requeued_and_resumes_byte_identical(slurm, uninterrupted, tiny_gpt2_dir, tmp_path, method,
                                                                how):
     cwd = tmp_path / "job"
     if how == "SIGUSR1":  # SLURM's warning before the time limit (sbatch --signal=USR1@120 in the script)
@@ -99,7 +106,7 @@ def test_preempted_job_is_requeued_and_resumes_byte_identical(slurm, batch_jobs,
     else:  # a requeue by SLURM (preemption, scontrol requeue): SIGTERM to every task, then SIGKILL
         log = signal_and_resume(slurm, cwd, tiny_gpt2_dir, method, lambda job: slurm.run("scontrol", "requeue", job))
         assert "interrupted at step 7: partial results" in log, log[-3000:]
-    assert results_in(cwd).read_bytes() == batch_jobs[method][0].read_bytes()  # the same version_0, resumed in place
+    assert results_in(cwd).read_bytes() == uninterrupted[method][0].read_bytes()  # the same version_0, resumed in place
     assert not list(cwd.rglob("hpc_ckpt_*.ckpt"))
     assert "Traceback" not in log, log[-3000:]
     assert os.path.getsize(cwd / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt") > 0
