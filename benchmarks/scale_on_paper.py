@@ -1,0 +1,87 @@
+"""The atlas of every latent of an SAE on paper: FLOPs, H200 time from measured rates, nodes for one hour, sizes.
+
+Pure arithmetic from the measured numbers in BENCHMARKS.md (no model runs): ``python benchmarks/scale_on_paper.py``.
+GPT-2 small read at block 8 (8 of 12 blocks run), 5 tokens per row; rows = latents x seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+D, MLP, BLOCKS, TOKENS, VOCAB = 768, 3072, 8, 5, 50257
+ATLAS_FP32_MS, ATLAS_BF16_COMPILED_MS, ATLAS_ROWS = 254.7, 56.2, 7680  # H200, BENCHMARKS.md "GPU: one NVIDIA H200"
+ATLAS_FP32_TFLOPS, ATLAS_BF16_TFLOPS = 34.2, 154.9  # the same rows: the rates those steps reached
+SAVED_MIB_PER_ROW = 1.19  # fp32 tensors autograd saves per row (README "Memory: chunked steps")
+RESULTS_BYTES_PER_UNIT = 62_753  # results.json of a 10-seed sweep, per unit (measured: 8 units, 502,021 bytes)
+GPUS_PER_NODE, H200_GIB = 8, 141
+MAX_ROWS, MAX_PARAMETER_ELEMENTS = 1_000_000, 2**31  # checks.py
+
+
+def forward_flops_per_row() -> float:
+    """Matmul FLOPs of one row's truncated forward: per token and block, attention's 4 d^2 and the MLP's 2 d x 4d."""
+    return 2 * (4 * D * D + 2 * D * MLP) * BLOCKS * TOKENS
+
+
+def continuous_flops_per_row_step() -> float:
+    """Forward and the backward to the input (the weights are frozen: one more forward's worth)."""
+    return 2 * forward_flops_per_row()
+
+
+def gcg_flops_per_row_step(candidates: int = 128) -> float:
+    """One gradient (forward + backward), the one-hot gradient (grad @ W_E.T) and the candidates' scoring forward,
+    each child from its swap position on ((T + 1) / 2T of the positions)."""
+    one_hot = 2 * TOKENS * D * VOCAB
+    return continuous_flops_per_row_step() + one_hot + candidates * forward_flops_per_row() * (TOKENS + 1) / (2 * TOKENS)
+
+
+def table(latents: int, seeds: int, steps: int) -> None:
+    rows = latents * seeds
+    row_steps = rows * steps
+    fp32_s_per_row_step = ATLAS_FP32_MS / 1e3 / ATLAS_ROWS
+    bf16_s_per_row_step = ATLAS_BF16_COMPILED_MS / 1e3 / ATLAS_ROWS
+    print(f"{latents:,} latents x {seeds} seeds = {rows:,} rows, {steps} steps = {row_steps:.4g} row-steps")
+    print(f"per row-step: continuous {continuous_flops_per_row_step() / 1e9:.3f} GFLOP "
+          f"(measured on the H200 atlas: {ATLAS_FP32_TFLOPS * ATLAS_FP32_MS / ATLAS_ROWS:.3f}), "
+          f"gcg {gcg_flops_per_row_step() / 1e9:.1f} GFLOP")
+    print("| method | FLOPs | one H200, fp32 | one H200, bf16 compiled | 8-GPU nodes for 1 h (fp32 / bf16) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, flops in (("continuous", continuous_flops_per_row_step()), ("gcg", gcg_flops_per_row_step())):
+        total = flops * row_steps
+        if name == "continuous":  # measured seconds per row-step of the atlas
+            fp32, bf16 = row_steps * fp32_s_per_row_step, row_steps * bf16_s_per_row_step
+        else:  # no GPU rate measured for token search: the atlas's TFLOP/s applied to its FLOPs
+            fp32, bf16 = total / (ATLAS_FP32_TFLOPS * 1e12), total / (ATLAS_BF16_TFLOPS * 1e12)
+        nodes = [max(1, -(-t / 3600 // GPUS_PER_NODE)) for t in (fp32, bf16)]
+        gpus = [-(-t // 3600) for t in (fp32, bf16)]
+        print(f"| {name} | {total:.3g} | {fp32 / 3600:.2f} h | {bf16 / 3600:.2f} h | "
+              f"{nodes[0]:.0f} / {nodes[1]:.0f} ({gpus[0]:.0f} / {gpus[1]:.0f} GPUs) |")
+    state = rows * TOKENS * D * 4
+    print(f"parameter {state / 2**30:.2f} GiB, with Adam's moments {3 * state / 2**30:.2f} GiB, on every process "
+          f"(each holds every row); checkpoint {3 * state / 2**30:.2f} GiB + history {steps * rows * 4 / 2**30:.2f} GiB")
+    print(f"saved tensors for one chunk of all rows: {rows * SAVED_MIB_PER_ROW / 1024:.0f} GiB "
+          f"(chunked to fit half the free memory); results.json ~{rows / seeds * RESULTS_BYTES_PER_UNIT / 2**30:.2f} GiB")
+    print(f"rank-0 gather at the end: final embeddings {state / 2**30:.2f} GiB; every step: "
+          f"{rows * 16 / 2**20:.1f} MiB of per-row stats to every process")
+    limits = []
+    if rows > MAX_ROWS:
+        limits.append(f"rows {rows:,} > {MAX_ROWS:,}")
+    if rows * TOKENS * D > MAX_PARAMETER_ELEMENTS:
+        limits.append(f"learned numbers {rows * TOKENS * D:.3g} > 2^31")
+    if 3 * state / 2**30 > H200_GIB:
+        limits.append(f"parameter + Adam {3 * state / 2**30:.0f} GiB > one H200's {H200_GIB} GiB")
+    print("breaks: " + ("; ".join(limits) if limits else "nothing of the above"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--latents", type=int, nargs="+", default=[24_576, 1_048_576])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=500)
+    args = parser.parse_args()
+    for latents in args.latents:
+        table(latents, args.seeds, args.steps)
+        print()
+
+
+if __name__ == "__main__":
+    main()
