@@ -127,7 +127,7 @@ def cpu_kind(model: Path, cache: Path) -> str:
             f"{kind['threads']} threads, torch {kind['torch']}; decode path chosen by auto: {chosen}")
 
 
-def pool_table(model: Path, sizes=(2048, 3072, 5120, 10240, 20480)) -> None:
+def pool_table(model: Path, sizes=(2048, 3072, 4096, 5120, 10240, 20480)) -> None:
     """Standard errors of the null model's estimates for the study's 50 vectors against the pool's size."""
     from amax_lightning.backbone import load_backbone
     from amax_lightning.null_model import null_token_ids, pool_estimates
