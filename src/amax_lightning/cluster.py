@@ -79,15 +79,18 @@ def count_devices(devices) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
-def matching_trainer(launch: Launch | None, devices, num_nodes) -> dict:
+def matching_trainer(launch: Launch | None, devices, num_nodes, env=None) -> dict:
     """The Trainer's ``devices`` and ``num_nodes`` for ``launch``: left-out values (``auto``, 1 node) are taken from
-    the launcher; given ones that disagree with it raise a one-line UserError naming the flag to use."""
+    the launcher; given ones that disagree with it raise a one-line UserError naming the flag to use. Without a
+    launcher, several nodes need Lightning's own variables (``NODE_RANK``, ``MASTER_ADDR``) on every node."""
+    env = os.environ if env is None else env
     count = count_devices(devices)
     nodes = 1 if num_nodes is None else int(num_nodes)
     if launch is None:
-        if nodes > 1:
+        if nodes > 1 and not ("NODE_RANK" in env and "MASTER_ADDR" in env):
             raise UserError(f"--trainer.num_nodes {nodes} needs a launcher that starts the processes of every node "
-                            "(srun or torchrun; README 'Clusters'); without one, leave it out")
+                            "(srun or torchrun; README 'Clusters') or NODE_RANK and MASTER_ADDR set on each; "
+                            "on one machine, leave it out")
         return {}
     name = launch.launcher
     if count is not None and count != launch.per_node:

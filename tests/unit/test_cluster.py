@@ -45,7 +45,8 @@ def test_trainer_flags_follow_the_launcher_or_fail_naming_the_flag():
                                         r"use --trainer.num_nodes 2"):
         matching_trainer(launch, "auto", 4)
     with pytest.raises(UserError, match="needs a launcher"):
-        matching_trainer(None, "auto", 2)
+        matching_trainer(None, "auto", 2, env={})
+    assert matching_trainer(None, "auto", 2, env={"NODE_RANK": "1", "MASTER_ADDR": "node0"}) == {}  # Lightning's way
     assert matching_trainer(None, 2, 1) == {}
 
 
