@@ -11,12 +11,14 @@ from conftest import REPO, TINY_TARGET, run_cli
 
 HELPERS = str(Path(__file__).parent)
 STEPS, EVERY = 12, 4
-METHODS = {  # continuous as a sweep (2 units x 3 seeds = 6 rows), token search as GCG (4 rows)
+METHODS = {  # continuous as a sweep (2 units x 3 seeds = 6 rows), token search as GCG and EPO (4 rows)
     "continuous": ["--model.target", "blocks.2.hook_resid_pre:3,5", "--seeds", "0-2"],
     "gcg": ["--model.target", TINY_TARGET, "--seeds", "0-3", "--model.method", "gcg", "--model.candidates", "8",
             "--model.top_k", "32"],
+    "epo": ["--model.target", TINY_TARGET, "--seeds", "0-3", "--model.method", "epo", "--model.candidates", "8",
+            "--model.top_k", "32", "--model.population", "2", "--model.restart_every", "5"],
 }
-EXACT = {"gcg"}
+EXACT = {"gcg", "epo"}
 TOLERANCE = 1e-5  # relative, for floats computed in differently shaped chunks (README "Clusters")
 _references: dict[str, dict] = {}
 

@@ -36,7 +36,7 @@ def job_log(cwd: Path, job: str) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Per method, results.json and the log of an uninterrupted 2-process run, made on first use: continuous by the
-    batch script of the README, GCG by ``srun -n 2`` (which Lightning alone refuses)."""
+    batch script of the README, token search by ``srun -n 2`` (which Lightning alone refuses)."""
 
     class Runs(dict):
         def __missing__(self, method: str) -> tuple[Path, str]:
@@ -57,7 +57,7 @@ def uninterrupted(slurm, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[Pat
     return Runs()
 
 
-@pytest.mark.parametrize("method", ["continuous", "gcg"])
+@pytest.mark.parametrize("method", ["continuous", "gcg", "epo"])
 def test_batch_script_and_srun_n_2_equal_one_process(uninterrupted, tiny_gpt2_dir, tmp_path, method):
     path, log = uninterrupted[method]
     assert_same_as_one_process(json.loads(path.read_text()), one_process(tiny_gpt2_dir, method, tmp_path), method)
