@@ -187,7 +187,7 @@ def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str
     counts = sorted(row.n_unique for row in rows)
     summary = [
         f"sweep of {len(rows)} units x {rows[0].n_total} vectors each: n_unique min {counts[0]}, "
-        f"median {counts[len(counts) // 2]}, max {counts[-1]}",
+        f"median {counts[len(counts) // 2]}, max {counts[-1]}" + (" — PARTIAL" if results.units[0].partial else ""),
         "",
         "| target | n_unique | mean final activation | mean nearest cosine | null p-value |",
         "|---|---:|---:|---:|---:|",

@@ -19,8 +19,8 @@ import yaml
 
 from amax_lightning.analysis import AtlasResults, UnitResults
 from amax_lightning.backbone import load_backbone
-from amax_lightning.callbacks import ResultsWriter
-from amax_lightning.cli import AmaxCLI, OneLineErrorParser, run
+from amax_lightning.callbacks import ResultsWriter, find_callback
+from amax_lightning.cli import AmaxCLI, OneLineErrorParser, run_trainer
 from amax_lightning.errors import UserError, first_line
 from amax_lightning.module import ActMaxModule
 from amax_lightning.report import markdown_cell
@@ -72,8 +72,9 @@ def variant_label(variant: dict) -> str:
     return " ".join(f"{key.split('.')[-1]}={value}" for key, value in variant.items()) or "none"
 
 
-def run_study(args: list[str]) -> str:
-    """Run every target x variant of the study file given by ``--config``; return the path of ``study.md``.
+def run_study(args: list[str]) -> str | None:
+    """Run every target x variant of the study file given by ``--config``; return the path of ``study.md`` (None on
+    processes other than rank 0 under DDP, which run the fits and write nothing).
 
     Every fit's options are checked first (``check_fit``), so a bad target or variant stops the study before its
     first fit. A study stopped later (an error, Ctrl-C) still writes the table of the fits it finished."""
@@ -92,19 +93,23 @@ def run_study(args: list[str]) -> str:
     for target, variant, fit_args in fits:
         check_fit(fit_args, backbones, f"{target} with {variant_label(variant)}")
     backbones.clear()
-    rows = []
+    rows, rank_zero = [], True
     try:
         for target, variant, fit_args in fits:
-            writer = run(["fit", *fit_args])
+            trainer = run_trainer(["fit", *fit_args])
+            rank_zero = trainer is None or trainer.is_global_zero
+            if not rank_zero:  # under DDP every process runs every fit; rank 0 collects and writes
+                continue
+            writer = find_callback(trainer, ResultsWriter) if trainer is not None else None
             if writer is None or writer.results is None:
                 raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
             units = writer.results.units if isinstance(writer.results, AtlasResults) else [writer.results]
             rows += [study_row(variant_label(variant), unit, writer.results_path) for unit in units]
     except BaseException:
-        if rows:
+        if rows and rank_zero:
             write_study(rows, complete=False)
         raise
-    return write_study(rows)
+    return write_study(rows) if rank_zero else None
 
 
 class _CheckOnly(AmaxCLI):

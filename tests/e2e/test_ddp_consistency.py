@@ -36,3 +36,23 @@ def test_ctrl_c_in_one_process_stops_every_process_at_the_same_step(tiny_gpt2_di
     (path,) = tmp_path.rglob("results.json")
     partial = json.loads(path.read_text())
     assert partial["partial"] is True and partial["steps"] == 3  # step 2 finished, then every process stopped
+
+
+def test_study_under_ddp_equals_one_process_and_rank_zero_writes(tiny_gpt2_dir, tmp_path):
+    study = "targets: [blocks.2.hook_resid_pre:5, blocks.1.mlp.hook_post:7]\n"
+    tables = []
+    for name, extra in (("one", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        (cwd / "study.yaml").write_text(study)
+        proc = run_cli(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir),
+                        "--seeds", "0-2", "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
+                        "--results.null_samples", "100", *extra], cwd=cwd, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == "studies/version_0/study.md"
+        assert [p.name for p in (cwd / "studies").iterdir()] == ["version_0"]
+        assert sorted(p.name for p in (cwd / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+        tables.append([json.loads((cwd / f"lightning_logs/version_{v}/results.json").read_text()) for v in (0, 1)])
+    for one, ddp in zip(*tables):
+        assert [r["token_ids"] for r in one["runs"]] == [r["token_ids"] for r in ddp["runs"]]
+        assert one["uniqueness"] == ddp["uniqueness"]

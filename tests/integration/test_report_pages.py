@@ -148,7 +148,7 @@ def test_a_stopped_study_writes_the_table_of_its_finished_fits(tiny_gpt2_dir, tm
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "study.yaml").write_text(STUDY.replace("blocks.3", "blocks.1"))
-    real_run, calls = study.run, []
+    real_run, calls = study.run_trainer, []
 
     def interrupted_third(args):
         calls.append(args)
@@ -156,7 +156,7 @@ def test_a_stopped_study_writes_the_table_of_its_finished_fits(tiny_gpt2_dir, tm
             raise KeyboardInterrupt
         return real_run(args)
 
-    monkeypatch.setattr(study, "run", interrupted_third)
+    monkeypatch.setattr(study, "run_trainer", interrupted_third)
     with pytest.raises(SystemExit) as exit_:
         main(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir), "--seeds", "0-1",
               "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--results.null_samples", "0"])
