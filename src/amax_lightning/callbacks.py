@@ -257,6 +257,8 @@ class ResultsWriter(Callback):
         if trainer.is_global_zero:
             print(f"amax_lightning: interrupted at step {trainer.global_step}: partial results in "
                   f"{self.results_path}{resume}", file=sys.stderr, flush=True)
+        if trainer.world_size > 1:  # the others exit (non-zero) only once rank 0 has written: Lightning's launcher
+            trainer.strategy.barrier("partial results written")  # kills every process as soon as one has exited
 
     def _finish(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool) -> None:
         """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
