@@ -53,9 +53,11 @@ def summary_markdown(results: UnitResults) -> str:
     lines += ["", f"unique tokens: {u.n_unique} of {u.n_total}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
     null = results.null_model
     if null:
+        se = lambda v: f" ± {v:.2g}" if v else ""  # noqa: E731  (the Monte Carlo standard error; none when exact)
         lines.append(
-            f"chance ({'random directions decoded' if null.n_samples else 'uniform over the allowed tokens'}): expected {null.expected_n_unique:.1f} unique of {null.n_vectors}, "
-            f"p-value of {u.n_unique} or fewer = {null.p_value:.3g}"
+            f"chance ({'random directions decoded' if null.n_samples else 'uniform over the allowed tokens'}): "
+            f"expected {null.expected_n_unique:.1f}{se(null.expected_n_unique_se)} unique of {null.n_vectors}, "
+            f"p-value of {u.n_unique} or fewer = {null.p_value:.3g}{se(null.p_value_se)}"
         )
     data = results.data_baseline
     if data and data.overlap:

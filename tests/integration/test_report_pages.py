@@ -96,6 +96,10 @@ def test_logit_effects_in_results_follow_the_formula(tiny_gpt2_dir, tiny_backbon
     assert [t["token_id"] for t in effects["promoted"]] == column.topk(10).indices.tolist()
     assert [t["token_id"] for t in effects["suppressed"]] == (-column).topk(10).indices.tolist()
     assert effects["ln_f_scale"] is False and effects["direction"].startswith("e_5")
+    null, report = results["null_model"], (tmp_path / "lightning_logs/version_0/report.md").read_text()
+    assert null["expected_n_unique_se"] > 0 and null["p_value_se"] == 0  # 15 of 15: p = 1 for every subset
+    assert (f"expected {null['expected_n_unique']:.1f} ± {null['expected_n_unique_se']:.2g} unique of 15, p-value of "
+            f"15 or fewer = 1\n") in report  # an error of 0 is not shown
     assert "logit_effects" not in fit(tmp_path, monkeypatch, tiny_gpt2_dir, "blocks.1.attn.hook_q:0.3")
 
 
