@@ -72,6 +72,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = model.requires_grad_(False)
         self.tokenizer = tokenizer
+        self._token_strings: dict[int, str] = {}  # token id -> its text, filled by token_strings
         self.eval()
 
     def train(self, mode: bool = True) -> Backbone:
@@ -117,8 +118,13 @@ class Backbone(nn.Module):
         return self._embedding_std
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
-        """Decode each token id on its own into its text, e.g. 995 -> ' world'."""
-        return [self.tokenizer.decode([int(i)]) for i in token_ids]
+        """Decode each token id on its own into its text, e.g. 995 -> ' world'; each id is decoded once per
+        backbone (a sweep's analysis asks for millions of them)."""
+        known = self._token_strings
+        for i in map(int, token_ids):
+            if i not in known:
+                known[i] = self.tokenizer.decode([i])
+        return [known[int(i)] for i in token_ids]
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of integer token ids, shape ``token_ids.shape + (d_model,)``."""

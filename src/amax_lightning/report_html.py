@@ -286,10 +286,14 @@ def _short(value: float) -> float:
 def atlas_data(results: AtlasResults) -> dict:
     """The atlas page's data: table rows, and per unit its seeds' decoded tokens (indices into a table of the
     distinct token strings, shown with ``visible``) and the decoded tokens' activations, 3 digits."""
-    strings: dict[str, int] = {}
-    tokens, activations, links = [], [], []
+    index: dict[str, int] = {}  # token -> its entry in ``shown``: ``visible`` runs once per distinct token
+    shown, tokens, activations, links = [], [], [], []
     for unit in results.units:
-        tokens.append([strings.setdefault(visible(t), len(strings)) for run in unit.runs for t in run.tokens])
+        for token in (t for run in unit.runs for t in run.tokens):
+            if token not in index:
+                index[token] = len(shown)
+                shown.append(visible(token))
+        tokens.append([index[t] for run in unit.runs for t in run.tokens])
         activations.append([_short(a) for run in unit.runs for a in run.decoded_position_activations])
         links.append(neuronpedia_link((unit.sae or {}).get("neuronpedia")))
     first = results.units[0]
@@ -297,7 +301,7 @@ def atlas_data(results: AtlasResults) -> dict:
         "columns": [{"key": key, "label": label, "kind": kind} for key, label, kind in ATLAS_COLUMNS],
         "rows": [[getattr(row, key) for key, _, _ in ATLAS_COLUMNS] for row in results.atlas],
         "links": links if any(links) else None, "seeds": [run.seed for run in first.runs],
-        "n_tokens": first.n_tokens, "strings": list(strings), "tokens": tokens, "activations": activations,
+        "n_tokens": first.n_tokens, "strings": shown, "tokens": tokens, "activations": activations,
     }
 
 
