@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
@@ -32,11 +31,11 @@ import torch.nn.functional as F
 
 from amax_lightning.backbone import Backbone
 from amax_lightning.chunking import chunked_value_and_grad
-from amax_lightning.errors import UserError, first_line
+from amax_lightning.errors import UserError
 from amax_lightning.objective import RowObjective
 from amax_lightning.param import keyed_generator
+from amax_lightning.pareto import FRONTIER_CAPACITY, pareto_merge
 
-FRONTIER_CAPACITY = 512  # Pareto points kept per row; beyond it the highest-activation ones are kept
 RESTART_PENALTY, RESTART_SPREAD = 2.0, 3.0  # EPO restarts: penalty 2.0 x m, m uniform in [1/3, 3] (dreamy's)
 MAX_INITIAL_DRAWS = 1000  # draws of an initial sequence that must survive retokenization
 _RETOKENIZE_CACHE_SIZE = 1_000_000
@@ -61,41 +60,6 @@ def restart_penalty(seed: int, step: int) -> float:
     low, high = 1.0 / RESTART_SPREAD, RESTART_SPREAD
     u = float(torch.rand((), generator=keyed_generator(seed, step, 1), dtype=torch.float64))
     return RESTART_PENALTY * (low + (high - low) * u)
-
-
-def parse_exclude_tokens(spec: str, vocab_size: int) -> list[int]:
-    """Token ids from ``spec``: ``""``, ids ``"13,198"``, or a text file of ids separated by commas or whitespace."""
-    spec = (spec or "").strip()
-    if not spec:
-        return []
-    text, where = spec, "exclude_tokens"
-    if not all(part.strip().isdigit() for part in spec.split(",")):
-        if not os.path.isfile(spec):
-            raise UserError(f"exclude_tokens {spec!r} is neither comma-separated token ids nor a file of ids")
-        try:
-            with open(spec, encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"exclude_tokens file {spec!r} cannot be read: {first_line(exc)}") from exc
-        where = f"exclude_tokens file {spec!r}"
-    ids = []
-    for part in text.replace(",", " ").split():
-        if not (part.isascii() and part.isdigit() and len(part) <= 12) or int(part) >= vocab_size:
-            raise UserError(f"{where}: {part!r} is not a token id; allowed: integers 0..{vocab_size - 1}")
-        ids.append(int(part))
-    return ids
-
-
-def allowed_tokens(backbone: Backbone, exclude: list[int]) -> torch.Tensor:
-    """Bool mask (V,) of the tokens a search may use: not special, known to the tokenizer, not in ``exclude``."""
-    vocab_size = backbone.vocab_embeddings.shape[0]
-    allowed = torch.zeros(vocab_size, dtype=torch.bool)
-    allowed[: min(vocab_size, len(backbone.tokenizer))] = True
-    allowed[[i for i in backbone.tokenizer.all_special_ids if i < vocab_size]] = False
-    allowed[exclude] = False
-    if not allowed.any():
-        raise UserError("exclude_tokens leaves no token to search over")
-    return allowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,33 +111,6 @@ class Evaluated(NamedTuple):
     activation: torch.Tensor
     cross_entropy: torch.Tensor
     valid: torch.Tensor
-
-
-def pareto_merge(frontier: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 points: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 capacity: int = FRONTIER_CAPACITY) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row, the non-dominated points (higher activation, lower cross-entropy) among a frontier and new points.
-
-    Each argument is (activation (rows, n), cross_entropy (rows, n), tokens (rows, n, T)); empty slots hold
-    (-inf, +inf). Exact duplicates of (activation, cross_entropy) keep the first. The result has ``capacity``
-    slots per row, highest activation first.
-    """
-    act = torch.cat([frontier[0], points[0]], dim=1)
-    ce = torch.cat([frontier[1], points[1]], dim=1)
-    tokens = torch.cat([frontier[2], points[2]], dim=1)
-    order = torch.argsort(ce, dim=1, stable=True)  # activation descending, ties by cross-entropy ascending
-    order = order.gather(1, torch.argsort(act.gather(1, order), dim=1, descending=True, stable=True))
-    act, ce = act.gather(1, order), ce.gather(1, order)
-    tokens = tokens.gather(1, order[..., None].expand_as(tokens))
-    best_before = torch.cummin(ce, dim=1).values.roll(1, dims=1)
-    best_before[:, 0] = math.inf
-    keep = ce < best_before  # lower cross-entropy than every point of at least its activation
-    front = torch.argsort(keep.to(torch.int8), dim=1, descending=True, stable=True)[:, :capacity]
-    kept = keep.gather(1, front)
-    act = torch.where(kept, act.gather(1, front), -math.inf)
-    ce = torch.where(kept, ce.gather(1, front), math.inf)
-    tokens = torch.where(kept[..., None], tokens.gather(1, front[..., None].expand(-1, -1, tokens.shape[-1])), 0)
-    return act, ce, tokens
 
 
 class TokenSearch:
