@@ -51,12 +51,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
-import amax_lightning.module as am_module  # noqa: E402
-from amax_lightning.backbone import Backbone  # noqa: E402
-from amax_lightning.callbacks import ResultsWriter  # noqa: E402
-from amax_lightning.chunking import chunked_value_and_grad, float32_matmul_precision  # noqa: E402
-from amax_lightning.decode import nearest_tokens  # noqa: E402
-from amax_lightning.errors import NonFiniteError  # noqa: E402
+import amax_lightning.lightning.module as am_module  # noqa: E402
+from amax_lightning.base.errors import NonFiniteError  # noqa: E402
+from amax_lightning.lightning.callbacks import ResultsWriter  # noqa: E402
+from amax_lightning.model.backbone import Backbone  # noqa: E402
+from amax_lightning.model.chunking import chunked_value_and_grad, float32_matmul_precision  # noqa: E402
+from amax_lightning.model.decode import nearest_tokens  # noqa: E402
 
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "gpt2_tokenizer"
 LAYER, UNIT, N_TOKENS, N_SEEDS, LR = 8, 91, 5, 10, 1e-3

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_study as b  # noqa: E402
 
-from amax_lightning.backbone import _gpt2_attention  # noqa: E402
+from amax_lightning.model.backbone import _gpt2_attention  # noqa: E402
 
 LAYER, UNIT = b.LAYER, b.UNIT
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from browser import page_problems, start_chromium  # noqa: E402
 
-from amax_lightning.analysis import (  # noqa: E402
+from amax_lightning.analysis.null_model import NullModelResult  # noqa: E402
+from amax_lightning.analysis.results import (  # noqa: E402
     NearToken,
     Reproducibility,
     SeedRun,
@@ -38,8 +39,7 @@ from amax_lightning.analysis import (  # noqa: E402
     UnitResults,
     atlas_of,
 )
-from amax_lightning.null_model import NullModelResult  # noqa: E402
-from amax_lightning.report_html import write_atlas_page, write_unit_page  # noqa: E402
+from amax_lightning.report.html import write_atlas_page, write_unit_page  # noqa: E402
 
 SEEDS, TOKENS = 10, 5
 
@@ -106,7 +106,7 @@ def measure(units_list: list[int], repeats: int) -> list[dict]:
     os.makedirs(folder / "run")
     import torch
 
-    from amax_lightning.report import summary_markdown, write_report
+    from amax_lightning.report.markdown import summary_markdown, write_report
 
     history = torch.cumsum(torch.rand(500, SEEDS), 0) / 100
     write_report(str(folder / "run"), unit, summary_markdown(unit), list(range(1, 501)), history, list(range(SEEDS)))

@@ -5,7 +5,7 @@ Random-init GPT-2 small (with the real tokenizer) written to a temp folder; the 
 run with an empty null-model cache, then a second with the same model (the cache warm). A clock callback
 (``--trainer.callbacks+=time_to_result.PhaseClock``) stamps when the steps start and end; the parent stamps the
 start, the printed path (the last line of stdout) and the exit. Imports are timed alone in fresh interpreters (the
-stack, and ``amax_lightning.cli``), and the null model cold and warm in this process. Medians of ``--repeats``.
+stack, and ``amax_lightning.lightning.cli``), and the null model cold and warm in this process. Medians of ``--repeats``.
 
 ``--decode auto,fp32`` runs the pairs of runs once per decode path (``$AMAX_LIGHTNING_DECODE``), alternating, so the
 ratios are measured side by side; ``fp32`` is what a CPU without bf16 kernels runs. The CPU's kind comes first
@@ -90,8 +90,8 @@ def import_seconds(modules: str, gc_off: bool) -> float:
 
 def end_of_fit_pieces(model: Path, cache: Path, decode: str) -> dict:
     """In this process: the model load, the null model cold and warm (the study's 50 vectors)."""
-    from amax_lightning.backbone import load_backbone
-    from amax_lightning.null_model import sampled_null
+    from amax_lightning.analysis.null_model import sampled_null
+    from amax_lightning.model.backbone import load_backbone
 
     started = time.time()
     backbone = load_backbone(str(model))
@@ -109,9 +109,9 @@ def cpu_kind(model: Path, cache: Path) -> str:
     """The device's kind and the decode path ``auto`` picks on it (timing both where PyTorch has bf16 kernels)."""
     import json
 
-    from amax_lightning.backbone import load_backbone
-    from amax_lightning.decode import device_kind
-    from amax_lightning.null_model import sampled_null
+    from amax_lightning.analysis.null_model import sampled_null
+    from amax_lightning.model.backbone import load_backbone
+    from amax_lightning.model.decode import device_kind
 
     kind = device_kind("cpu")
     vocab = load_backbone(str(model)).vocab_embeddings.detach()
@@ -129,8 +129,9 @@ def cpu_kind(model: Path, cache: Path) -> str:
 
 def pool_table(model: Path, sizes=(2048, 3072, 4096, 5120, 10240, 20480)) -> None:
     """Standard errors of the null model's estimates for the study's 50 vectors against the pool's size."""
-    from amax_lightning.backbone import load_backbone
-    from amax_lightning.null_model import null_token_ids, pool_estimates
+    from amax_lightning.analysis.null_model import pool_estimates
+    from amax_lightning.analysis.null_pool import null_token_ids
+    from amax_lightning.model.backbone import load_backbone
 
     backbone = load_backbone(str(model))
     started = time.time()
@@ -159,7 +160,7 @@ def main() -> None:
         model = write_gpt2_small(root)
         print(cpu_kind(model, root) + "\n", flush=True)
         imports = {(modules, gc_off): statistics.median(import_seconds(modules, gc_off) for _ in range(3))
-                   for modules in ("torch", "torch, transformers, lightning.pytorch", "amax_lightning.cli")
+                   for modules in ("torch", "torch, transformers, lightning.pytorch", "amax_lightning.lightning.cli")
                    for gc_off in (False, True)}
         first = {path: [] for path in paths}
         second = {path: [] for path in paths}

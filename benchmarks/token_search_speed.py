@@ -65,7 +65,7 @@ def per_seed_loop(folder: Path, device: torch.device, steps: int) -> list[float]
 
 def ours(folder: Path, device: torch.device, steps: int, method: str) -> tuple[list[float], int]:
     """Seconds per step of ActMaxModule's search over all seeds at once, and its rows per chunk."""
-    from amax_lightning.module import ActMaxModule
+    from amax_lightning.lightning.module import ActMaxModule
 
     module = ActMaxModule(str(folder), target=TARGET, seeds=list(range(SEEDS)), method=method, top_k=TOP_K,
                           candidates=CANDIDATES, retokenize=False).to(device)

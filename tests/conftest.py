@@ -93,7 +93,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env) -> subproce
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_gpt2_dir):
     """The tiny GPT-2 loaded once; frozen and always in eval mode, so fits can share it."""
-    from amax_lightning.backbone import load_backbone
+    from amax_lightning.model.backbone import load_backbone
 
     return load_backbone(str(tiny_gpt2_dir))
 
@@ -102,8 +102,8 @@ def tiny_backbone(tiny_gpt2_dir):
 def tiny_module(tiny_gpt2_dir, tiny_backbone):
     """``tiny_module(fresh=False, **options)``: an ActMaxModule on the shared tiny GPT-2 (target ``TINY_TARGET``,
     seeds 0-2 unless given); no Trainer. ``fresh`` loads its own backbone, for runs that change its dtype."""
-    from amax_lightning.backbone import load_backbone
-    from amax_lightning.module import ActMaxModule
+    from amax_lightning.lightning.module import ActMaxModule
+    from amax_lightning.model.backbone import load_backbone
 
     def make(fresh: bool = False, **options):
         options = {"target": TINY_TARGET, "seeds": [0, 1, 2], **options}
@@ -119,7 +119,7 @@ def fit_tiny(tiny_module, tmp_path):
     ``Trainer.fit`` of ActMaxModule on the tiny GPT-2 in ``tmp_path / name``; returns (module, results.json)."""
     from lightning.pytorch import Trainer
 
-    from amax_lightning.callbacks import ResultsWriter, find_callback
+    from amax_lightning.lightning.callbacks import ResultsWriter, find_callback
 
     def fit(name: str = "run", steps: int = 20, precision: str = "32-true", callbacks=(), null_samples: int = 200,
             trainer_options: dict | None = None, writer_options: dict | None = None, fit_options: dict | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import sys
 
-from amax_lightning.errors import UserError
+from amax_lightning.base.errors import UserError
 
 COMMANDS = {
     "fit": "maximize one unit (or a sweep) from several seeds; decode, count unique tokens, write the report",
@@ -54,8 +54,8 @@ HELP_FLAGS = ("-h", "--help")
 
 
 def main(args: list[str] | None = None) -> None:
-    """``fit ...`` runs one study (``cli.py``), ``study ...`` a grid of them (``study.py``), ``sensitivity ...``
-    the perturbation study (``sensitivity_study.py``); ``--help`` at the top or after a command prints its help.
+    """``fit ...`` runs one study (``commands/fit.py``), ``study ...`` a grid of them (``commands/study.py``), ``sensitivity ...``
+    the perturbation study (``commands/sensitivity.py``); ``--help`` at the top or after a command prints its help.
 
     A user mistake prints one line on stderr and exits with code 2; Ctrl-C exits 130 (1 when Lightning
     handled it), SIGTERM 143.
@@ -72,15 +72,15 @@ def main(args: list[str] | None = None) -> None:
         elif command not in COMMANDS:
             raise UserError(f"{command!r} is not a command; use one of {', '.join(COMMANDS)} (see --help)")
         elif command == "study":
-            from amax_lightning.study import run_study
+            from amax_lightning.commands.study import run_study
 
             print(STUDY_HELP, end="") if any(a in HELP_FLAGS for a in argv[1:]) else run_study(argv[1:])
         elif command == "sensitivity":
-            from amax_lightning.sensitivity_study import run_sensitivity
+            from amax_lightning.commands.sensitivity import run_sensitivity
 
             print(SENSITIVITY_HELP, end="") if any(a in HELP_FLAGS for a in argv[1:]) else run_sensitivity(argv[1:])
         else:
-            from amax_lightning.cli import run
+            from amax_lightning.commands.fit import run
 
             run(argv)
     except (UserError, MisconfigurationException) as exc:
@@ -105,7 +105,7 @@ def command() -> None:
     """
     gc.disable()
     try:
-        import amax_lightning.cli  # noqa: F401  (the heavy imports of every subcommand)
+        import amax_lightning.commands.fit  # noqa: F401  (the heavy imports of every subcommand)
     except KeyboardInterrupt:
         print("amax_lightning: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -25,7 +25,7 @@ class SignalAt(Callback):
 
     def on_train_end(self, trainer, module) -> None:
         if self.step == -1:  # callbacks given by the user run before the ResultsWriter's analysis starts
-            import amax_lightning.null_model as null_model
+            import amax_lightning.analysis.null_model as null_model
 
             decode = null_model.null_token_ids
 
@@ -59,7 +59,7 @@ class WaitAt(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step != self.step or trainer.global_rank != 0:
             return
-        from amax_lightning.callbacks import DeferInterrupts, find_callback
+        from amax_lightning.lightning.callbacks import DeferInterrupts, find_callback
 
         interrupts = find_callback(trainer, DeferInterrupts)
         open(self.marker, "w").close()

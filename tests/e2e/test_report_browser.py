@@ -14,7 +14,7 @@ from browser import BrowserMissing, page_problems, start_chromium
 from conftest import HOSTILE_TOKENS, TINY_TARGET
 
 from amax_lightning.__main__ import main
-from amax_lightning.report_html import diverging, symmetric_scale, visible
+from amax_lightning.report.html import diverging, symmetric_scale, visible
 
 REQUIRED = os.environ.get("AMAX_REQUIRE_BROWSER") == "1"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_TARGET, run_cli
 
-from amax_lightning.errors import NonFiniteError
+from amax_lightning.base.errors import NonFiniteError
 
 STEPS, EVERY, SIGNAL_STEP = 150, 25, 50
 HELPERS = str(Path(__file__).parent)

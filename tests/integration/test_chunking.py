@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import amax_lightning.chunking as chunking
+import amax_lightning.model.chunking as chunking
 
 SWEEP = "blocks.1.mlp.hook_post:3,17,40"  # 3 units x 2 seeds = 6 rows
 SEEDS = [0, 3]

@@ -13,7 +13,7 @@ from conftest import TINY_TARGET, write_sae
 from lightning.pytorch import Trainer
 
 from amax_lightning.__main__ import main
-from amax_lightning.module import ActMaxModule
+from amax_lightning.lightning.module import ActMaxModule
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from conftest import TINY_TARGET
 from lightning.pytorch import Callback
 from transformers import AutoModel
 
-from amax_lightning.module import ActMaxModule
+from amax_lightning.lightning.module import ActMaxModule
 
 LAYER, UNIT, N_TOKENS, LR, STEPS = 2, 5, 5, 1e-2, 30
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from amax_lightning.objective import RowObjective
+from amax_lightning.optimize.objective import RowObjective
 
 
 def finals(results: dict) -> torch.Tensor:
@@ -64,7 +64,7 @@ def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):
         raise AssertionError("a CPU run initialized CUDA")
 
     monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
-    from amax_lightning.cli import run
+    from amax_lightning.commands.fit import run
 
     writer = run(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", "blocks.2.mlp.hook_post:0-3",
                 "--seeds", "0-1", "--trainer.max_steps", "3", "--results.null_samples", "200",
@@ -74,8 +74,8 @@ def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):
 
 def test_an_error_in_the_analysis_keeps_the_checkpoint_and_writes_no_results(tiny_gpt2_dir, tmp_path, monkeypatch,
                                                                              capsys):
-    import amax_lightning.callbacks as callbacks
-    from amax_lightning.cli import run
+    import amax_lightning.lightning.callbacks as callbacks
+    from amax_lightning.commands.fit import run
 
     def broken(*args, **kwargs):
         raise RuntimeError("analysis bug")
@@ -100,7 +100,7 @@ def test_deferred_finiteness_check_names_the_step_it_went_bad_at_and_saves_no_ba
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from amax_lightning.errors import NonFiniteError
+    from amax_lightning.base.errors import NonFiniteError
 
     class BreakSeed7(Callback):
         def on_train_batch_end(self, trainer, module, *args):

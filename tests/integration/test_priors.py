@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
-from amax_lightning.errors import UserError
-from amax_lightning.objective import aggregate
-from amax_lightning.priors import Fluency, NormClamp, StraightThrough, VocabDistance, norm_range, parse_priors
+from amax_lightning.base.errors import UserError
+from amax_lightning.optimize.objective import aggregate
+from amax_lightning.optimize.priors import Fluency, NormClamp, StraightThrough, VocabDistance, norm_range, parse_priors
 
 
 def test_clamp_keeps_every_norm_inside_the_vocabulary_range(fit_tiny):

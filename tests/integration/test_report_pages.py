@@ -84,7 +84,7 @@ def test_hostile_tokens_stay_text_in_html_and_markdown(hostile_gpt2_dir, tmp_pat
     data = json.loads(next(body for kind, body in page.scripts if kind == "application/json"))
     assert len(data["rows"]) == 3
     shown = [data["strings"][i] for i in data["tokens"][0]]
-    from amax_lightning.report_html import visible
+    from amax_lightning.report.html import visible
 
     assert shown == [visible(t) for run in sweep["units"][0]["runs"] for t in run["tokens"]]
 
@@ -148,7 +148,7 @@ def test_study_checks_every_fit_before_the_first(tiny_gpt2_dir, tmp_path, monkey
 
 
 def test_a_stopped_study_writes_the_table_of_its_finished_fits(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
-    import amax_lightning.study as study
+    import amax_lightning.commands.study as study
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "study.yaml").write_text(STUDY.replace("blocks.3", "blocks.1"))

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_TARGET
 from lightning.pytorch import Trainer
 
-from amax_lightning.sensitivity import SensitivityRecorder
+from amax_lightning.lightning.sensitivity_recorder import SensitivityRecorder
 
 SIZES = [0.0, 1e-7, 1e-3, 0.1]
 
@@ -45,7 +45,7 @@ def test_replicas_size_zero_equal_exactly_and_a_replica_in_the_batch_equals_it_a
 
 
 def test_perturbation_options_are_checked(tiny_module):
-    from amax_lightning.errors import UserError
+    from amax_lightning.base.errors import UserError
 
     with pytest.raises(UserError, match="replicas 3 needs perturb_sizes"):
         tiny_module(replicas=3)
@@ -100,8 +100,8 @@ def test_a_plain_fit_with_copies_records_each_step_before_an_interrupt_can_stop_
                                                                                     monkeypatch):
     """``fit --model.perturb_sizes ...`` gets one SensitivityRecorder, ahead of DeferInterrupts: a Ctrl-C takes
     effect only after the step's distances are recorded."""
-    from amax_lightning.callbacks import DeferInterrupts
-    from amax_lightning.cli import run_trainer
+    from amax_lightning.lightning.callbacks import DeferInterrupts
+    from amax_lightning.lightning.cli import run_trainer
 
     monkeypatch.chdir(tmp_path)
     trainer = run_trainer(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", TINY_TARGET,

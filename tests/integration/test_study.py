@@ -45,7 +45,7 @@ def test_study_runs_every_target_and_variant(tiny_gpt2_dir, tmp_path, monkeypatc
 
 
 def test_shipped_study_config_is_valid():
-    from amax_lightning.study import load_study
+    from amax_lightning.commands.study import load_study
 
     for name in ("priors_study.yaml", "methods_study.yaml"):
         study = load_study(str(REPO / "configs" / name))
@@ -57,7 +57,7 @@ def test_shipped_study_config_is_valid():
 def test_token_search_config_builds_a_module(tiny_gpt2_dir, tiny_backbone):
     import yaml
 
-    from amax_lightning.module import ActMaxModule
+    from amax_lightning.lightning.module import ActMaxModule
 
     config = yaml.safe_load((REPO / "configs" / "token_search.yaml").read_text())
     options = {**config["model"], "model_name_or_path": str(tiny_gpt2_dir), "target": "blocks.2.hook_resid_pre:5"}
@@ -88,7 +88,7 @@ def test_bad_study_files(tiny_gpt2_dir, tmp_path, monkeypatch, capsys, text, ext
 
 
 def test_shipped_sae_study_config_is_valid():
-    from amax_lightning.study import load_study
+    from amax_lightning.commands.study import load_study
 
     study = load_study(str(REPO / "configs" / "sae_study.yaml"))
     assert study["targets"][1].endswith(":top8@91")

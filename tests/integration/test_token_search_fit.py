@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amax_lightning.search import TokenSearch
+from amax_lightning.optimize.search import TokenSearch
 
 SEARCH = {"candidates": 16, "top_k": 32, "population": 4, "seeds": [0, 1, 2]}
 

@@ -1,0 +1,342 @@
+"""Callbacks: interrupts that leave consistent state, and the end of fit (gather, analyze, write, TensorBoard)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from amax_lightning.analysis.baseline import read_text_file
+from amax_lightning.analysis.results import (
+    AtlasResults,
+    UnitResults,
+    analyze_unit,
+    atlas_of,
+    with_data_baseline,
+    with_logit_effects,
+    with_null_model,
+    with_pareto,
+)
+from amax_lightning.base.checks import check_int
+from amax_lightning.base.errors import UserError
+from amax_lightning.base.files import write_text_atomic
+from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
+from amax_lightning.model.decode import requested_path
+from amax_lightning.model.targets import hook_width
+
+MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
+MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
+MAX_BASELINE_TOP_K = 100_000  # at most the vocabulary anyway
+MAX_BASELINE_CONTEXTS = 10_000
+
+
+def find_callback(trainer: Trainer, kind: type) -> Optional[Callback]:
+    """The trainer's first callback of type ``kind``, or None."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
+
+
+class DeferInterrupts(Callback):
+    """Ctrl-C, SIGTERM and SIGUSR1 during the steps take effect at the end of the current step, on every process
+    at the same step, so the checkpoint saved then is a consistent state (parameter, Adam state and step count of
+    one finished step). SIGUSR1 (SLURM's warning before a time limit) then requeues the job (``cluster.Requeue``).
+    After the last step they interrupt at once (``interrupt_now``): nothing reads Lightning's SIGTERM flag any more.
+    A collective that failed because another process was lost is reported in one line (``cluster``)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.sigterm = False
+        self.sigusr1 = False
+        self._ignored = False  # SIGINT was ignored when the fit started (a background job): leave it so
+        self._previous: dict[int, object] = {}
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        self.pending = self.sigterm = self.sigusr1 = False
+        main = threading.current_thread() is threading.main_thread()
+        self._ignored = main and signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # e.g. a job started with `&`
+        if main and not self._ignored:
+            self._previous.setdefault(signal.SIGINT, signal.signal(signal.SIGINT, self._note))
+
+    def _note(self, signum, frame) -> None:
+        self.pending = True
+        signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))  # a second Ctrl-C: at once
+
+    def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
+        """SIGTERM and SIGUSR1 only set flags, read at the end of the step. Installed here, after Lightning's own
+        handlers (its SIGTERM handler runs a collective inside the handler; its SLURM SIGUSR1 handler saves
+        ``hpc_ckpt_*.ckpt`` in the middle of a step); Lightning restores the earlier handlers at teardown."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._note_sigterm)
+        signal.signal(signal.SIGUSR1, self._note_sigusr1)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+
+    def _note_sigusr1(self, signum, frame) -> None:
+        self.sigusr1 = True
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        # parameters, Adam state and global_step all belong to the same finished step here; after the last step
+        # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
+        ctrl_c, sigterm, sigusr1 = self._anywhere(trainer, self.pending, self.sigterm, self.sigusr1)
+        self.pending, self.sigterm, self.sigusr1 = ctrl_c, sigterm, sigusr1  # never cleared: counted at the next step
+        if trainer.global_step < trainer.max_steps:
+            self._raise_for(trainer, ctrl_c, sigterm, sigusr1)
+
+    @staticmethod
+    def _raise_for(trainer: Trainer, ctrl_c: bool, sigterm: bool, sigusr1: bool) -> None:
+        if ctrl_c:
+            raise KeyboardInterrupt
+        if sigusr1:
+            raise Requeue
+        if sigterm:
+            raise SIGTERMException
+
+    @staticmethod
+    def _anywhere(trainer: Trainer, *seen: bool) -> list[bool]:
+        """Whether any process has seen each signal: one collective under DDP, so that every process stops at the
+        same point and none is left waiting in the next collective."""
+        if trainer.world_size == 1:
+            return [bool(s) for s in seen]
+        import torch
+
+        flags = torch.tensor([float(bool(s)) for s in seen], device=trainer.strategy.root_device)
+        return [bool(v > 0) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
+
+    @contextlib.contextmanager
+    def interrupt_now(self, trainer: Trainer, earlier: bool = True):
+        """Inside the block, Ctrl-C raises KeyboardInterrupt and SIGTERM raises SIGTERMException at once; with
+        ``earlier``, one that came before (during the last step) raises on entry. The previous handlers come
+        back after it."""
+        if earlier:  # the decisions on every process (one collective under DDP), then raise
+            self._raise_for(trainer, *self._anywhere(trainer, self.pending, self.sigterm or trainer.received_sigterm,
+                                                     self.sigusr1))
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def terminate(signum, frame):
+            raise SIGTERMException
+
+        def requeue(signum, frame):
+            raise Requeue
+
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                    signal.SIGUSR1: signal.signal(signal.SIGUSR1, requeue)}
+        if not self._ignored:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def teardown(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
+        """A collective that failed because another process exited or stopped answering: one line on stderr
+        (which process, how, at which step, the checkpoint on disk); ``cli.run_trainer`` then exits with code 1."""
+        if trainer.world_size == 1 or not is_lost_peer(exception):
+            return
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        timeout = getattr(trainer.strategy, "_timeout", None)
+        print(lost_peer_message(exception, trainer.global_rank, trainer.world_size, trainer.global_step, saved,
+                                int(timeout.total_seconds()) if timeout is not None else None),
+              file=sys.stderr, flush=True)
+        exception.amax_reported = True
+
+
+class ResultsWriter(Callback):
+    """At the end of fit: decode, measure, and write ``results.json`` and the report into the run's folder.
+
+    Rank 0 writes. After ``fit``, ``results_path`` holds the path of ``results.json`` and ``results`` the
+    ``UnitResults`` or ``AtlasResults`` (None on other ranks, and when nothing was written).
+
+    Parameters
+    ----------
+    null_samples
+        The most random directions decoded to estimate the chance distribution of tokens (the null model; fewer
+        when its estimates are precise enough, ``null_model.sampled_null``); 0 = off.
+    null_simulations
+        Monte Carlo studies drawn from that distribution for the p-value of the observed n_unique.
+    baseline_top_k
+        Data-sampling baseline: the unit's activation for every vocabulary token as a one-token input, and
+        the overlap of the gradient-ascent tokens with the top k of them; 0 = off (it costs V forwards).
+    baseline_text
+        Optional UTF-8 text file: the top ``baseline_contexts`` positions of highest activation in it.
+    baseline_contexts
+        How many text contexts to report.
+    """
+
+    def __init__(
+        self,
+        null_samples: int = 20_000,
+        null_simulations: int = 10_000,
+        baseline_top_k: int = 0,
+        baseline_text: Optional[str] = None,
+        baseline_contexts: int = 10,
+    ) -> None:
+        self.null_samples = check_int("results.null_samples", null_samples, low=0, high=MAX_NULL_SAMPLES)
+        self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
+        requested_path()  # a bad $AMAX_LIGHTNING_DECODE fails now, not after the steps
+        self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0, high=MAX_BASELINE_TOP_K)
+        self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1, high=MAX_BASELINE_CONTEXTS)
+        if baseline_text is not None and not os.path.isfile(baseline_text):
+            raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
+        if baseline_text is not None:
+            read_text_file(baseline_text)  # a file that cannot be used fails now, not after the steps
+        self.baseline_text = baseline_text
+        self.results_path: str | None = None
+        self.results: UnitResults | AtlasResults | None = None
+        self._analyzing = False
+        self._finished_checkpoint_step: int | None = None
+
+    @property
+    def uses_baseline(self) -> bool:
+        return bool(self.baseline_top_k or self.baseline_text)
+
+    def on_load_checkpoint(self, trainer: Trainer, module: LightningModule, checkpoint: dict) -> None:
+        self._finished_checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        """A resumed run whose steps were all done (interrupted during its analysis) is analyzed here: Lightning
+        skips the loop, and its ``on_train_end``, when no step is left."""
+        self._analyzing = False
+        done, self._finished_checkpoint_step = self._finished_checkpoint_step, None
+        if done is not None and trainer.max_steps is not None and 0 <= trainer.max_steps <= done:
+            self._finish(trainer, module, steps=done, partial=False)
+
+    def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
+        self._finish(trainer, module, steps=trainer.global_step, partial=False)
+
+    def on_exception(self, trainer: Trainer, module: LightningModule, exception: BaseException) -> None:
+        """On Ctrl-C or SIGTERM: save ``last.ckpt``; during the steps also write results marked partial. On SIGUSR1
+        (``Requeue``): save ``last.ckpt`` and requeue the SLURM job at once. After a lost process: nothing.
+
+        Interrupted during the end-of-fit analysis, no results are written; resuming finishes the analysis. An
+        error in the analysis also keeps ``last.ckpt`` (the steps were good). Other errors write nothing.
+        """
+        if is_lost_peer(exception):  # a collective would wait for the lost process: last.ckpt stays as it was
+            return
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if self._analyzing and trainer.global_step == 0 and trainer.is_global_zero:  # the analysis of a resumed,
+            # finished run (in on_fit_start, before Lightning restores the step count): its checkpoint stays as it is
+            print("amax_lightning: stopped during the end-of-fit analysis of a resumed run: no results written; "
+                  "its checkpoint is unchanged, resume again with --ckpt_path last", file=sys.stderr, flush=True)
+        if not (interrupted or self._analyzing) or trainer.global_step == 0:
+            if isinstance(exception, Requeue) and trainer.is_global_zero:
+                requeue(trainer.global_step, None)
+            return
+        checkpoint = None
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            checkpoint = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+            trainer.save_checkpoint(checkpoint, weights_only=False)
+        if isinstance(exception, Requeue):  # at once, before SLURM's time is up: no partial results, the job goes on
+            if trainer.is_global_zero:
+                requeue(trainer.global_step, checkpoint)
+            return
+        resume = f"; resume with --ckpt_path last (saved {checkpoint})" if checkpoint else ""
+        if self._analyzing:
+            if trainer.is_global_zero:
+                what = "interrupted during" if interrupted else "error in"
+                print(f"amax_lightning: {what} the end-of-fit analysis after step {trainer.global_step}: "
+                      f"no results written{resume}", file=sys.stderr, flush=True)
+            return
+        self._finish(trainer, module, steps=trainer.global_step, partial=True)
+        if trainer.is_global_zero:
+            print(f"amax_lightning: interrupted at step {trainer.global_step}: partial results in "
+                  f"{self.results_path}{resume}", file=sys.stderr, flush=True)
+        if trainer.world_size > 1:  # the others exit (non-zero) only once rank 0 has written: Lightning's launcher
+            trainer.strategy.barrier("partial results written")  # kills every process as soon as one has exited
+
+    def _finish(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool) -> None:
+        """Analyze and write, interruptible at once by Ctrl-C or SIGTERM (files are written atomically)."""
+        if module.reporter() is not ResultsWriter:  # perturbed copies: the SensitivityRecorder reports this run
+            return
+        module.flush_finite_check()  # a deferred finiteness check (finite_check_every): a bad run writes nothing
+        interrupts = find_callback(trainer, DeferInterrupts)
+        guard = interrupts.interrupt_now(trainer, earlier=not partial) if interrupts else contextlib.nullcontext()
+        self._analyzing = not partial
+        with guard:
+            # a collective under DDP: every rank asks before rank 0 analyzes alone, so no process waits inside a
+            # collective (and its timeout) for the analysis
+            log_dir = trainer.log_dir or trainer.default_root_dir
+            results = self._analyze(trainer, module, steps, partial)
+            if results is not None:
+                self._write(trainer, module, log_dir, results, steps)
+        self._analyzing = False
+
+    def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
+        """Rank 0's UnitResults (one unit) or AtlasResults (a sweep); None on other ranks."""
+        tensors = module.evaluate()  # a collective under DDP: every rank takes part
+        if not trainer.is_global_zero:
+            return None
+        protocol, layout, backbone = module.protocol(), module.layout, module.backbone
+        units = [analyze_unit(protocol, target, steps, partial, tensors.rows(layout.unit_rows(u)), backbone,
+                              module.unit_records[u]) for u, target in enumerate(module.targets)]
+        width = hook_width(module.targets[0].hook, backbone.shape)
+        units = with_logit_effects(units, backbone, module.targets, module.objective.readout.written_directions(width))
+        search = module.search
+        units = with_null_model(units, backbone.vocab_embeddings, module.init_scale, self.null_samples,
+                                self.null_simulations, allowed=search.allowed if search is not None else None)
+        if search is not None and search.settings.fluency:
+            state = module.search_state()
+            units = [with_pareto(unit, protocol.seeds, *(t[layout.unit_rows(u)].cpu() for t in state[3:]), backbone)
+                     for u, unit in enumerate(units)]
+        if len(units) > 1:
+            return atlas_of(units)
+        return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
+                                  self.baseline_contexts, reader=module.objective.unit_reader(0))
+
+    def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
+        from amax_lightning.report import html, markdown  # imported only when a report is written
+
+        os.makedirs(log_dir, exist_ok=True)
+        if isinstance(results, AtlasResults):
+            summary, images = markdown.write_atlas(log_dir, results)
+            html.write_atlas_page(log_dir, results)
+        else:
+            history_steps, history = module.activation_history()
+            summary = markdown.summary_markdown(results)
+            images = markdown.write_report(log_dir, results, summary, history_steps, history, module.seeds)
+            html.write_unit_page(log_dir, results)
+        path = os.path.join(log_dir, "results.json")
+        write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
+        self.results_path, self.results = path, results
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_to_tensorboard(logger, results, summary, images, steps)
+        print(summary, flush=True)
+
+
+SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pairwise_cosine", "mean_nearest_cosine",
+                  "mean_decoded_gap", "mean_embedding_norm")
+
+
+def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, images: dict, step: int) -> None:
+    """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
+    logger.experiment.add_text("decoded_tokens", summary, step)
+    if isinstance(results, AtlasResults):
+        counts = [row.n_unique for row in results.atlas]
+        scalars = {"atlas/min_n_unique": min(counts), "atlas/mean_n_unique": sum(counts) / len(counts)}
+    else:
+        scalars = {"uniqueness/n_unique": results.uniqueness.n_unique}
+        scalars.update({f"reproducibility/{key}": getattr(results.reproducibility, key) for key in SCALAR_METRICS})
+        if results.null_model is not None:
+            scalars["uniqueness/null_expected_n_unique"] = results.null_model.expected_n_unique
+            scalars["uniqueness/null_p_value"] = results.null_model.p_value
+    logger.log_metrics(scalars, step)
+    for name, pixels in images.items():  # (H, W, 3) uint8, as report.plots.save_png returns them
+        logger.experiment.add_image(f"report/{name}", pixels, step, dataformats="HWC")
+    logger.experiment.flush()

@@ -1,0 +1,8 @@
+"""Presentation only, from typed results: report.md and the atlas (``markdown``), report.html (``html`` and
+``templates/``), the PNG plots (``plots``) and the sensitivity study's files (``sensitivity``). Nothing here computes a
+number the results do not hold.
+
+A new page section goes in ``templates/`` (its markup) and ``html`` (the values it shows).
+
+May import: base, analysis.
+"""

@@ -1,0 +1,348 @@
+"""report.html: one self-contained page per run, sweep, study and sensitivity study.
+
+Pages come from Jinja2 templates (``templates/``) with autoescaping on: every token string is untrusted text and is
+only ever inserted escaped, or as JSON in a ``<script type="application/json">`` block (``tojson`` escapes ``<``,
+``>``, ``&`` and ``'``), which the page's script reads and writes with ``textContent``. A page needs no network:
+CSS, script and images are inline (plots as ``data:`` PNGs, charts as SVG), links are relative, and its
+Content-Security-Policy allows nothing to be fetched and only the page's own script (by hash) to run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import unicodedata
+from datetime import datetime, timezone
+from importlib import metadata
+from urllib.parse import quote
+
+import jinja2
+
+from amax_lightning.analysis.results import AtlasResults, UnitResults
+from amax_lightning.base.files import write_text_atomic
+
+NEURONPEDIA = "https://www.neuronpedia.org/"
+PACKAGES = ("amax_lightning", "torch", "transformers", "lightning", "torchmetrics", "numpy")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")  # matplotlib's tab10: the plots' seed colours
+NEGATIVE, ZERO, POSITIVE = (33, 102, 172), (255, 255, 255), (178, 24, 43)  # the diverging scale's ends, RGB
+
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("amax_lightning.report", "templates"), autoescape=True,
+                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+# --- text and colour, as every page shows them ---------------------------------------------------------------
+_INVISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍", " ": "·"}
+
+
+def visible(token: str) -> str:
+    """A token as it is shown: newlines and tabs as ``↵`` and ``⇥``, other control and format characters
+    (NUL, right-to-left marks, zero-width joiners) as ``⟨U+200F⟩``, the empty string as ``∅``; leading and
+    trailing spaces as ``·``. Escaping for HTML is the template's job, not this function's."""
+    shown = []
+    for position, char in enumerate(token):
+        edge = position == 0 or position == len(token) - 1
+        if char in _INVISIBLE and (char != " " or edge):
+            shown.append(_INVISIBLE[char])
+        elif unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            shown.append(f"⟨U+{ord(char):04X}⟩")
+        else:
+            shown.append(char)
+    return "".join(shown) or "∅"
+
+
+def diverging(value: float, scale: float) -> str:
+    """The background of an activation: white at 0, blue for negative, red for positive, full colour at
+    ``|value| >= scale``; as ``rgb(r, g, b)``. The atlas's script computes the same (``page.js``)."""
+    t = 0.0 if not scale or not math.isfinite(value) else max(-1.0, min(1.0, value / scale))
+    end = POSITIVE if t > 0 else NEGATIVE
+    r, g, b = (round(z + abs(t) * (e - z)) for z, e in zip(ZERO, end))
+    return f"rgb({r}, {g}, {b})"
+
+
+def ink(value: float, scale: float) -> str:
+    """Text colour on ``diverging(value, scale)``: white on a strong colour, else near-black."""
+    return "#fff" if scale and math.isfinite(value) and abs(value) / scale > 0.6 else "#111"
+
+
+def symmetric_scale(values) -> float:
+    """The colour scale's end: the largest finite |value| (1.0 when there is none)."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    return max(finite) if finite and max(finite) > 0 else 1.0
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A number as the pages print it: ``digits`` significant digits, ``-`` for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def neuronpedia_link(url) -> str | None:
+    """``url`` if it is a Neuronpedia page, else None (a config could hold any text)."""
+    return url if isinstance(url, str) and url.startswith(NEURONPEDIA) and "\\" not in url else None
+
+
+def relative_link(path: str, start: str) -> str:
+    """A relative, URL-quoted link from folder ``start`` to ``path``: it works from ``file://`` and when both move."""
+    return quote(os.path.relpath(path, start).replace(os.sep, "/"), safe="/")
+
+
+def png_data_uri(path: str) -> str | None:
+    """A PNG file as a ``data:`` URI (None when the file is missing)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        return "data:image/png;base64," + base64.b64encode(handle.read()).decode("ascii")
+
+
+def versions() -> dict[str, str]:
+    """Python and the packages that decide the numbers, with their versions."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def quoted(token: str) -> str:
+    """A token as a JSON string literal (escapes for control characters), format characters as ``\\uXXXX``."""
+    text = json.dumps(token, ensure_ascii=False)
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cf", "Zl", "Zp") else c for c in text)
+
+
+_ENV.filters.update(visible=visible, fmt=fmt, quoted=quoted)
+_ENV.globals.update(zip=zip)
+
+
+def render(template: str, title: str, **context) -> str:
+    """A page: ``template`` with ``context``, its script allowed by hash in the page's Content-Security-Policy."""
+    script = _ENV.get_template("page.js").render()
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return _ENV.get_template(template).render(
+        title=title, script=script, script_hash=f"sha256-{digest}", versions=versions(), argv=" ".join(sys.argv),
+        written=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **context)
+
+
+def write_page(folder: str, template: str, title: str, **context) -> str:
+    """Render a page and write it atomically to ``folder/report.html``; return its path."""
+    path = os.path.join(folder, "report.html")
+    write_text_atomic(path, render(template, title, **context))
+    return path
+
+
+# --- single unit -------------------------------------------------------------------------------------------------
+def answer(results: UnitResults) -> str:
+    """The result in one sentence: n_unique against chance and its p-value."""
+    u, null = results.uniqueness, results.null_model
+    text = f"{u.n_unique} of {u.n_total} decoded tokens are unique"
+    if null is None:
+        return text + " (no null model was computed: run with --results.null_samples > 0 for the chance level)."
+    source = "random directions decoded" if null.n_samples else "uniform over the allowed tokens"
+    if null.p_value is None:
+        return f"{text}; chance ({source}) expects {null.expected_n_unique:.1f}."
+    verdict = ("fewer than chance: the seeds agree more than random starts would"
+               if null.p_value < 0.05 else "no fewer than chance: the seeds do not find a common optimum")
+    return (f"{text}; chance ({source}) expects {null.expected_n_unique:.1f} (p = {null.p_value:.3g} for "
+            f"{u.n_unique} or fewer): {verdict}.")
+
+
+def token_rows(results: UnitResults) -> tuple[list[dict], float]:
+    """Per seed, its tokens with their activations and colours (optimized input and decoded token, one scale)."""
+    activations = [a for run in results.runs for a in (*run.position_activations, *run.decoded_position_activations)]
+    scale = symmetric_scale(activations)
+    rows = []
+    for run in results.runs:
+        tokens = []
+        for i, token in enumerate(run.tokens):
+            optimized, decoded = run.position_activations[i], run.decoded_position_activations[i]
+            tokens.append({
+                "id": run.token_ids[i], "text": token, "optimized": optimized, "decoded": decoded,
+                "colour_optimized": diverging(optimized, scale), "ink_optimized": ink(optimized, scale),
+                "colour_decoded": diverging(decoded, scale), "ink_decoded": ink(decoded, scale),
+                "cosine": run.cosine[i], "norm": run.embedding_norm[i],
+                "nearest": run.nearest[i] if results.method == "continuous" and run.nearest else [],
+            })
+        rows.append({"seed": run.seed, "final": run.final_activation, "decoded": run.decoded_activation,
+                     "gap": run.decoded_gap, "tokens": tokens})
+    return rows, scale
+
+
+def pareto_chart(results: UnitResults, width: int = 680, height: int = 340) -> dict | None:
+    """EPO's frontiers as SVG scatter coordinates: x = cross-entropy, y = activation; each point keeps its text."""
+    if not results.pareto:
+        return None
+    points = [(seed, p) for seed in results.pareto for p in seed.frontier]
+    if not points:
+        return None
+    xs, ys = [p.cross_entropy for _, p in points], [p.activation for _, p in points]
+    box = _axes_box(min(xs), max(xs), min(ys), max(ys), width, height)
+    series = []
+    for index, seed in enumerate(results.pareto):
+        marks = [{"x": box["x"](p.cross_entropy), "y": box["y"](p.activation),
+                  "tip": f"seed {seed.seed}: {visible(p.text)}  (activation {p.activation:.4g}, cross-entropy "
+                         f"{p.cross_entropy:.3f})"} for p in sorted(seed.frontier, key=lambda p: p.cross_entropy)]
+        series.append({"seed": seed.seed, "colour": PALETTE[index % len(PALETTE)], "points": marks})
+    return {**box["frame"], "series": series, "x_label": "cross-entropy (nats per token)",
+            "y_label": f"objective ({results.aggregate} activation)"}
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values (steps of 1, 2 or 5 times a power of ten) inside [low, high]."""
+    raw = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw / 1.5)
+    first = math.ceil(low / step - 1e-9) * step
+    return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _axes_box(x0: float, x1: float, y0: float, y1: float, width: int, height: int, pad: int = 48) -> dict:
+    """Linear maps from data to SVG pixels inside a ``pad`` margin, with round ticks on each axis."""
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    sx = lambda v: pad + (v - x0) / (x1 - x0) * (width - 1.5 * pad)  # noqa: E731
+    sy = lambda v: height - pad + (v - y0) / (y1 - y0) * -(height - 1.5 * pad)  # noqa: E731
+    frame = {"width": width, "height": height, "pad": pad,
+             "x_ticks": [{"at": sx(v), "label": fmt(float(v), 3)} for v in nice_ticks(x0, x1)],
+             "y_ticks": [{"at": sy(v), "label": fmt(float(v), 3)} for v in nice_ticks(y0, y1)]}
+    return {"x": sx, "y": sy, "frame": frame}
+
+
+def context_rows(results: UnitResults) -> list[dict]:
+    """The data baseline's top text contexts, token by token, coloured on one scale."""
+    baseline = results.data_baseline
+    contexts = baseline.top_contexts if baseline and baseline.top_contexts else []
+    scale = symmetric_scale([a for c in contexts for a in c.context_activations])
+    return [{"activation": c.activation, "position": c.position,
+             "tokens": [{"text": t, "activation": a, "colour": diverging(a, scale), "ink": ink(a, scale),
+                         "max": i == c.context_index} for i, (t, a) in enumerate(zip(c.context, c.context_activations))]}
+            for c in contexts]
+
+
+def settings(results: UnitResults) -> list[tuple[str, str]]:
+    """The run's protocol and numerics as (name, value) rows."""
+    rows = [("model", results.model), ("target", results.target), ("method", results.method),
+            ("steps", str(results.steps) + (" (partial: interrupted)" if results.partial else "")),
+            ("seeds", ", ".join(map(str, results.seeds))), ("tokens per seed", str(results.n_tokens)),
+            ("aggregate over positions", results.aggregate)]
+    if results.method == "continuous":
+        rows += [("learning rate", fmt(results.lr)), ("l2", fmt(results.l2)),
+                 ("priors", ", ".join(results.priors) or "none")]
+    rows += [("initial scale (std of the input embeddings)", fmt(results.init_scale)),
+             ("mean vocabulary norm", fmt(results.vocab_norm))]
+    rows += [(f"search: {key}", str(value)) for key, value in (results.search or {}).items()]
+    rows += [(f"numerics: {key}", str(value)) for key, value in results.numerics.items()]
+    if results.null_model:
+        null = results.null_model
+        errors = ", ".join(f"{name} standard error {value:.2g}" for name, value in
+                           (("expected n_unique", null.expected_n_unique_se), ("p-value", null.p_value_se))
+                           if value is not None)
+        rows += [("null model", f"{null.n_samples} random directions, {null.n_simulations} simulated studies"
+                                + (f"; {errors}" if errors else ""))]
+    return rows
+
+
+UNIT_PLOTS = (("activation_curves", "Objective per step, per seed"),
+              ("token_frequency", "How often each decoded token occurs"),
+              ("embedding_similarity", "Cosine between the seeds' optimized embeddings"),
+              ("nearest_cosine", "Cosine of each optimized vector to its nearest token"))
+
+
+def write_unit_page(log_dir: str, results: UnitResults) -> str:
+    """Write ``report.html`` for a run of one unit, from its results and the PNG plots already in ``log_dir``."""
+    rows, scale = token_rows(results)
+    plots = [(title, png_data_uri(os.path.join(log_dir, f"{name}.png"))) for name, title in UNIT_PLOTS]
+    record = results.sae or results.direction
+    return write_page(
+        log_dir, "unit.html.j2", f"amax_lightning: {results.target}", r=results, answer=answer(results), rows=rows,
+        scale=scale, plots=[(t, uri) for t, uri in plots if uri], pareto=pareto_chart(results),
+        contexts=context_rows(results), settings=settings(results),
+        record=sorted(record.items()) if record else None,
+        neuronpedia=neuronpedia_link((results.sae or {}).get("neuronpedia")),
+        repeated=[(t, c) for t, c in sorted(zip(results.uniqueness.tokens, results.uniqueness.counts),
+                                            key=lambda pair: -pair[1]) if c > 1])
+
+
+# --- sweep -------------------------------------------------------------------------------------------------------
+ATLAS_COLUMNS = (("target", "target", "text"), ("n_unique", "n unique", "int"), ("n_total", "of", "int"),
+                 ("mean_final_activation", "mean final activation", "num"),
+                 ("min_final_activation", "min final activation", "num"),
+                 ("mean_nearest_cosine", "mean nearest cosine", "num"), ("null_p_value", "null p-value", "num"))
+
+
+def _short(value: float) -> float:
+    """3 significant digits: the atlas's per-token numbers, which only colour tokens and fill tooltips."""
+    return float(f"{value:.3g}") if math.isfinite(value) else 0.0
+
+
+def atlas_data(results: AtlasResults) -> dict:
+    """The atlas page's data: table rows, and per unit its seeds' decoded tokens (indices into a table of the
+    distinct token strings, shown with ``visible``) and the decoded tokens' activations, 3 digits."""
+    index: dict[str, int] = {}  # token -> its entry in ``shown``: ``visible`` runs once per distinct token
+    shown, tokens, activations, links = [], [], [], []
+    for unit in results.units:
+        for token in (t for run in unit.runs for t in run.tokens):
+            if token not in index:
+                index[token] = len(shown)
+                shown.append(visible(token))
+        tokens.append([index[t] for run in unit.runs for t in run.tokens])
+        activations.append([_short(a) for run in unit.runs for a in run.decoded_position_activations])
+        links.append(neuronpedia_link((unit.sae or {}).get("neuronpedia")))
+    first = results.units[0]
+    return {
+        "columns": [{"key": key, "label": label, "kind": kind} for key, label, kind in ATLAS_COLUMNS],
+        "rows": [[getattr(row, key) for key, _, _ in ATLAS_COLUMNS] for row in results.atlas],
+        "links": links if any(links) else None, "seeds": [run.seed for run in first.runs],
+        "n_tokens": first.n_tokens, "strings": shown, "tokens": tokens, "activations": activations,
+    }
+
+
+def histogram(counts: list[int], n_total: int, width: int = 640, height: int = 240) -> dict:
+    """The n_unique histogram as SVG bars: one bar per value 1..n_total, its height the number of units."""
+    per_value = [0] * (n_total + 1)
+    for count in counts:
+        per_value[count] += 1
+    box = _axes_box(0.5, n_total + 0.5, 0, max(per_value), width, height)
+    step = box["x"](1.5) - box["x"](0.5)
+    bars = [{"x": box["x"](value - 0.5), "y": box["y"](units), "w": max(step - 1, 1),
+             "h": box["y"](0) - box["y"](units), "tip": f"n_unique {value}: {units} unit{'s' * (units != 1)}"}
+            for value, units in enumerate(per_value) if value > 0 and units > 0]
+    return {**box["frame"], "bars": bars, "x_label": f"unique tokens of {n_total}", "y_label": "units"}
+
+
+def write_atlas_page(log_dir: str, results: AtlasResults) -> str:
+    """Write ``report.html`` for a sweep: the sortable, filterable table of every unit and the n_unique histogram."""
+    first = results.units[0]
+    counts = [row.n_unique for row in results.atlas]
+    return write_page(
+        log_dir, "atlas.html.j2", f"amax_lightning atlas: {len(results.atlas)} units", first=first,
+        n_units=len(results.atlas), counts={"min": min(counts), "median": sorted(counts)[len(counts) // 2],
+                                            "max": max(counts)},
+        histogram=histogram(counts, first.uniqueness.n_total), data=atlas_data(results),
+        ranked=png_data_uri(os.path.join(log_dir, "atlas.png")))
+
+
+# --- study and sensitivity ---------------------------------------------------------------------------------------
+def write_study_page(folder: str, rows: list[dict], columns: tuple[str, ...], complete: bool) -> str:
+    """Write the study's ``report.html``: its table, each row linking to its run's page."""
+    table = []
+    for row in rows:
+        run_page = os.path.join(os.path.dirname(row["results"]), "report.html")
+        table.append({**row, "link": relative_link(run_page, folder) if os.path.isfile(run_page) else None})
+    return write_page(folder, "study.html.j2", "amax_lightning study", rows=table,
+                      columns=[c for c in columns if c != "results"], complete=complete)
+
+
+def write_sensitivity_page(folder: str, document: dict, plot_titles: dict[str, str]) -> str:
+    """Write the sensitivity study's ``report.html``: per target the verdict and tables, then the plots."""
+    plots = [(title, png_data_uri(os.path.join(folder, f"{name}.png"))) for name, title in plot_titles.items()]
+    return write_page(folder, "sensitivity.html.j2", "amax_lightning sensitivity study", targets=document["targets"],
+                      plots=[(t, uri) for t, uri in plots if uri])

@@ -1,0 +1,125 @@
+"""Presentation only: the summary table, report.md with its plots, and a sweep's atlas, from typed results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from amax_lightning.analysis.results import AtlasResults, AtlasRow, UnitResults  # noqa: E402
+from amax_lightning.base.files import write_text_atomic
+from amax_lightning.report.plots import run_figures, save_png
+
+_MARKDOWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "\\": "\\\\",
+                     **{c: "\\" + c for c in "`*_[]~"}}
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` safe in a markdown table cell: HTML's ``& < >`` as entities, ``|`` and markdown's inline marks
+    (`` ` * _ [ ] ~ \\ ``) backslash-escaped, line breaks as ``\\n``. Tokens are untrusted text."""
+    escaped = "".join(_MARKDOWN_ESCAPES.get(c, c) for c in text)
+    return escaped.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def markdown_token(token: str) -> str:
+    """A token in a markdown report: as a JSON string (control characters escaped), then ``markdown_cell``."""
+    return markdown_cell(json.dumps(token))
+
+
+def summary_markdown(results: UnitResults) -> str:
+    """A markdown table (seed, tokens, cosines, final activation, decoded activation) and the uniqueness line."""
+    priors = ", ".join(results.priors) or "none"
+    lines = [
+        f"target {markdown_cell(results.target)} ({results.aggregate} over positions) of {markdown_cell(results.model)}, "
+        f"{results.steps} steps, " + (f"lr {results.lr}, priors: {priors}" if results.method == "continuous"
+                                      else f"method {results.method}") + (" — PARTIAL" if results.partial else ""),
+        "",
+        "| seed | tokens | cosine | final activation | decoded activation |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for run in results.runs:
+        tokens = " ".join(markdown_token(t) for t in run.tokens)
+        cosines = " ".join(f"{c:.3f}" for c in run.cosine)
+        lines.append(f"| {run.seed} | {tokens} | {cosines} | {run.final_activation:.4g} | {run.decoded_activation:.4g} |")
+    u = results.uniqueness
+    repeated = [f"{markdown_token(t)} x{c}" for t, c in zip(u.tokens, u.counts) if c > 1]
+    lines += ["", f"unique tokens: {u.n_unique} of {u.n_total}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
+    null = results.null_model
+    if null:
+        se = lambda v: f" ± {v:.2g}" if v else ""  # noqa: E731  (the Monte Carlo standard error; none when exact)
+        lines.append(
+            f"chance ({'random directions decoded' if null.n_samples else 'uniform over the allowed tokens'}): "
+            f"expected {null.expected_n_unique:.1f}{se(null.expected_n_unique_se)} unique of {null.n_vectors}, "
+            f"p-value of {u.n_unique} or fewer = {null.p_value:.3g}{se(null.p_value_se)}"
+        )
+    data = results.data_baseline
+    if data and data.overlap:
+        lines.append(
+            f"data baseline: {data.overlap.count} of {data.overlap.n_gradient} gradient-ascent tokens are among the top "
+            f"{len(data.top_tokens.token_ids)} one-token activations"
+        )
+    repro = results.reproducibility
+    lines.append(
+        f"position agreement {repro.mean_position_agreement:.2f}, pairwise Jaccard {repro.mean_pairwise_jaccard:.2f}, "
+        f"pairwise embedding cosine {repro.mean_pairwise_cosine:.2f}, nearest-token cosine {repro.mean_nearest_cosine:.2f}, "
+        f"decoding loses {repro.mean_decoded_gap:.4g} of the activation on average"
+    )
+    return "\n".join(lines)
+
+
+def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[int], history: torch.Tensor,
+                 history_seeds: list[int]) -> dict:
+    """Write ``report.md``, its PNG plots and ``activation_history.csv`` into ``log_dir``; return the plots' pixels.
+
+    ``history`` holds each seed's objective per step, shape (len(steps), seeds), its columns the seeds
+    ``history_seeds``; the plots are returned as ``save_png`` gives them, so they can go to TensorBoard too.
+    """
+    figures = run_figures(results, steps, history, history_seeds)
+    images = {name: save_png(figure, os.path.join(log_dir, f"{name}.png")) for name, figure in figures.items()}
+    header = "step," + ",".join(f"seed_{s}" for s in history_seeds)
+    rows = [f"{step}," + ",".join(f"{v:.9g}" for v in values.tolist()) for step, values in zip(steps, history)]
+    write_text_atomic(os.path.join(log_dir, "activation_history.csv"), "\n".join([header, *rows]) + "\n")
+    links = "\n".join(f"![{name}]({name}.png)" for name in images)
+    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization report\n\n{summary}\n\n{links}\n")
+    return images
+
+
+ATLAS_COLUMNS = tuple(f.name for f in dataclasses.fields(AtlasRow))
+
+
+def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str, dict]:
+    """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep.
+
+    Returns the summary text (the most reproducible units first) and the plot's pixels, for TensorBoard.
+    """
+    rows = results.atlas
+    cell = lambda v: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [",".join(ATLAS_COLUMNS)]
+    lines += [",".join(cell(getattr(row, c)) for c in ATLAS_COLUMNS) for row in rows]
+    write_text_atomic(os.path.join(log_dir, "atlas.csv"), "\n".join(lines) + "\n")
+    ranked = sorted(rows, key=lambda row: (row.n_unique, -row.mean_final_activation))
+    counts = sorted(row.n_unique for row in rows)
+    summary = [
+        f"sweep of {len(rows)} units x {rows[0].n_total} vectors each: n_unique min {counts[0]}, "
+        f"median {counts[len(counts) // 2]}, max {counts[-1]}" + (" — PARTIAL" if results.units[0].partial else ""),
+        "",
+        "| target | n_unique | mean final activation | mean nearest cosine | null p-value |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in ranked[:top]:
+        p_value = "-" if row.null_p_value is None else f"{row.null_p_value:.3g}"
+        summary.append(f"| {markdown_cell(row.target)} | {row.n_unique} of {row.n_total} | {row.mean_final_activation:.4g} "
+                       f"| {row.mean_nearest_cosine:.3f} | {p_value} |")
+    text = "\n".join(summary)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(range(len(counts)), counts, lw=1)
+    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0].n_total}", title="atlas: reproducibility per unit")
+    image = save_png(figure, os.path.join(log_dir, "atlas.png"))
+    write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization atlas\n\n{text}\n\n![atlas](atlas.png)\n")
+    return text, {"atlas": image}
