@@ -4,7 +4,8 @@ new home.
 
 A moved module is the new module itself (same object: patching one patches the other). A module that was split
 (``null_model``, ``search``, ``sensitivity``, ``report``, ``cli``, ``runs``) becomes a module that finds each name in
-its new homes, in order.
+its new homes, in order. The two old modules whose names are now packages (``analysis``, ``report``) give their old
+names from the package (``old_names``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import types
 import warnings
 
 MOVED = {  # old module -> its new home(s), where each of its names now lives
-    "analysis": ["analysis.results"], "backbone": ["model.backbone"], "baseline": ["analysis.baseline"],
+    "backbone": ["model.backbone"], "baseline": ["analysis.baseline"],
     "callbacks": ["lightning.callbacks"], "checks": ["base.checks"], "chunking": ["model.chunking"],
     "cli": ["lightning.cli", "lightning.progress", "commands.fit"], "cluster": ["lightning.cluster"],
     "data": ["lightning.data"], "decode": ["model.decode"], "errors": ["base.errors"],
     "logit_effects": ["analysis.logit_effects"], "metrics": ["analysis.metrics"], "module": ["lightning.module"],
     "null_model": ["analysis.null_model", "analysis.null_pool"], "objective": ["optimize.objective"],
     "param": ["optimize.param"], "priors": ["optimize.priors"], "readout": ["model.readout"],
-    "report": ["report.markdown", "report.plots"], "report_html": ["report.html"],
+    "report_html": ["report.html"],
     "runs": ["lightning.runs", "base.files"], "sae": ["model.sae"],
     "search": ["optimize.search", "optimize.search_space", "optimize.pareto"], "seeds": ["base.seeds"],
     "sensitivity": ["analysis.sensitivity", "lightning.sensitivity_recorder", "report.sensitivity"],
@@ -32,25 +33,47 @@ MOVED = {  # old module -> its new home(s), where each of its names now lives
     "methods": ["optimize.methods"], "methods.continuous": ["optimize.methods.continuous"],
     "methods.token_search": ["optimize.methods.token_search"],
 }
+NOW_PACKAGES = {"analysis": ["analysis.results"], "report": ["report.markdown", "report.plots"]}
 RENAMED = {"_check_vocab": "check_vocab", "_check_scale": "check_scale", "_cached_ids": "cached_pool",
            "_remember_verdict": "remember_decode_verdict"}  # private names of split modules that became public
+
+
+def _find(homes: list[str], name: str, where: str) -> tuple[str, object]:
+    """The first of the modules ``homes`` that has ``name``, and its value; AttributeError naming ``where`` if none."""
+    for home in homes:
+        module = importlib.import_module(f"amax_lightning.{home}")
+        if hasattr(module, RENAMED.get(name, name)):
+            return home, getattr(module, RENAMED.get(name, name))
+    raise AttributeError(f"module {where!r} has no attribute {name!r}")
+
+
+def old_names(package: str):
+    """The ``__getattr__`` of a package that took an old module's name: that module's names, with a warning."""
+    homes = NOW_PACKAGES[package]
+
+    def __getattr__(name: str):
+        home, value = _find(homes, name, f"amax_lightning.{package}")
+        warnings.warn(f"amax_lightning.{package}.{name} moved to amax_lightning.{home}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return value
+
+    return __getattr__
 
 
 class _SplitModule(types.ModuleType):
     """An old module whose names now live in several modules: each attribute is looked up in ``homes``, in order."""
 
-    def __init__(self, name: str, homes: list[types.ModuleType]) -> None:
+    def __init__(self, name: str, homes: list[str]) -> None:
         super().__init__(name)
         self._homes = homes
 
     def __getattr__(self, attribute: str):
-        for home in self._homes:
-            if hasattr(home, RENAMED.get(attribute, attribute)):
-                return getattr(home, RENAMED.get(attribute, attribute))
-        raise AttributeError(f"module {self.__name__!r} has no attribute {attribute!r}")
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return _find(self._homes, attribute, self.__name__)[1]
 
     def __dir__(self) -> list[str]:
-        return sorted({name for home in self._homes for name in dir(home)})
+        return sorted({n for home in self._homes for n in dir(importlib.import_module(f"amax_lightning.{home}"))})
 
 
 class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -64,11 +87,14 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        homes = [f"{self.prefix}{home}" for home in MOVED[spec.name[len(self.prefix):]]]
-        warnings.warn(f"{spec.name} moved to {' and '.join(homes)}; import it from there", DeprecationWarning,
-                      stacklevel=2)
-        modules = [importlib.import_module(home) for home in homes]
-        return modules[0] if len(modules) == 1 else _SplitModule(spec.name, modules)
+        homes = MOVED[spec.name[len(self.prefix):]]
+        warnings.warn(f"{spec.name} moved to {' and '.join(self.prefix + h for h in homes)}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        if len(homes) == 1:
+            return importlib.import_module(self.prefix + homes[0])
+        for home in homes:
+            importlib.import_module(self.prefix + home)
+        return _SplitModule(spec.name, homes)
 
     def exec_module(self, module) -> None:
         pass

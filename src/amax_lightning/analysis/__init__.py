@@ -7,3 +7,7 @@ A new analysis goes here as a function of tensors, with its dataclass field in `
 
 May import: base, model, optimize.
 """
+
+from amax_lightning._compat import old_names
+
+__getattr__ = old_names("analysis")  # the names of yesterday's module amax_lightning.analysis

@@ -6,3 +6,7 @@ A new page section goes in ``templates/`` (its markup) and ``html`` (the values 
 
 May import: base, analysis.
 """
+
+from amax_lightning._compat import old_names
+
+__getattr__ = old_names("report")  # the names of yesterday's module amax_lightning.report
