@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models saved to temp folders (random init, real GPT-2 tokenizer), ``fit_tiny`` (an
 in-process fit) and a CLI runner. Tiers: ``unit`` (no Trainer), ``integration`` (in-process fits), ``e2e``
-(subprocesses, signals, DDP; marked ``slow``, which every test under ``tests/e2e`` gets automatically)."""
+(subprocesses, signals, DDP; marked ``slow``, which every test under ``tests/e2e`` gets automatically).
+
+The suite runs on pytest-xdist workers (``-n auto`` in pyproject.toml, at most ``MAX_WORKERS``); the cores are
+shared out among them (``OMP_NUM_THREADS``, which the CLI subprocesses inherit), so workers never fight over them.
+``-n 0`` runs it in one process."""
 
 from __future__ import annotations
 
@@ -15,14 +19,23 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: the suite never touches the network
 os.environ["AMAX_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="amax-cache-")  # never the user's cache
+MAX_WORKERS = 4  # each worker holds torch, transformers and Lightning (about 0.7 GB) and starts CLI subprocesses
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:  # before torch is imported: its threads, this worker's share
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
-import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig, LlamaModel
+import pytest  # noqa: E402  (after the environment above)
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig, LlamaModel  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "gpt2_tokenizer"
 REPO = Path(__file__).resolve().parents[1]
 TINY_TARGET = "blocks.2.hook_resid_pre:5"
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most ``MAX_WORKERS``."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):

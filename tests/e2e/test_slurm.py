@@ -15,6 +15,7 @@ from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_
 from conftest import REPO
 
 SBATCH = str(REPO / "scripts" / "slurm" / "fit.sbatch")
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker: the session's SLURM is started once, on it
 WAIT = ["--trainer.callbacks+=signal_at.WaitAt", "--trainer.callbacks.marker", "at_step",
         "--trainer.callbacks.step", "6"]  # rank 0 waits at step 6 (after last.ckpt of step 4) for the signal
 

@@ -63,11 +63,11 @@ def test_from_import_and_class_paths_of_split_modules(monkeypatch):
 
     assert (SensitivityRecorder, verdict) == (NewRecorder, new_verdict)
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        importlib.import_module("amax_lightning.sensitivity").no_such_name
+        _ = importlib.import_module("amax_lightning.sensitivity").no_such_name
 
 
 def test_the_python_api_is_importable_from_the_top():
     for name in amax_lightning.API:
         assert getattr(amax_lightning, name) is getattr(importlib.import_module(f"amax_lightning.{amax_lightning.API[name]}"), name)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        amax_lightning.nope
+        _ = amax_lightning.nope

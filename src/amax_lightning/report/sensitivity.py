@@ -1,15 +1,36 @@
-"""The sensitivity study's files: sensitivity.md, .json, .csv, its plots and report.html, from the summary dict."""
+"""The sensitivity study's files: sensitivity.md, .json, .csv, its plots and report.html, from the summary dict
+(``analysis.sensitivity`` computes it; the recorder in ``lightning/sensitivity_recorder.py`` writes it)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from amax_lightning.base.files import write_text_atomic  # noqa: E402
+from amax_lightning.report.html import write_sensitivity_page  # noqa: E402
+from amax_lightning.report.markdown import markdown_cell  # noqa: E402
+from amax_lightning.report.plots import save_png  # noqa: E402
+
+PLOTS = ("agreement_vs_size", "distance_vs_step", "agreement_vs_steps")
+PLOT_TITLES = {"agreement_vs_size": "Replica token agreement against perturbation size",
+               "distance_vs_step": "Distance between replicas per step",
+               "agreement_vs_steps": "Token agreement between seeds per step"}
+
+CSV_COLUMNS = ("target", "step", "size", "replica_token_agreement", "replica_embedding_cosine", "replica_distance",
+               "growth_rate", "growth_first_step", "growth_last_step", "seed_token_agreement", "seed_embedding_cosine",
+               "mean_objective", "mean_nearest_cosine")
 
 
 def markdown(document: dict) -> str:
     """sensitivity.md: per target the verdict, the per-size table at the last snapshot, snapshots and numerics."""
-    from amax_lightning.report.markdown import markdown_cell
-
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# Sensitivity: basins, plateau or chaos", ""]
     for summary in document["targets"]:
@@ -51,11 +72,6 @@ def markdown(document: dict) -> str:
 
 def figures(document: dict) -> dict:
     """The three plots: replica agreement vs perturbation size, distance vs step per size (log), agreement vs steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = {name: plt.subplots(figsize=(7, 4)) for name in PLOTS}
     for summary in document["targets"]:
         label = summary["target"]
@@ -83,18 +99,26 @@ def figures(document: dict) -> dict:
     return {name: figure for name, (figure, _) in out.items()}
 
 
+def csv_rows(summary: dict) -> list[dict]:
+    """One row per target x snapshot x size."""
+    rows = []
+    growth = {g["size"]: g for g in summary["growth"]}
+    for snapshot in summary["snapshots"]:
+        for size in snapshot["sizes"]:
+            fit = growth[size["size"]]
+            rows.append({"target": summary["target"], "step": snapshot["step"], **{k: size[k] for k in CSV_COLUMNS[2:6]},
+                         "growth_rate": fit["rate"], "growth_first_step": fit["first_step"],
+                         "growth_last_step": fit["last_step"],
+                         "seed_token_agreement": snapshot["seeds"]["token_agreement"],
+                         "seed_embedding_cosine": snapshot["seeds"]["embedding_cosine"],
+                         "mean_objective": snapshot["seeds"]["mean_objective"],
+                         "mean_nearest_cosine": snapshot["seeds"]["mean_nearest_cosine"]})
+    return rows
+
+
 def write_summary(folder: str, document: dict) -> str:
     """Write sensitivity.json, sensitivity.csv, sensitivity.md and the plots (also to TensorBoard) into ``folder``;
     return the path of sensitivity.md."""
-    import csv
-    import io
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    from amax_lightning.base.files import write_text_atomic
-    from amax_lightning.report.html import write_sensitivity_page
-    from amax_lightning.report.plots import save_png
-
     os.makedirs(folder, exist_ok=True)
     plots = figures(document)
     document = {**document, "plots": [f"{name}.png" for name in plots]}
@@ -115,33 +139,3 @@ def write_summary(folder: str, document: dict) -> str:
     write_text_atomic(path, markdown(document))
     write_sensitivity_page(folder, document, PLOT_TITLES)
     return path
-
-
-CSV_COLUMNS = ("target", "step", "size", "replica_token_agreement", "replica_embedding_cosine", "replica_distance",
-               "growth_rate", "growth_first_step", "growth_last_step", "seed_token_agreement", "seed_embedding_cosine",
-               "mean_objective", "mean_nearest_cosine")
-
-
-def csv_rows(summary: dict) -> list[dict]:
-    """One row per target x snapshot x size."""
-    rows = []
-    growth = {g["size"]: g for g in summary["growth"]}
-    for snapshot in summary["snapshots"]:
-        for size in snapshot["sizes"]:
-            fit = growth[size["size"]]
-            rows.append({"target": summary["target"], "step": snapshot["step"], **{k: size[k] for k in CSV_COLUMNS[2:6]},
-                         "growth_rate": fit["rate"], "growth_first_step": fit["first_step"],
-                         "growth_last_step": fit["last_step"],
-                         "seed_token_agreement": snapshot["seeds"]["token_agreement"],
-                         "seed_embedding_cosine": snapshot["seeds"]["embedding_cosine"],
-                         "mean_objective": snapshot["seeds"]["mean_objective"],
-                         "mean_nearest_cosine": snapshot["seeds"]["mean_nearest_cosine"]})
-    return rows
-
-
-PLOTS = ("agreement_vs_size", "distance_vs_step", "agreement_vs_steps")
-
-
-PLOT_TITLES = {"agreement_vs_size": "Replica token agreement against perturbation size",
-               "distance_vs_step": "Distance between replicas per step",
-               "agreement_vs_steps": "Token agreement between seeds per step"}
