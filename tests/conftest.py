@@ -8,7 +8,9 @@ shared out among them (``OMP_NUM_THREADS``, which the CLI subprocesses inherit),
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import os
 import socket
@@ -101,6 +103,29 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env) -> subproce
         [sys.executable, "-m", "amax_lightning", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m amax_lightning <args>`` in this process, in ``cwd``: the same path as ``run_cli`` after the
+    interpreter's start, without its ~5 s of imports. For the one-process references that subprocess runs are compared
+    with; stdout and stderr are captured, a SystemExit becomes the return code, and a relative results path printed
+    last is made absolute."""
+    from amax_lightning.__main__ import main
+
+    Path(cwd).mkdir(parents=True, exist_ok=True)
+    out, err, code, here = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    lines = out.getvalue().rstrip("\n").split("\n")
+    if code == 0 and lines[-1].endswith("results.json") and not os.path.isabs(lines[-1]):
+        lines[-1] = str(Path(cwd) / lines[-1])
+    return subprocess.CompletedProcess(["amax_lightning", *args], code, "\n".join(lines) + "\n", err.getvalue())
 
 
 @pytest.fixture(scope="session")

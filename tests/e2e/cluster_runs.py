@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from conftest import REPO, TINY_TARGET, run_cli
+from conftest import REPO, TINY_TARGET, run_in_process
 
 HELPERS = str(Path(__file__).parent)
 STEPS, EVERY = 12, 4
@@ -36,9 +36,9 @@ def helpers_env() -> dict[str, str]:
 
 
 def one_process(model: Path, method: str, folder: Path) -> dict:
-    """results.json of the plain one-process run of ``method`` (run once per session)."""
+    """results.json of the plain one-process run of ``method`` (run once per session, in this process)."""
     if method not in _references:
-        proc = run_cli(["fit", *fit_args(model, method)], cwd=folder / method, timeout=120)
+        proc = run_in_process(["fit", *fit_args(model, method)], cwd=folder / method)
         assert proc.returncode == 0, proc.stderr[-2000:]
         _references[method] = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     return _references[method]

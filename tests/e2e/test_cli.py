@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_TARGET, run_cli, write_sae
+from conftest import REPO, TINY_TARGET, run_cli, run_in_process, write_sae
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_KEYS = {"seed", "token_ids", "tokens", "cosine", "final_activation", "position_activations"}
@@ -93,7 +93,7 @@ def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
     args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", f"sae:{sae}:3,9",
             "--seeds", "0-1", "--trainer.max_steps", "10", "--trainer.accelerator", "cpu",
             "--results.null_samples", "500"]
-    _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
+    _, single = results_of(run_in_process(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
     for a, b in zip(single["units"], ddp["units"]):
         assert a["sae"] == b["sae"] and a["sae"]["center_residual"] is True
@@ -122,7 +122,8 @@ def test_ddp_token_search_equals_one_process(tiny_gpt2_dir, tmp_path):
 
 
 def assert_ddp_equals_one_process(args: list[str], tmp_path: Path) -> None:
-    _, single = results_of(run_cli(args, cwd=tmp_path / "single"))
+    """Two DDP processes (a subprocess) equal one process (run in this process)."""
+    _, single = results_of(run_in_process(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.chunk_rows", "2"],
                                 cwd=tmp_path / "ddp"))
     assert ddp["numerics"]["chunk_rows"] == 2 and single["numerics"]["chunk_rows"] == 5

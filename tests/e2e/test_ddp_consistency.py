@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import REPO, TINY_TARGET, run_cli
+from conftest import REPO, TINY_TARGET, run_cli, run_in_process
 
 HELPERS = str(Path(__file__).parent)
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--seeds", "0-4",
@@ -45,9 +45,10 @@ def test_study_under_ddp_equals_one_process_and_rank_zero_writes(tiny_gpt2_dir, 
         cwd = tmp_path / name
         cwd.mkdir()
         (cwd / "study.yaml").write_text(study)
-        proc = run_cli(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir),
-                        "--seeds", "0-2", "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
-                        "--results.null_samples", "100", *extra], cwd=cwd, timeout=180)
+        run = run_cli if extra else run_in_process  # DDP as a subprocess, the one-process reference here
+        proc = run(["study", "--config", "study.yaml", "--model.model_name_or_path", str(tiny_gpt2_dir),
+                    "--seeds", "0-2", "--trainer.max_steps", "3", "--trainer.accelerator", "cpu",
+                    "--results.null_samples", "100", *extra], cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1] == "studies/version_0/study.md"
         assert [p.name for p in (cwd / "studies").iterdir()] == ["version_0"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_TARGET, run_cli
+from conftest import REPO, TINY_TARGET, run_cli, run_in_process
 
 from amax_lightning.base.errors import NonFiniteError
 
@@ -45,13 +45,14 @@ def results_file(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_gpt2_dir, tmp_path_factory) -> dict[str, bytes]:
-    """The results.json of an uninterrupted run, per prior setting, run on first use."""
+    """The results.json of an uninterrupted run, per prior setting, run on first use (in this process; the runs
+    compared with it are subprocesses)."""
     done: dict[str, bytes] = {}
 
     class Runs(dict):
         def __missing__(self, priors: str) -> bytes:
             root = tmp_path_factory.mktemp(f"uninterrupted_{priors}")
-            proc = run_cli(study_args(tiny_gpt2_dir, priors), cwd=root)
+            proc = run_in_process(study_args(tiny_gpt2_dir, priors), cwd=root)
             assert proc.returncode == 0, proc.stderr[-2000:]
             self[priors] = results_file(root).read_bytes()
             return self[priors]

@@ -1,19 +1,19 @@
-"""The sensitivity command as users run it: a subprocess, one process and two DDP processes give one answer."""
+"""The sensitivity command as users run it: two DDP processes (a subprocess) give the answer of one process."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import TINY_TARGET, run_cli
+from conftest import TINY_TARGET, run_cli, run_in_process
 
 CONFIG = f"targets: [{TINY_TARGET}]\nseeds: 0-2\nsizes: [0, 1.0e-5, 0.1]\nreplicas: 2\nsnapshots: [5, 10]\nnumerics: []\n"
 
 
-def sensitivity(folder, cwd, *extra):
+def sensitivity(folder, cwd, *extra, run=run_cli):
     cwd.mkdir(parents=True)
     (cwd / "s.yaml").write_text(CONFIG)
-    proc = run_cli(["sensitivity", "--config", "s.yaml", "--model.model_name_or_path", str(folder),
+    proc = run(["sensitivity", "--config", "s.yaml", "--model.model_name_or_path", str(folder),
                     "--trainer.accelerator", "cpu", "--model.lr", "0.01", *extra], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "sensitivity/version_0/sensitivity.md"
@@ -22,7 +22,7 @@ def sensitivity(folder, cwd, *extra):
 
 
 def test_sensitivity_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
-    single = sensitivity(tiny_gpt2_dir, tmp_path / "single")
+    single = sensitivity(tiny_gpt2_dir, tmp_path / "single", run=run_in_process)
     ddp = sensitivity(tiny_gpt2_dir, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert ddp["verdict"] == single["verdict"] and ddp["seeds"] == single["seeds"]
     for a, b in zip(single["snapshots"], ddp["snapshots"]):
