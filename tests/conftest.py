@@ -41,9 +41,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Every e2e test is ``slow``. The SLURM tests, which one worker runs in turn (``xdist_group``), go first, so
+    the other workers share out the rest meanwhile instead of waiting for them at the end."""
     for item in items:
         if "e2e" in Path(str(item.fspath)).parts:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable: otherwise as collected
 
 
 def pytest_collection_finish(session):

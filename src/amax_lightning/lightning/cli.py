@@ -1,4 +1,5 @@
-"""``fit``: LightningCLI with the study's defaults, ``--seed`` / ``--seeds``, input checks and run folders."""
+"""``AmaxCLI``: LightningCLI with the study's defaults, ``--seed`` / ``--seeds``, input checks, run folders, checkpoints
+read safely; ``run_trainer`` builds it and runs the fit."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run folders and files: exclusive ``version_N`` folders, resume in place, atomic writes with umask permissions."""
+"""Run folders: exclusive ``version_N`` folders (``RunLogger``), resume in place, the newest ``last.ckpt``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Presentation only: the summary table, report.md with its plots, and a sweep's atlas, from typed results."""
+"""report.md: the summary table, its plots (``plots``) and ``activation_history.csv``, and a sweep's atlas, from typed
+results; markdown escaping of untrusted token strings."""
 
 from __future__ import annotations
 
