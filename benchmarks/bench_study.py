@@ -163,9 +163,10 @@ def peak_memory(device: str, out: dict, key: str):
     out[key] = (peak / 2**20, (peak - base) / 2**20)
 
 
-def matmul_ceiling(device: str, repeats: int) -> float:
-    """fp32 FLOP/s of a large square matmul on this device, best of repeats (TF32 off on CUDA: a true fp32 ceiling)."""
-    n = 4096 if device == "cpu" else 8192
+def matmul_ceiling(device: str, repeats: int, n: int | None = None) -> float:
+    """fp32 FLOP/s of a large square (n x n) matmul on this device, best of repeats (TF32 off on CUDA: a true fp32
+    ceiling); n defaults to 4,096 on CPU and 8,192 on GPU."""
+    n = n or (4096 if device == "cpu" else 8192)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     steps = 1 if device == "cpu" else 10
@@ -431,7 +432,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-atlas", action="store_true")
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--skip-numerics", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="a 9-layer, 128-wide GPT-2: a smoke run of every code path")
+    ap.add_argument("--tiny", action="store_true", help="a 9-layer, 96-wide GPT-2 (and a 1,024-wide ceiling matmul): a smoke run of every code path")
     ap.add_argument("--all-variants", action="store_true",
                     help="on CPU too, run the variants timed by default only on CUDA (TF32, fp16, bf16 raw and atlas)")
     args = ap.parse_args(argv)
@@ -441,7 +442,7 @@ def main(argv=None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     if args.tiny:
-        CONFIG = GPT2Config(n_layer=LAYER + 1, n_embd=128, n_head=4, n_positions=32)
+        CONFIG = GPT2Config(n_layer=LAYER + 1, n_embd=96, n_head=4, n_positions=32)  # wider than UNIT
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # fp32 everywhere unless a variant says otherwise
@@ -473,7 +474,7 @@ def main(argv=None) -> None:
     mem: dict[str, tuple[float, float]] = {}
     other: dict[str, float] = {}  # CPU share other processes took while each case ran
     flops: dict[str, float] = {}
-    ceiling = matmul_ceiling(device, R)
+    ceiling = matmul_ceiling(device, R, 1024 if args.tiny else None)
     useful = study_flops(N_SEEDS, d=d, d_mlp=d_mlp)
     print(f"fp32 matmul ceiling: {ceiling / 1e9:.1f} GFLOP/s; FLOPs per study step: {useful / 1e9:.2f} G "
           f"(fwd + input-grad bwd, {LAYER} blocks; the naive loop also runs the later blocks forward)", flush=True)
