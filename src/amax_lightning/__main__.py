@@ -83,6 +83,7 @@ def main(args: list[str] | None = None) -> None:
             from amax_lightning.commands.fit import run
 
             run(argv)
+        release_process_group()
     except (UserError, MisconfigurationException) as exc:
         print(f"amax_lightning: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -91,6 +92,19 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("amax_lightning: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def release_process_group() -> None:
+    """Destroy the DDP process group of a finished command, if there is one, while the interpreter is whole.
+
+    Lightning leaves it alive; left to the interpreter's exit, gloo's worker threads are torn down during
+    finalization and a process sometimes aborts (``terminate called without an active exception``, exit 134) after
+    all its work is done, which a batch system reports as a failed task (seen under ``srun -n 2``).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def command() -> None:
