@@ -25,7 +25,8 @@ def why_not_available() -> str | None:
     return None
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` TCP ports of 127.0.0.1 that nothing listens on now."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +67,7 @@ class SlurmCluster:
         subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={f / 'munge.sock'}",
                         f"--pid-file={f / 'munged.pid'}", f"--log-file={f / 'munged.log'}",
                         f"--seed-file={f / 'munged.seed'}"], check=True, capture_output=True)
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         (f / "slurm.conf").write_text(f"""ClusterName=amaxtest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root

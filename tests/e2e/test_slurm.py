@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_process, results_in
 from conftest import REPO
+from slurm_cluster import free_ports
 
 SBATCH = str(REPO / "scripts" / "slurm" / "fit.sbatch")
 pytestmark = pytest.mark.xdist_group("slurm")  # one worker: the session's SLURM is started once, on it
@@ -21,7 +22,11 @@ WAIT = ["--trainer.callbacks+=signal_at.WaitAt", "--trainer.callbacks.marker", "
 
 
 def job_env() -> dict[str, str]:
-    return {"AMAX_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **helpers_env()}
+    """The environment of a test job. Its rendezvous port is a free one (``MASTER_PORT``, which Lightning honours):
+    by default Lightning derives it from the job id (15000 + its last 4 digits), and this SLURM's job ids restart at
+    1 in every session, so the port is a fixed number that a process of another test worker may hold."""
+    return {"AMAX_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(free_ports(1)[0]),
+            **helpers_env()}
 
 
 def sbatch(slurm, cwd: Path, *args: str) -> str:
