@@ -54,8 +54,9 @@ HELP_FLAGS = ("-h", "--help")
 
 
 def main(args: list[str] | None = None) -> None:
-    """``fit ...`` runs one study (``commands/fit.py``), ``study ...`` a grid of them (``commands/study.py``), ``sensitivity ...``
-    the perturbation study (``commands/sensitivity.py``); ``--help`` at the top or after a command prints its help.
+    """``fit ...`` runs one study (``commands/fit.py``), ``study ...`` a grid of them (``commands/study.py``),
+    ``sensitivity ...`` the perturbation study (``commands/sensitivity.py``); ``--help`` at the top or after a command
+    prints its help.
 
     A user mistake prints one line on stderr and exits with code 2; Ctrl-C exits 130 (1 when Lightning
     handled it), SIGTERM 143.

@@ -34,16 +34,14 @@ MOVED = {  # old module -> its new home(s), where each of its names now lives
     "methods.token_search": ["optimize.methods.token_search"],
 }
 NOW_PACKAGES = {"analysis": ["analysis.results"], "report": ["report.markdown", "report.plots"]}
-RENAMED = {"_check_vocab": "check_vocab", "_check_scale": "check_scale", "_cached_ids": "cached_pool",
-           "_remember_verdict": "remember_decode_verdict"}  # private names of split modules that became public
 
 
 def _find(homes: list[str], name: str, where: str) -> tuple[str, object]:
     """The first of the modules ``homes`` that has ``name``, and its value; AttributeError naming ``where`` if none."""
     for home in homes:
         module = importlib.import_module(f"amax_lightning.{home}")
-        if hasattr(module, RENAMED.get(name, name)):
-            return home, getattr(module, RENAMED.get(name, name))
+        if hasattr(module, name):
+            return home, getattr(module, name)
     raise AttributeError(f"module {where!r} has no attribute {name!r}")
 
 

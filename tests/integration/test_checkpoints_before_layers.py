@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from amax_lightning.commands.fit import run
+from conftest import run_in_process
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "checkpoints_before_layers"
 ARGS = ["fit", "--model.model_name_or_path", "tiny_gpt2", "--model.target", "blocks.2.hook_resid_pre:5", "--seeds",
@@ -19,24 +18,24 @@ METHODS = {"continuous_clamp_step4.ckpt": ["--model.priors", "clamp", "--model.l
            "gcg_step4.ckpt": ["--model.method", "gcg", "--model.candidates", "8", "--model.top_k", "32"]}
 
 
-def fit_in(folder: Path, tiny_gpt2_dir: Path, monkeypatch, *args: str) -> Path:
+def fit_in(folder: Path, tiny_gpt2_dir: Path, *args: str) -> Path:
     """``python -m amax_lightning fit ...`` in this process, in ``folder`` (the model as ``./tiny_gpt2``)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tiny_gpt2").symlink_to(tiny_gpt2_dir)
-    monkeypatch.chdir(folder)
-    writer = run(list(args))
-    return Path(writer.results_path)
+    proc = run_in_process(list(args), folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Path(proc.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("fixture", sorted(METHODS))
-def test_a_checkpoint_from_before_the_move_resumes_to_the_same_results(fixture, tiny_gpt2_dir, tmp_path, monkeypatch):
+def test_a_checkpoint_from_before_the_move_resumes_to_the_same_results(fixture, tiny_gpt2_dir, tmp_path):
     saved = torch.load(FIXTURES / fixture, weights_only=True)
     assert saved["global_step"] == 4 and saved["hyper_parameters"]["model_name_or_path"] == "tiny_gpt2"
-    uninterrupted = fit_in(tmp_path / "uninterrupted", tiny_gpt2_dir, monkeypatch, *ARGS, *METHODS[fixture])
+    uninterrupted = fit_in(tmp_path / "uninterrupted", tiny_gpt2_dir, *ARGS, *METHODS[fixture])
 
     resumed_folder = tmp_path / "resumed"
     (resumed_folder / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
     shutil.copy(FIXTURES / fixture, resumed_folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
-    resumed = fit_in(resumed_folder, tiny_gpt2_dir, monkeypatch, *ARGS, *METHODS[fixture], "--ckpt_path", "last")
+    resumed = fit_in(resumed_folder, tiny_gpt2_dir, *ARGS, *METHODS[fixture], "--ckpt_path", "last")
     assert resumed == resumed_folder / "lightning_logs" / "version_0" / "results.json"  # resumed in place
     assert resumed.read_bytes() == uninterrupted.read_bytes()

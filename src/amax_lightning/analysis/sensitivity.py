@@ -159,3 +159,26 @@ def snapshot_metrics(step: int, tokens: torch.Tensor, embeddings: torch.Tensor, 
     }
 
 
+def summarize(module, recorder) -> dict:
+    """One target's sensitivity summary: settings, distance curves and growth rates per size, the snapshots, and
+    the verdict of the last snapshot. ``module`` is the run's ActMaxModule (its settings are read), ``recorder`` its
+    ``SensitivityRecorder`` (``steps``, ``distances``, ``snapshot_records``)."""
+    sizes = list(module.hparams.perturb_sizes)
+    curves = np.asarray(recorder.distances, dtype=float).T if recorder.distances else np.zeros((len(sizes), 0))
+    growth = [growth_rate(recorder.steps, list(curve)) if size > 0 else
+              {"rate": None, "first_step": None, "last_step": None, "reason": "control: no perturbation"}
+              for size, curve in zip(sizes, curves)]
+    last = recorder.snapshot_records[-1] if recorder.snapshot_records else None
+    summary = {
+        "target": module.hparams.target, "model": module.model_name_or_path, "seeds": list(module.seeds),
+        "sizes": sizes, "replicas": module.hparams.replicas, "n_tokens": module.n_tokens, "lr": module.lr,
+        "priors": list(module.prior_names), "numerics": module.numerics(),
+        "distance_curves": {"steps": list(recorder.steps), "mean_relative_distance": curves.tolist()},
+        "growth": [{"size": size, **fit} for size, fit in zip(sizes, growth)],
+        "snapshots": recorder.snapshot_records,
+        "thresholds": {"chaos_agreement": CHAOS_AGREEMENT, "plateau_cosine": PLATEAU_COSINE,
+                       "plateau_agreement": PLATEAU_AGREEMENT, "basin_size": BASIN_SIZE, "saturation": SATURATION,
+                       "moving": MOVING},
+    }
+    summary["verdict"] = verdict(last) if last else {"labels": ["undetermined"], "text": "no snapshot was taken"}
+    return summary

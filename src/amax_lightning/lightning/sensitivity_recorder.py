@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from amax_lightning.analysis.sensitivity import (
-    BASIN_SIZE,
-    CHAOS_AGREEMENT,
-    MOVING,
-    PLATEAU_AGREEMENT,
-    PLATEAU_COSINE,
-    SATURATION,
-    growth_rate,
-    reference_size,
-    relative_distances,
-    snapshot_metrics,
-    verdict,
-)
+from amax_lightning.analysis.sensitivity import reference_size, relative_distances, snapshot_metrics, summarize
 from amax_lightning.base.errors import UserError
 from amax_lightning.model.decode import nearest_tokens
 from amax_lightning.report.sensitivity import write_summary
@@ -103,25 +90,3 @@ class SensitivityRecorder(Callback):
         self.snapshot_records.append(record)
 
 
-def summarize(module: LightningModule, recorder: SensitivityRecorder) -> dict:
-    """One target's sensitivity summary: settings, distance curves and growth rates per size, the snapshots, and
-    the verdict of the last snapshot."""
-    sizes = list(module.hparams.perturb_sizes)
-    curves = np.asarray(recorder.distances, dtype=float).T if recorder.distances else np.zeros((len(sizes), 0))
-    growth = [growth_rate(recorder.steps, list(curve)) if size > 0 else
-              {"rate": None, "first_step": None, "last_step": None, "reason": "control: no perturbation"}
-              for size, curve in zip(sizes, curves)]
-    last = recorder.snapshot_records[-1] if recorder.snapshot_records else None
-    summary = {
-        "target": module.hparams.target, "model": module.model_name_or_path, "seeds": list(module.seeds),
-        "sizes": sizes, "replicas": module.hparams.replicas, "n_tokens": module.n_tokens, "lr": module.lr,
-        "priors": list(module.prior_names), "numerics": module.numerics(),
-        "distance_curves": {"steps": list(recorder.steps), "mean_relative_distance": curves.tolist()},
-        "growth": [{"size": size, **fit} for size, fit in zip(sizes, growth)],
-        "snapshots": recorder.snapshot_records,
-        "thresholds": {"chaos_agreement": CHAOS_AGREEMENT, "plateau_cosine": PLATEAU_COSINE,
-                       "plateau_agreement": PLATEAU_AGREEMENT, "basin_size": BASIN_SIZE, "saturation": SATURATION,
-                       "moving": MOVING},
-    }
-    summary["verdict"] = verdict(last) if last else {"labels": ["undetermined"], "text": "no snapshot was taken"}
-    return summary
