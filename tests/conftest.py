@@ -154,6 +154,19 @@ def tiny_module(tiny_gpt2_dir, tiny_backbone):
     return make
 
 
+def sweep_view(results_path: str, results: dict) -> dict:
+    """A sweep's results.json with its tables read back (``targets``, ``atlas`` rows, ``units`` as
+    ``analysis.tables.unit_record`` gives them); a one-unit results.json unchanged."""
+    if "tables" not in results:
+        return results
+    from amax_lightning.analysis.tables import read_units, unit_record
+
+    folder = os.path.dirname(results_path)
+    atlas = read_units(folder).to_pylist()
+    return {**results, "targets": [row["target"] for row in atlas], "atlas": atlas,
+            "units": [unit_record(folder, i) for i in range(results["n_units"])]}
+
+
 @pytest.fixture
 def fit_tiny(tiny_module, tmp_path):
     """``fit_tiny(name, steps=.., precision=.., callbacks=.., null_samples=.., **module_options)``: an in-process
@@ -175,7 +188,7 @@ def fit_tiny(tiny_module, tmp_path):
         trainer.fit(module, **(fit_options or {}))
         writer = find_callback(trainer, ResultsWriter)
         with open(writer.results_path) as handle:
-            return module, json.load(handle)
+            return module, sweep_view(writer.results_path, json.load(handle))
 
     return fit
 

@@ -33,7 +33,7 @@ MOVED = {  # old module -> its new home(s), where each of its names now lives
     "methods": ["optimize.methods"], "methods.continuous": ["optimize.methods.continuous"],
     "methods.token_search": ["optimize.methods.token_search"],
 }
-NOW_PACKAGES = {"analysis": ["analysis.results"], "report": ["report.markdown", "report.plots"]}
+NOW_PACKAGES = {"analysis": ["analysis.results", "analysis.sweep"], "report": ["report.markdown", "report.plots"]}
 
 
 def _find(homes: list[str], name: str, where: str) -> tuple[str, object]:

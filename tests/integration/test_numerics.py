@@ -69,7 +69,7 @@ def test_cpu_run_never_touches_cuda(tiny_gpt2_dir, tmp_path, monkeypatch):
     writer = run(["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", "blocks.2.mlp.hook_post:0-3",
                 "--seeds", "0-1", "--trainer.max_steps", "3", "--results.null_samples", "200",
                 "--trainer.default_root_dir", str(tmp_path)])
-    assert json.loads(open(writer.results_path).read())["units"][0]["numerics"]["chunk_rows"] == 8
+    assert json.loads(open(writer.results_path).read())["numerics"]["chunk_rows"] == 8
 
 
 def test_an_error_in_the_analysis_keeps_the_checkpoint_and_writes_no_results(tiny_gpt2_dir, tmp_path, monkeypatch,

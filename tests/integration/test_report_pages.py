@@ -16,7 +16,7 @@ from conftest import TINY_TARGET, write_sae
 from amax_lightning.__main__ import main
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "main", "footer", "section", "h1", "h2",
-                "p", "div", "span", "b", "br", "a", "label", "input", "table", "thead", "tbody", "tr", "th", "td",
+                "h3", "p", "div", "span", "b", "br", "a", "label", "input", "select", "option", "table", "thead", "tbody", "tr", "th", "td",
                 "figure", "figcaption", "img", "svg", "g", "line", "text", "polyline", "circle", "rect", "script", "button"}
 
 
@@ -86,7 +86,12 @@ def test_hostile_tokens_stay_text_in_html_and_markdown(hostile_gpt2_dir, tmp_pat
     shown = [data["strings"][i] for i in data["tokens"][0]]
     from amax_lightning.report.html import visible
 
-    assert shown == [visible(t) for run in sweep["units"][0]["runs"] for t in run["tokens"]]
+    from amax_lightning.analysis.tables import unit_record
+
+    first = unit_record(str(tmp_path / "lightning_logs/version_1"), 0)
+    assert sweep["n_units"] == 3 and shown == [visible(t) for run in first["runs"] for t in run["tokens"]]
+    promoted = [data["strings"][i] for i, _ in data["promoted"][0]]
+    assert promoted == [visible(e["token"]) for e in first["logit_effects"]["promoted"]]
 
 
 def test_logit_effects_in_results_follow_the_formula(tiny_gpt2_dir, tiny_backbone, tmp_path, monkeypatch):

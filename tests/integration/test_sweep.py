@@ -20,8 +20,14 @@ def test_sweep_equals_units_run_one_at_a_time(fit_tiny, tmp_path):
         torch.testing.assert_close(sweep.parameter[rows].detach(), alone.parameter.detach(), rtol=1e-5, atol=1e-6)
         swept = results["units"][i]
         assert [r["token_ids"] for r in swept["runs"]] == [r["token_ids"] for r in alone_results["runs"]]
-        assert swept["uniqueness"] == alone_results["uniqueness"]
-        assert swept["null_model"] == alone_results["null_model"]
+        assert swept["uniqueness"] == {key: alone_results["uniqueness"][key] for key in ("n_total", "n_unique")}
+        assert swept["null_model"] == {key: alone_results["null_model"][key] for key in ("expected_n_unique", "p_value")}
+        assert [r["tokens"] for r in swept["runs"]] == [r["tokens"] for r in alone_results["runs"]]
+        for key in ("position_activations", "decoded_position_activations", "cosine", "embedding_norm"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in swept["runs"]]),
+                                       torch.tensor([r[key] for r in alone_results["runs"]]), rtol=1e-5, atol=1e-5)
+        for key, value in swept["reproducibility"].items():
+            assert abs(value - alone_results["reproducibility"][key]) < 1e-5, key
     with open(tmp_path / "sweep" / "atlas.csv") as handle:
         atlas = list(csv.DictReader(handle))
     assert [int(row["n_unique"]) for row in atlas] == [u["uniqueness"]["n_unique"] for u in results["units"]]

@@ -1,7 +1,8 @@
 """End of fit, as data: per-row tensors -> frozen dataclasses (decoding, metrics, null model, data baseline).
 
-The ``results.json`` schema is defined here, once: ``UnitResults`` for a run of one unit, ``AtlasResults`` for a
-sweep. ``to_json()`` gives the document (fields in declaration order; optional sections left out when absent).
+The ``results.json`` schema is defined here, once: ``UnitResults`` for a run of one unit (a sweep's summary is
+``sweep.AtlasResults``, beside its tables). ``to_json()`` gives the document (fields in declaration order; optional
+sections left out when absent).
 Activations are in the model's units; objectives are activations reduced over positions by ``aggregate``.
 """
 
@@ -136,7 +137,7 @@ class DataBaseline:
 
 @dataclass(frozen=True)
 class UnitResults:
-    """The ``results.json`` of a run of one unit (also each entry of a sweep's ``units``)."""
+    """The ``results.json`` of a run of one unit."""
 
     model: str
     target: str
@@ -162,31 +163,6 @@ class UnitResults:
     search: Optional[dict] = field(default=None, metadata=OPTIONAL)  # token search's settings
     pareto: Optional[list[SeedFrontier]] = field(default=None, metadata=OPTIONAL)  # EPO: per seed, sorted by seed
     logit_effects: Optional[LogitEffects] = field(default=None, metadata=OPTIONAL)  # tokens its direction promotes
-
-    def to_json(self) -> dict:
-        return to_json(self)
-
-
-@dataclass(frozen=True)
-class AtlasRow:
-    """One line of atlas.csv: a unit's n_unique over its seeds x positions, activations, decoded-token cosine."""
-
-    target: str
-    n_unique: int
-    n_total: int
-    mean_final_activation: float
-    min_final_activation: float
-    mean_nearest_cosine: float
-    null_p_value: Optional[float]
-
-
-@dataclass(frozen=True)
-class AtlasResults:
-    """The ``results.json`` of a sweep: the targets, one atlas row and one ``UnitResults`` per unit."""
-
-    targets: list[str]
-    atlas: list[AtlasRow]
-    units: list[UnitResults]
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -309,17 +285,3 @@ def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, to
         found = top_contexts(backbone, target, text, k=contexts, reader=reader)
         baseline = dataclasses.replace(baseline, text=text, top_contexts=found)
     return dataclasses.replace(unit, data_baseline=baseline)
-
-
-def atlas_of(units: list[UnitResults]) -> AtlasResults:
-    """A sweep's results: one atlas row per unit, beside each unit's own results."""
-    rows = []
-    for unit in units:
-        finals = [run.final_activation for run in unit.runs]
-        rows.append(AtlasRow(
-            target=unit.target, n_unique=unit.uniqueness.n_unique, n_total=unit.uniqueness.n_total,
-            mean_final_activation=sum(finals) / len(finals), min_final_activation=min(finals),
-            mean_nearest_cosine=unit.reproducibility.mean_nearest_cosine,
-            null_p_value=unit.null_model.p_value if unit.null_model else None,
-        ))
-    return AtlasResults(targets=[u.target for u in units], atlas=rows, units=units)

@@ -17,7 +17,9 @@ import os
 
 import yaml
 
-from amax_lightning.analysis.results import AtlasResults, UnitResults
+from amax_lightning.analysis.results import UnitResults
+from amax_lightning.analysis.sweep import AtlasResults
+from amax_lightning.analysis.tables import read_units
 from amax_lightning.base.errors import UserError, first_line
 from amax_lightning.base.files import write_text_atomic
 from amax_lightning.lightning.callbacks import ResultsWriter, find_callback
@@ -104,8 +106,10 @@ def run_study(args: list[str]) -> str | None:
             writer = find_callback(trainer, ResultsWriter) if trainer is not None else None
             if writer is None or writer.results is None:
                 raise UserError(f"the fit for {target} with {variant_label(variant)} wrote no results")
-            units = writer.results.units if isinstance(writer.results, AtlasResults) else [writer.results]
-            rows += [study_row(variant_label(variant), unit, writer.results_path) for unit in units]
+            if isinstance(writer.results, AtlasResults):
+                rows += sweep_study_rows(variant_label(variant), writer.results_path)
+            else:
+                rows.append(study_row(variant_label(variant), writer.results, writer.results_path))
     except BaseException:
         if rows and rank_zero:
             write_study(rows, complete=False)
@@ -154,6 +158,17 @@ def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
         "mean_token_activation": sum(run.decoded_activation for run in results.runs) / len(results.runs),
         "results": results_path,
     }
+
+
+def sweep_study_rows(variant: str, results_path: str) -> list[dict]:
+    """The table rows of a sweep's units, read from its units table (``analysis/tables.py``)."""
+    columns = ["target", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
+               "mean_decoded_activation"]
+    units = read_units(os.path.dirname(results_path), columns=columns).to_pylist()
+    return [{"target": u["target"], "variant": variant, "n_unique": u["n_unique"], "n_total": u["n_total"],
+             "null_expected_n_unique": u["null_expected_n_unique"], "null_p_value": u["null_p_value"],
+             "mean_decoded_gap": u["mean_decoded_gap"], "mean_token_activation": u["mean_decoded_activation"],
+             "results": results_path} for u in units]
 
 
 def write_study(rows: list[dict], root: str = "studies", complete: bool = True) -> str:

@@ -10,24 +10,37 @@ import sys
 import threading
 from typing import Optional
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from amax_lightning.analysis.baseline import read_text_file
 from amax_lightning.analysis.results import (
-    AtlasResults,
     UnitResults,
     analyze_unit,
-    atlas_of,
+    to_json,
     with_data_baseline,
     with_logit_effects,
     with_null_model,
     with_pareto,
 )
+from amax_lightning.analysis.sweep import (
+    AtlasResults,
+    NullLookup,
+    analyze_block,
+    analyze_blocks,
+    block_units_range,
+    blocks_of,
+    fingerprint,
+    n_blocks,
+    summarize,
+)
+from amax_lightning.analysis.tables import merge_blocks, remove_blocks
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError
 from amax_lightning.base.files import write_text_atomic
+from amax_lightning.base.progress import Progress
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
 from amax_lightning.model.decode import requested_path
 from amax_lightning.model.targets import hook_width
@@ -106,8 +119,6 @@ class DeferInterrupts(Callback):
         same point and none is left waiting in the next collective."""
         if trainer.world_size == 1:
             return [bool(s) for s in seen]
-        import torch
-
         flags = torch.tensor([float(bool(s)) for s in seen], device=trainer.strategy.root_device)
         return [bool(v > 0) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
 
@@ -272,13 +283,54 @@ class ResultsWriter(Callback):
             # a collective under DDP: every rank asks before rank 0 analyzes alone, so no process waits inside a
             # collective (and its timeout) for the analysis
             log_dir = trainer.log_dir or trainer.default_root_dir
-            results = self._analyze(trainer, module, steps, partial)
+            if len(module.targets) > 1:
+                results = self._analyze_sweep(trainer, module, log_dir, steps, partial)
+            else:
+                results = self._analyze(trainer, module, steps, partial)
             if results is not None:
                 self._write(trainer, module, log_dir, results, steps)
         self._analyzing = False
 
+    def _analyze_sweep(self, trainer: Trainer, module: LightningModule, log_dir: str, steps: int, partial: bool
+                       ) -> AtlasResults | None:
+        """A sweep's analysis, sharded: each process analyses its blocks of units from its own copy of the
+        parameter and writes them whole (``analysis/sweep.py``); rank 0 merges them into the tables and returns the
+        summary (None on other ranks). Partial results (an interrupted fit) are analysed by rank 0 alone."""
+        world, rank = (1, 0) if partial else (trainer.world_size, trainer.global_rank)
+        if partial and not trainer.is_global_zero:
+            return None
+        protocol, layout, backbone, targets = module.protocol(), module.layout, module.backbone, module.targets
+        n_units, seeds = len(targets), layout.n_seeds
+        settings = {key: value for key, value in to_json(protocol).items() if key != "numerics"}
+        state = fingerprint({**settings, "target": module.hparams.target, "steps": steps, "partial": partial},
+                            module.parameter)
+        search = module.search
+        null = NullLookup(backbone.vocab_embeddings, module.init_scale, seeds * protocol.n_tokens, self.null_samples,
+                          self.null_simulations, allowed=search.allowed if search is not None else None)
+        hook_vectors = module.objective.readout.written_directions(hook_width(targets[0].hook, backbone.shape))
+
+        def analyze(start: int, stop: int):
+            tensors = module.evaluate_rows(slice(start * seeds, stop * seeds))
+            vectors = None if hook_vectors is None else hook_vectors[start:stop]
+            return analyze_block(protocol, targets[start:stop], start, tensors, backbone,
+                                 module.unit_records[start:stop], vectors, null)
+
+        mine = blocks_of(rank, world, n_units)
+        what = "analysis" if world == 1 else f"analysis (rank 0 of {world}; each process its share)"
+        share = sum(stop - start for start, stop in (block_units_range(b, n_units) for b in mine))
+        with Progress(what, share, "units", enabled=trainer.is_global_zero) as progress:
+            reused = analyze_blocks(log_dir, mine, n_units, state, analyze, progress)
+        if reused and trainer.is_global_zero:
+            print(f"amax_lightning: reused {reused} analysed block(s) of an earlier try", file=sys.stderr, flush=True)
+        if world > 1:
+            trainer.strategy.barrier("sweep blocks written")
+        if not trainer.is_global_zero:
+            return None
+        tables = merge_blocks(log_dir, n_blocks(n_units))
+        return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0])
+
     def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
-        """Rank 0's UnitResults (one unit) or AtlasResults (a sweep); None on other ranks."""
+        """Rank 0's UnitResults of a run of one unit; None on other ranks."""
         tensors = module.evaluate()  # a collective under DDP: every rank takes part
         if not trainer.is_global_zero:
             return None
@@ -294,8 +346,6 @@ class ResultsWriter(Callback):
             state = module.search_state()
             units = [with_pareto(unit, protocol.seeds, *(t[layout.unit_rows(u)].cpu() for t in state[3:]), backbone)
                      for u, unit in enumerate(units)]
-        if len(units) > 1:
-            return atlas_of(units)
         return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
                                   self.baseline_contexts, reader=module.objective.unit_reader(0))
 
@@ -313,6 +363,8 @@ class ResultsWriter(Callback):
             html.write_unit_page(log_dir, results)
         path = os.path.join(log_dir, "results.json")
         write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
+        if isinstance(results, AtlasResults):
+            remove_blocks(log_dir)  # the merged tables and the summary are written
         self.results_path, self.results = path, results
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -328,8 +380,10 @@ def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, images:
     """The end-of-fit summary table as text, the reproducibility numbers as scalars, the report's plots."""
     logger.experiment.add_text("decoded_tokens", summary, step)
     if isinstance(results, AtlasResults):
-        counts = [row.n_unique for row in results.atlas]
-        scalars = {"atlas/min_n_unique": min(counts), "atlas/mean_n_unique": sum(counts) / len(counts)}
+        scalars = {"atlas/min_n_unique": results.n_unique["min"], "atlas/mean_n_unique": results.n_unique["mean"]}
+        values = [k for k, units in enumerate(results.histogram) for _ in range(units)]  # n_unique of every unit
+        logger.experiment.add_histogram("atlas/n_unique", torch.tensor(values, dtype=torch.float32), step,
+                                        bins=torch.arange(len(results.histogram) + 1, dtype=torch.float32).numpy() - 0.5)
     else:
         scalars = {"uniqueness/n_unique": results.uniqueness.n_unique}
         scalars.update({f"reproducibility/{key}": getattr(results.reproducibility, key) for key in SCALAR_METRICS})

@@ -186,7 +186,7 @@ class ActMaxModule(LightningModule):
         self.chunk_rows_used: int | None = None  # decided at the first step (automatic) or from a checkpoint
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
         self.history_steps: list[int] = []
-        self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,)
+        self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,); one unit only
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
     # --- what the run is ----------------------------------------------------------------------------
@@ -351,8 +351,9 @@ class ActMaxModule(LightningModule):
             stats = torch.stack([objective, loss, norm, finite.to(objective.dtype)], dim=-1)
             stats = stats if gathered else self.gather_rows(stats)  # (rows, 4)
         self.finite_check.observe(stats[:, 3] > 0, self.global_step, self.trainer.max_steps)
-        self.history_steps.append(self.global_step)
-        self.history.append(stats[:, 0].detach())
+        if len(self.targets) == 1:  # a sweep's pages show no curves: (steps x rows) would grow with every unit
+            self.history_steps.append(self.global_step)
+            self.history.append(stats[:, 0].detach())
         if (self.global_step + 1) % self.trainer.log_every_n_steps:
             return  # Lightning would drop these values anyway; building them costs ~7% of a CPU step
         if len(self.targets) == 1 and self.layout.copies == 1:
@@ -381,6 +382,16 @@ class ActMaxModule(LightningModule):
             token_ids = TokenSearch.best(self.search_state())[0][self.layout.shard]
         local = self.objective.evaluate(self.parameter, chunks, token_ids=token_ids)
         return RowTensors(*(self.gather_rows(t) for t in local))
+
+    def evaluate_rows(self, rows: slice) -> RowTensors:
+        """The end-of-fit tensors of rows ``rows`` from this process's own (full) parameter, without neighbours and
+        without any collective: a sweep's analysis block (``analysis/sweep.py``)."""
+        self.row_chunks()  # the chunk size is decided (a resumed, finished run decides it here)
+        token_ids = None
+        if self.search is not None:
+            token_ids = TokenSearch.best(self.search_state())[0][rows]
+        return self.objective.evaluate(self.parameter, chunk_slices(rows.start, rows.stop, self.chunk_rows_used),
+                                       token_ids=token_ids, neighbours=False)
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def check_resumable(self, checkpoint: dict) -> None:

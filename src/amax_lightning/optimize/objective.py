@@ -19,7 +19,7 @@ from torch import nn
 from amax_lightning.base.checks import check_run_size
 from amax_lightning.base.errors import UserError
 from amax_lightning.model.backbone import Backbone
-from amax_lightning.model.decode import nearest_tokens_with_neighbours
+from amax_lightning.model.decode import nearest_tokens, nearest_tokens_with_neighbours
 from amax_lightning.model.readout import Readout, build_readout
 from amax_lightning.model.targets import Target
 from amax_lightning.optimize.param import TokenEmbedding, perturb
@@ -139,15 +139,15 @@ class RowTensors:
     position_activations: torch.Tensor  # (rows, n_tokens) the unit at the optimized model input
     decoded_position_activations: torch.Tensor  # (rows, n_tokens) the unit at the decoded token ids
     embedding: torch.Tensor  # (rows, n_tokens, d_model) the optimized input embeddings
-    top_ids: torch.Tensor  # (rows, n_tokens, 5) the 5 nearest tokens of each optimized vector, best first
-    top_cosine: torch.Tensor  # (rows, n_tokens, 5) their cosines
+    top_ids: torch.Tensor | None  # (rows, n_tokens, 5) the 5 nearest tokens of each optimized vector, best first
+    top_cosine: torch.Tensor | None  # (rows, n_tokens, 5) their cosines (both None when not asked for)
 
     def __iter__(self):
         return (getattr(self, f.name) for f in dataclasses.fields(self))
 
     def rows(self, selected: slice) -> RowTensors:
         """The same tensors for the rows ``selected``."""
-        return RowTensors(*(tensor[selected] for tensor in self))
+        return RowTensors(*(None if tensor is None else tensor[selected] for tensor in self))
 
 
 class RowObjective(nn.Module):
@@ -228,15 +228,18 @@ class RowObjective(nn.Module):
         return RowValues(embedding, activations, loss)
 
     @torch.no_grad()
-    def evaluate(self, parameter: torch.Tensor, chunks: list[slice], token_ids: torch.Tensor | None = None
-                 ) -> RowTensors:
+    def evaluate(self, parameter: torch.Tensor, chunks: list[slice], token_ids: torch.Tensor | None = None,
+                 neighbours: bool = True) -> RowTensors:
         """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest token
-        and ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized model input and at the
-        decoded token ids. ``token_ids`` (rows, n_tokens), when the rows are real tokens (token search), are the
-        decoded tokens themselves."""
+        and (with ``neighbours``) ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized
+        model input and at the decoded token ids. ``token_ids`` (rows, n_tokens), when the rows are real tokens
+        (token search), are the decoded tokens themselves."""
         embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
-        nearest, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
-            embedding, self.backbone.vocab_embeddings, k=TOP_K)
+        if neighbours:
+            nearest, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
+                embedding, self.backbone.vocab_embeddings, k=TOP_K)
+        else:
+            (nearest, cosine), top_ids, top_cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings), None, None
         if token_ids is None:
             token_ids = nearest
         else:

@@ -23,7 +23,9 @@ from urllib.parse import quote
 
 import jinja2
 
-from amax_lightning.analysis.results import AtlasResults, UnitResults
+from amax_lightning.analysis.results import UnitResults
+from amax_lightning.analysis.sweep import AtlasResults
+from amax_lightning.analysis.tables import iter_row_blocks, read_units
 from amax_lightning.base.files import write_text_atomic
 
 NEURONPEDIA = "https://www.neuronpedia.org/"
@@ -272,10 +274,22 @@ def write_unit_page(log_dir: str, results: UnitResults) -> str:
 
 
 # --- sweep -------------------------------------------------------------------------------------------------------
-ATLAS_COLUMNS = (("target", "target", "text"), ("n_unique", "n unique", "int"), ("n_total", "of", "int"),
-                 ("mean_final_activation", "mean final activation", "num"),
-                 ("min_final_activation", "min final activation", "num"),
-                 ("mean_nearest_cosine", "mean nearest cosine", "num"), ("null_p_value", "null p-value", "num"))
+ATLAS_COLUMNS = (  # key, label, kind, sorted ascending on the first click
+    ("label", "unit", "int", True), ("n_unique", "n unique", "int", True),
+    ("mean_final_activation", "mean final activation", "num", False),
+    ("min_final_activation", "min final activation", "num", False),
+    ("mean_nearest_cosine", "mean nearest cosine", "num", False),
+    ("mean_pairwise_jaccard", "seeds' Jaccard", "num", False),
+    ("null_p_value", "null p-value", "num", True), ("verdict", "verdict", "text", True),
+)
+P_VALUE = 0.05  # below it, a unit's n_unique is called fewer than chance
+
+
+def verdict(p_value: float | None) -> str:
+    """A unit's n_unique against chance, in two words (the one-unit page's sentence, shortened)."""
+    if p_value is None:
+        return "no null"
+    return "fewer than chance" if p_value < P_VALUE else "as chance"
 
 
 def _short(value: float) -> float:
@@ -283,50 +297,74 @@ def _short(value: float) -> float:
     return float(f"{value:.3g}") if math.isfinite(value) else 0.0
 
 
-def atlas_data(results: AtlasResults) -> dict:
-    """The atlas page's data: table rows, and per unit its seeds' decoded tokens (indices into a table of the
-    distinct token strings, shown with ``visible``) and the decoded tokens' activations, 3 digits."""
+def _label_number(label: str):
+    return int(label) if label.isdigit() else label
+
+
+def atlas_data(folder: str) -> dict:
+    """The atlas page's data from the sweep's tables in ``folder``: per unit its table row, its seeds' decoded
+    tokens (indices into a table of the distinct strings, shown with ``visible``) and their activations (3 digits),
+    its top promoted tokens and its Neuronpedia link. Read one block of rows at a time."""
+    units = read_units(folder, columns=["label", "n_unique", "mean_final_activation", "min_final_activation",
+                                        "mean_nearest_cosine", "mean_pairwise_jaccard", "null_p_value",
+                                        "promoted_tokens", "promoted_logits", "record"]).to_pydict()
     index: dict[str, int] = {}  # token -> its entry in ``shown``: ``visible`` runs once per distinct token
-    shown, tokens, activations, links = [], [], [], []
-    for unit in results.units:
-        for token in (t for run in unit.runs for t in run.tokens):
-            if token not in index:
-                index[token] = len(shown)
-                shown.append(visible(token))
-        tokens.append([index[t] for run in unit.runs for t in run.tokens])
-        activations.append([_short(a) for run in unit.runs for a in run.decoded_position_activations])
-        links.append(neuronpedia_link((unit.sae or {}).get("neuronpedia")))
-    first = results.units[0]
+
+    def ref(token: str) -> int:
+        if token not in index:
+            index[token] = len(shown)
+            shown.append(visible(token))
+        return index[token]
+
+    shown: list[str] = []
+    tokens: list[list[int]] = []
+    activations: list[list[float]] = []
+    seeds: list[int] = []
+    for block in iter_row_blocks(folder, columns=["unit", "seed", "tokens", "decoded_position_activations"]):
+        columns = block.to_pydict()
+        for unit, seed, row_tokens, row_acts in zip(columns["unit"], columns["seed"], columns["tokens"],
+                                                    columns["decoded_position_activations"]):
+            if unit == len(tokens):
+                tokens.append([])
+                activations.append([])
+            if unit == 0:
+                seeds.append(seed)
+            tokens[unit] += [ref(t) for t in row_tokens]
+            activations[unit] += [_short(a) for a in row_acts]
+    links = [neuronpedia_link(json.loads(r).get("neuronpedia")) if r else None for r in units["record"]]
+    promoted = [None if names is None else [[ref(t), _short(v)] for t, v in zip(names, values)]
+                for names, values in zip(units["promoted_tokens"], units["promoted_logits"])]
+    rows = []
+    for i in range(len(units["label"])):
+        row = [_label_number(units["label"][i])] + [units[key][i] for key, _, _, _ in ATLAS_COLUMNS[1:-1]]
+        rows.append(row + [verdict(units["null_p_value"][i])])
     return {
-        "columns": [{"key": key, "label": label, "kind": kind} for key, label, kind in ATLAS_COLUMNS],
-        "rows": [[getattr(row, key) for key, _, _ in ATLAS_COLUMNS] for row in results.atlas],
-        "links": links if any(links) else None, "seeds": [run.seed for run in first.runs],
-        "n_tokens": first.n_tokens, "strings": shown, "tokens": tokens, "activations": activations,
+        "columns": [{"key": key, "label": label, "kind": kind, "ascending": up} for key, label, kind, up in ATLAS_COLUMNS],
+        "rows": rows, "links": links if any(links) else None, "seeds": seeds,
+        "n_tokens": len(tokens[0]) // max(len(seeds), 1), "strings": shown, "tokens": tokens,
+        "activations": activations, "promoted": promoted if any(p is not None for p in promoted) else None,
     }
 
 
-def histogram(counts: list[int], n_total: int, width: int = 640, height: int = 240) -> dict:
-    """The n_unique histogram as SVG bars: one bar per value 1..n_total, its height the number of units."""
-    per_value = [0] * (n_total + 1)
-    for count in counts:
-        per_value[count] += 1
-    box = _axes_box(0.5, n_total + 0.5, 0, max(per_value), width, height)
+def histogram(counts: list[int], width: int = 640, height: int = 240) -> dict:
+    """The n_unique histogram as SVG bars: ``counts[k]`` units with n_unique k, one bar per value 1..n_total."""
+    n_total = len(counts) - 1
+    box = _axes_box(0.5, n_total + 0.5, 0, max(counts), width, height, pad=64)
     step = box["x"](1.5) - box["x"](0.5)
     bars = [{"x": box["x"](value - 0.5), "y": box["y"](units), "w": max(step - 1, 1),
-             "h": box["y"](0) - box["y"](units), "tip": f"n_unique {value}: {units} unit{'s' * (units != 1)}"}
-            for value, units in enumerate(per_value) if value > 0 and units > 0]
+             "h": box["y"](0) - box["y"](units), "tip": f"n_unique {value}: {units:,} unit{'s' * (units != 1)}"}
+            for value, units in enumerate(counts) if value > 0 and units > 0]
     return {**box["frame"], "bars": bars, "x_label": f"unique tokens of {n_total}", "y_label": "units"}
 
 
 def write_atlas_page(log_dir: str, results: AtlasResults) -> str:
-    """Write ``report.html`` for a sweep: the sortable, filterable table of every unit and the n_unique histogram."""
-    first = results.units[0]
-    counts = [row.n_unique for row in results.atlas]
+    """Write ``report.html`` for a sweep: the most and least reproducible units, the n_unique histogram and the
+    sortable, filterable table of every unit, from the sweep's tables in ``log_dir``."""
+    common = os.path.commonprefix([row.target for row in results.most_reproducible + results.least_reproducible])
     return write_page(
-        log_dir, "atlas.html.j2", f"amax_lightning atlas: {len(results.atlas)} units", first=first,
-        n_units=len(results.atlas), counts={"min": min(counts), "median": sorted(counts)[len(counts) // 2],
-                                            "max": max(counts)},
-        histogram=histogram(counts, first.uniqueness.n_total), data=atlas_data(results),
+        log_dir, "atlas.html.j2", f"amax_lightning atlas: {results.n_units} units", results=results,
+        n_total=len(results.histogram) - 1, units_of=common[: len(common) - len(common.split(":")[-1])] or results.target,
+        histogram=histogram(results.histogram), data=atlas_data(log_dir), verdict=verdict,
         ranked=png_data_uri(os.path.join(log_dir, "atlas.png")))
 
 

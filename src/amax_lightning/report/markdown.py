@@ -3,7 +3,7 @@ results; markdown escaping of untrusted token strings."""
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import json
 import os
 
@@ -13,8 +13,10 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from amax_lightning.analysis.results import AtlasResults, AtlasRow, UnitResults  # noqa: E402
-from amax_lightning.base.files import write_text_atomic
+from amax_lightning.analysis.results import UnitResults  # noqa: E402
+from amax_lightning.analysis.sweep import ATLAS_COLUMNS, AtlasResults  # noqa: E402
+from amax_lightning.analysis.tables import read_units  # noqa: E402
+from amax_lightning.base.files import write_atomic, write_text_atomic
 from amax_lightning.report.plots import run_figures, save_png
 
 _MARKDOWN_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "\\": "\\\\",
@@ -91,36 +93,49 @@ def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[i
     return images
 
 
-ATLAS_COLUMNS = tuple(f.name for f in dataclasses.fields(AtlasRow))
-
-
-def write_atlas(log_dir: str, results: AtlasResults, top: int = 10) -> tuple[str, dict]:
-    """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep.
-
-    Returns the summary text (the most reproducible units first) and the plot's pixels, for TensorBoard.
-    """
-    rows = results.atlas
+def write_atlas_csv(path: str, folder: str) -> None:
+    """``atlas.csv``: one line per unit (``sweep.ATLAS_COLUMNS``) from the sweep's units table, streamed."""
     cell = lambda v: "" if v is None else (f"{v:.9g}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [",".join(ATLAS_COLUMNS)]
-    lines += [",".join(cell(getattr(row, c)) for c in ATLAS_COLUMNS) for row in rows]
-    write_text_atomic(os.path.join(log_dir, "atlas.csv"), "\n".join(lines) + "\n")
-    ranked = sorted(rows, key=lambda row: (row.n_unique, -row.mean_final_activation))
-    counts = sorted(row.n_unique for row in rows)
+    units = read_units(folder, columns=list(ATLAS_COLUMNS))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(ATLAS_COLUMNS)
+            for batch in units.to_batches(max_chunksize=4096):
+                columns = batch.to_pydict()
+                writer.writerows([cell(v) for v in values] for values in zip(*(columns[c] for c in ATLAS_COLUMNS)))
+
+    write_atomic(path, write)
+
+
+def write_atlas(log_dir: str, results: AtlasResults) -> tuple[str, dict]:
+    """Write ``atlas.csv``, ``atlas.png`` (units ranked by n_unique) and ``report.md`` for a sweep, from its tables.
+
+    Returns the summary text (the most and the least reproducible units) and the plot's pixels, for TensorBoard.
+    """
+    write_atlas_csv(os.path.join(log_dir, "atlas.csv"), log_dir)
+    counts, n_total = results.n_unique, len(results.histogram) - 1
     summary = [
-        f"sweep of {len(rows)} units x {rows[0].n_total} vectors each: n_unique min {counts[0]}, "
-        f"median {counts[len(counts) // 2]}, max {counts[-1]}" + (" — PARTIAL" if results.units[0].partial else ""),
-        "",
-        "| target | n_unique | mean final activation | mean nearest cosine | null p-value |",
-        "|---|---:|---:|---:|---:|",
+        f"sweep of {results.n_units} units x {n_total} vectors each: n_unique min {counts['min']}, "
+        f"median {counts['median']}, max {counts['max']}" + (" — PARTIAL" if results.partial else ""),
+        f"tables: {results.tables['units']} (one row per unit), {results.tables['rows']} (one row per unit x seed)",
     ]
-    for row in ranked[:top]:
-        p_value = "-" if row.null_p_value is None else f"{row.null_p_value:.3g}"
-        summary.append(f"| {markdown_cell(row.target)} | {row.n_unique} of {row.n_total} | {row.mean_final_activation:.4g} "
-                       f"| {row.mean_nearest_cosine:.3f} | {p_value} |")
+    for title, rows in (("most reproducible", results.most_reproducible),
+                        ("least reproducible", results.least_reproducible)):
+        summary += ["", f"{title}:", "",
+                    "| unit | target | n_unique | mean final activation | mean nearest cosine | null p-value |",
+                    "|---:|---|---:|---:|---:|---:|"]
+        for row in rows:
+            p_value = "-" if row.null_p_value is None else f"{row.null_p_value:.3g}"
+            summary.append(f"| {markdown_cell(row.label)} | {markdown_cell(row.target)} | {row.n_unique} of "
+                           f"{row.n_total} | {row.mean_final_activation:.4g} | {row.mean_nearest_cosine:.3f} | "
+                           f"{p_value} |")
     text = "\n".join(summary)
+    ranked_counts = [k for k, units in enumerate(results.histogram) for _ in range(units)]
     figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(range(len(counts)), counts, lw=1)
-    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {rows[0].n_total}", title="atlas: reproducibility per unit")
+    axes.plot(range(len(ranked_counts)), ranked_counts, lw=1)
+    axes.set(xlabel="units, ranked", ylabel=f"unique tokens of {n_total}", title="atlas: reproducibility per unit")
     image = save_png(figure, os.path.join(log_dir, "atlas.png"))
     write_text_atomic(os.path.join(log_dir, "report.md"), f"# Activation maximization atlas\n\n{text}\n\n![atlas](atlas.png)\n")
     return text, {"atlas": image}

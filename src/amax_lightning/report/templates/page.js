@@ -49,6 +49,8 @@
   var data = JSON.parse(source.textContent);
   var PAGE = 100;
   var state = { key: 1, descending: false, filter: "", page: 0, open: new Set() };
+  var keys = data.columns.map(function (column) { return column.key; });
+  var P_COLUMN = keys.indexOf("null_p_value"), VERDICT_COLUMN = keys.indexOf("verdict");
   var order = data.rows.map(function (_, i) { return i; });
   var shown = order.slice();
   var body = document.querySelector("#atlas tbody");
@@ -64,9 +66,22 @@
     var c = typeof x === "string" ? x.localeCompare(y) : x - y;
     return (state.descending ? -c : c) || a - b;
   }
+  function number(id) {
+    var value = document.getElementById(id).value;
+    return value === "" ? null : Number(value);
+  }
+  function keep(i) {  // the filters: unit number, n_unique range, p-value, verdict
+    var row = data.rows[i], needle = state.filter.trim().toLowerCase();
+    if (needle && String(row[0]).toLowerCase().indexOf(needle) !== 0) { return false; }
+    var low = number("atlas-min"), high = number("atlas-max"), p = number("atlas-p");
+    if (low !== null && row[1] < low) { return false; }
+    if (high !== null && row[1] > high) { return false; }
+    if (p !== null && (row[P_COLUMN] === null || row[P_COLUMN] > p)) { return false; }
+    var verdict = document.getElementById("atlas-verdict").value;
+    return !verdict || row[VERDICT_COLUMN] === verdict;
+  }
   function apply() {
-    var needle = state.filter.toLowerCase();
-    shown = order.filter(function (i) { return !needle || String(data.rows[i][0]).toLowerCase().indexOf(needle) >= 0; });
+    shown = order.filter(keep);
     shown.sort(compare);
     state.page = Math.min(state.page, Math.max(0, Math.ceil(shown.length / PAGE) - 1));
     headers.forEach(function (th) {
@@ -113,6 +128,21 @@
       line.appendChild(tokens);
       td.appendChild(line);
     });
+    var promoted = data.promoted && data.promoted[unit];
+    if (promoted) {  // the top logit effects: tokens its output direction promotes
+      var effects = document.createElement("div");
+      effects.className = "effects";
+      effects.appendChild(document.createTextNode("promotes:"));
+      promoted.forEach(function (entry) {
+        var tok = document.createElement("span");
+        tok.className = "tok";
+        tok.tabIndex = 0;
+        tok.textContent = data.strings[entry[0]];
+        tok.setAttribute("data-tip", "logit effect " + fmt(entry[1], 3) + " per unit of the direction");
+        effects.appendChild(tok);
+      });
+      td.appendChild(effects);
+    }
     tr.appendChild(td);
     return tr;
   }
@@ -128,8 +158,8 @@
       var first = cell(tr, state.open.has(unit) ? "▾" : "▸", false);
       first.setAttribute("aria-hidden", "true");
       data.columns.forEach(function (column, c) {
-        var td = cell(tr, column.kind === "text" ? values[c] : fmt(values[c], 4), column.kind !== "text");
-        if (column.kind === "text") { td.className = "target"; }
+        var text = typeof values[c] === "string" ? values[c] : fmt(values[c], 4);
+        cell(tr, text, column.kind !== "text");
       });
       if (data.links) {
         var td = cell(tr, "", false);
@@ -154,7 +184,7 @@
   headers.forEach(function (th) {
     th.addEventListener("click", function () {
       var key = Number(th.getAttribute("data-key"));
-      state.descending = state.key === key ? !state.descending : data.columns[key].kind !== "text" && key !== 1 && key !== 6;
+      state.descending = state.key === key ? !state.descending : !data.columns[key].ascending;
       state.key = key;
       state.page = 0;
       apply();
@@ -164,6 +194,9 @@
     state.filter = event.target.value;
     state.page = 0;
     apply();
+  });
+  ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict"].forEach(function (id) {
+    document.getElementById(id).addEventListener("input", function () { state.page = 0; apply(); });
   });
   prev.addEventListener("click", function () { state.page -= 1; draw(); });
   next.addEventListener("click", function () { state.page += 1; draw(); });

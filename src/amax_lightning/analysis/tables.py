@@ -1,0 +1,137 @@
+"""A sweep's results as two Parquet tables, streamed to disk: one row per unit (``units.parquet``) and one row per
+unit x seed (``rows.parquet``). Blocks of units are written whole (atomically) by whichever process analysed them,
+then merged in unit order, one block in memory at a time. ``results.json`` names the tables (``analysis/sweep.py``).
+
+Activations are in the model's units, float32 as computed; per-unit means are float64. ``unit_record`` reads one
+unit back as the dict a one-unit ``results.json`` holds (the fields a sweep records).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from amax_lightning.base.files import write_atomic
+
+LOGIT_TOP = 5  # promoted and suppressed tokens kept per unit (the page shows them)
+FINGERPRINT = b"amax_lightning.fingerprint"  # Parquet metadata key: the fit state a block belongs to
+
+_floats = pa.list_(pa.float32())
+UNIT_SCHEMA = pa.schema([
+    ("unit", pa.int32()), ("target", pa.string()), ("label", pa.string()),
+    ("n_unique", pa.int32()), ("n_total", pa.int32()),
+    ("mean_final_activation", pa.float64()), ("min_final_activation", pa.float64()),
+    ("max_final_activation", pa.float64()), ("mean_decoded_activation", pa.float64()),
+    ("mean_nearest_cosine", pa.float64()), ("mean_decoded_gap", pa.float64()), ("mean_embedding_norm", pa.float64()),
+    ("mean_position_agreement", pa.float64()), ("mean_pairwise_jaccard", pa.float64()),
+    ("mean_pairwise_cosine", pa.float64()),
+    ("null_expected_n_unique", pa.float64()), ("null_p_value", pa.float64()),
+    ("promoted_ids", pa.list_(pa.int32())), ("promoted_tokens", pa.list_(pa.string())), ("promoted_logits", _floats),
+    ("suppressed_ids", pa.list_(pa.int32())), ("suppressed_tokens", pa.list_(pa.string())),
+    ("suppressed_logits", _floats),
+    ("record", pa.string()),  # JSON: the SAE latent or direction the unit reads; null for a model unit
+])
+ROW_SCHEMA = pa.schema([
+    ("unit", pa.int32()), ("seed", pa.int64()),
+    ("token_ids", pa.list_(pa.int32())), ("tokens", pa.list_(pa.string())), ("cosine", _floats),
+    ("position_activations", _floats), ("decoded_position_activations", _floats), ("embedding_norm", _floats),
+    ("final_activation", pa.float32()), ("decoded_activation", pa.float32()),
+])
+TABLES = {"units": ("units.parquet", UNIT_SCHEMA), "rows": ("rows.parquet", ROW_SCHEMA)}
+
+
+def block_paths(folder: str, block: int) -> dict[str, str]:
+    """The two files of block ``block`` in the sweep's ``blocks`` folder."""
+    return {name: os.path.join(folder, "blocks", f"{name}-{block:06d}.parquet") for name in TABLES}
+
+
+def write_table(path: str, table: pa.Table, fingerprint: str) -> None:
+    """Write ``table`` to ``path`` atomically, its metadata naming the fit state ``fingerprint``."""
+    table = table.replace_schema_metadata({FINGERPRINT: fingerprint.encode()})
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def block_is_whole(folder: str, block: int, fingerprint: str) -> bool:
+    """Whether both files of ``block`` exist, are readable Parquet and belong to the fit state ``fingerprint``."""
+    for path in block_paths(folder, block).values():
+        try:
+            metadata = pq.read_metadata(path).metadata or {}
+        except (OSError, pa.ArrowException):
+            return False
+        if metadata.get(FINGERPRINT) != fingerprint.encode():
+            return False
+    return True
+
+
+def merge_blocks(folder: str, n_blocks: int) -> dict[str, str]:
+    """``units.parquet`` and ``rows.parquet`` in ``folder`` from the blocks 0..n_blocks-1, in order, one block in
+    memory at a time (each block one row group). Returns the tables' file names."""
+    for name, (file_name, schema) in TABLES.items():
+        def write(tmp: str, name=name, schema=schema) -> None:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                for block in range(n_blocks):
+                    writer.write_table(pq.read_table(block_paths(folder, block)[name]).cast(schema))
+
+        write_atomic(os.path.join(folder, file_name), write)
+    return {name: file_name for name, (file_name, _) in TABLES.items()}
+
+
+def remove_blocks(folder: str) -> None:
+    """Delete the blocks once the merged tables and results.json are written."""
+    for path in glob.glob(os.path.join(folder, "blocks", "*.parquet")):
+        os.unlink(path)
+    if os.path.isdir(os.path.join(folder, "blocks")):
+        os.rmdir(os.path.join(folder, "blocks"))
+
+
+def table_path(folder: str, name: str) -> str:
+    """The path of the sweep's table ``name`` (``units`` or ``rows``) in its run folder."""
+    return os.path.join(folder, TABLES[name][0])
+
+
+def read_units(folder: str, columns: list[str] | None = None) -> pa.Table:
+    """The sweep's per-unit table (all units; a few dozen bytes per unit and column)."""
+    return pq.read_table(table_path(folder, "units"), columns=columns)
+
+
+def iter_row_blocks(folder: str, columns: list[str] | None = None):
+    """The per-row table one row group (one block of units) at a time, as pyarrow Tables in unit order."""
+    file = pq.ParquetFile(table_path(folder, "rows"))
+    for group in range(file.num_row_groups):
+        yield file.read_row_group(group, columns=columns)
+
+
+def unit_record(folder: str, unit: int) -> dict:
+    """Unit ``unit`` of the sweep in ``folder`` as a one-unit results.json holds it: its target, record (``sae`` or
+    ``direction``), ``uniqueness`` (n_total, n_unique), ``logit_effects`` (top 5 each side), ``null_model`` and
+    ``runs`` (sorted by seed), with the sweep's shared settings from results.json."""
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    units = pq.read_table(table_path(folder, "units"), filters=[("unit", "=", unit)]).to_pylist()
+    if not units:
+        raise KeyError(f"unit {unit} is not in the sweep of {folder}")
+    row = units[0]
+    runs = pq.read_table(table_path(folder, "rows"), filters=[("unit", "=", unit)]).to_pylist()
+    record = json.loads(row["record"]) if row["record"] else None
+    shared = {key: summary[key] for key in ("model", "aggregate", "priors", "n_tokens", "steps", "partial", "lr", "l2",
+                                            "seeds", "init_scale", "vocab_norm", "numerics", "method")}
+    return {
+        **shared, "target": row["target"],
+        "runs": [{key: value for key, value in run.items() if key != "unit"} for run in sorted(runs, key=lambda r: r["seed"])],
+        "uniqueness": {"n_total": row["n_total"], "n_unique": row["n_unique"]},
+        "reproducibility": {key: row[key] for key in ("mean_position_agreement", "mean_pairwise_jaccard",
+                                                      "mean_pairwise_cosine", "mean_nearest_cosine",
+                                                      "mean_decoded_gap", "mean_embedding_norm")},
+        "null_model": None if row["null_p_value"] is None else {
+            "expected_n_unique": row["null_expected_n_unique"], "p_value": row["null_p_value"]},
+        "logit_effects": None if row["promoted_ids"] is None else {
+            side: [{"token_id": i, "token": t, "logit": v} for i, t, v in
+                   zip(row[f"{side}_ids"], row[f"{side}_tokens"], row[f"{side}_logits"])]
+            for side in ("promoted", "suppressed")},
+        **({"sae": record} if record and "d_sae" in record else {}),
+        **({"direction": record} if record and "d_sae" not in record else {}),
+    }
