@@ -13,11 +13,11 @@ from lightning.pytorch import Callback
 class SignalAt(Callback):
     """Send ``signal`` (a name, e.g. ``SIGINT``) to this process when step ``step`` starts (after the checkpoint
     of step ``step`` was saved), or, with ``step`` -1, when the end-of-fit analysis starts decoding the null
-    model's random directions (whatever the machine's speed); under DDP only in process ``rank`` (-1: every
-    process)."""
+    model's random directions (whatever the machine's speed), or, with ``step`` -2, once a sweep's analysis has
+    written ``blocks`` blocks in this process; under DDP only in process ``rank`` (-1: every process)."""
 
-    def __init__(self, signal: str = "SIGINT", step: int = 1, rank: int = -1) -> None:
-        self.signum, self.step, self.rank = getattr(signal_lib, signal), step, rank
+    def __init__(self, signal: str = "SIGINT", step: int = 1, rank: int = -1, blocks: int = 1) -> None:
+        self.signum, self.step, self.rank, self.blocks = getattr(signal_lib, signal), step, rank, blocks
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.step and self.rank in (-1, trainer.global_rank):
@@ -34,6 +34,18 @@ class SignalAt(Callback):
                 return decode(*args, **kwargs)
 
             null_model.null_token_ids = signal_then_decode
+        if self.step == -2 and self.rank in (-1, trainer.global_rank):
+            import amax_lightning.analysis.sweep as sweep
+
+            write, written = sweep.write_table, []
+
+            def write_then_signal(path, *args, **kwargs):
+                write(path, *args, **kwargs)
+                written.extend([path] if "/units-" in path else [])
+                if len(written) == self.blocks:
+                    os.kill(os.getpid(), self.signum)
+
+            sweep.write_table = write_then_signal
 
 
 

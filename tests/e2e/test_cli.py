@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_TARGET, run_cli, run_in_process, write_sae
+from conftest import REPO, TINY_TARGET, run_cli, run_in_process, sweep_view, write_sae
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 RUN_KEYS = {"seed", "token_ids", "tokens", "cosine", "final_activation", "position_activations"}
@@ -21,7 +21,7 @@ def results_of(proc) -> tuple[Path, dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.strip().splitlines()[-1])  # the last line printed is the results path
     assert path.name == "results.json" and path.is_file()
-    return path, json.loads(path.read_text())
+    return path, sweep_view(str(path), json.loads(path.read_text()))
 
 
 def test_fit_seeds_writes_results_and_tensorboard(tiny_gpt2_dir, tmp_path):
@@ -88,15 +88,24 @@ def test_ddp_two_processes_equal_one(tiny_gpt2_dir, tmp_path):
 
 
 def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
-    """An SAE sweep (2 latents x 2 seeds, centred residual) sharded over two processes equals one process."""
+    """An SAE sweep (2 latents x 2 seeds, centred residual) sharded over two processes equals one process: its
+    steps, and its analysis (one block of one unit per process against one block of both)."""
     sae = write_sae(tmp_path / "sae", "pre-5")
     args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", f"sae:{sae}:3,9",
             "--seeds", "0-1", "--trainer.max_steps", "10", "--trainer.accelerator", "cpu",
             "--results.null_samples", "500"]
     _, single = results_of(run_in_process(args, cwd=tmp_path / "single"))
-    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=tmp_path / "ddp"))
+    _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                 "--results.block_units", "1"], cwd=tmp_path / "ddp"))
+    assert len(single["units"]) == len(ddp["units"]) == 2
     for a, b in zip(single["units"], ddp["units"]):
         assert a["sae"] == b["sae"] and a["sae"]["center_residual"] is True
+        assert a["uniqueness"] == b["uniqueness"] and a["null_model"] == b["null_model"]
+        for side in ("promoted", "suppressed"):  # the same tokens; logits from matmuls of other sizes
+            assert [t["token_id"] for t in a["logit_effects"][side]] == [t["token_id"] for t in b["logit_effects"][side]]
+            assert [t["logit"] for t in a["logit_effects"][side]] == pytest.approx(
+                [t["logit"] for t in b["logit_effects"][side]], rel=1e-5, abs=1e-6)
+        assert a["reproducibility"] == pytest.approx(b["reproducibility"], rel=1e-5, abs=1e-6)
         assert [r["token_ids"] for r in a["runs"]] == [r["token_ids"] for r in b["runs"]]
         for ra, rb in zip(a["runs"], b["runs"]):
             assert ra["position_activations"] == pytest.approx(rb["position_activations"], rel=1e-5, abs=1e-6)

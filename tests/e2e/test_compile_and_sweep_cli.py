@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import run_cli
+from conftest import run_cli, sweep_view
 
 
 def test_compiled_step_matches_eager(fit_tiny):
@@ -23,7 +23,8 @@ def test_sweep_of_every_unit_from_the_cli(tiny_gpt2_dir, tmp_path):
                     "--results.null_samples", "500"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     folder = tmp_path / "lightning_logs" / "version_0"
-    results = json.loads((folder / "results.json").read_text())
+    results = sweep_view(str(folder / "results.json"), json.loads((folder / "results.json").read_text()))
+    assert not (folder / "blocks").exists()  # merged into the tables, then removed
     assert len(results["units"]) == len(results["atlas"]) == 64
     assert all(unit["uniqueness"]["n_total"] == 10 for unit in results["units"])
     assert (folder / "atlas.png").is_file() and (folder / "report.md").is_file()

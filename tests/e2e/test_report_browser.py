@@ -11,7 +11,7 @@ import socket
 
 import pytest
 from browser import BrowserMissing, page_problems, start_chromium
-from conftest import HOSTILE_TOKENS, TINY_TARGET
+from conftest import HOSTILE_TOKENS, TINY_TARGET, sweep_view
 
 from amax_lightning.__main__ import main
 from amax_lightning.report.html import diverging, symmetric_scale, visible
@@ -115,11 +115,18 @@ def test_epo_frontier_points_show_their_text(browser, fit_tiny, tmp_path):
     assert any(text in tooltip.text for text in texts) and "cross-entropy" in tooltip.text
 
 
+def set_input(browser, element_id: str, value: str) -> None:
+    """Set a form field's value and fire its input event, as typing would (clearing fires none in Chromium)."""
+    browser.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1]; "
+                           "e.dispatchEvent(new Event('input', {bubbles: true}));", element_id, value)
+
+
 ATLAS_ROWS = "return [...document.querySelectorAll('#atlas tbody tr.unit')].map(r => [...r.cells].map(c => c.textContent))"
 
 
 def test_atlas_sorts_filters_pages_and_expands(browser, fit_tiny, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     _, results = fit_tiny(steps=3, target="blocks.2.hook_resid_pre:0-11", seeds=[0, 1])
     open_page(browser, tmp_path / "run" / "report.html", tmp_path / "atlas.png")
@@ -127,30 +134,45 @@ def test_atlas_sorts_filters_pages_and_expands(browser, fit_tiny, tmp_path):
     rows = browser.execute_script(ATLAS_ROWS)
     assert len(rows) == 12
     by_unique = sorted(range(12), key=lambda i: (atlas[i]["n_unique"], i))
-    assert [r[1] for r in rows] == [atlas[i]["target"] for i in by_unique]  # default: most reproducible first
-    header = browser.find_element(By.CSS_SELECTOR, "#atlas th[data-key='3']")  # mean final activation
+    assert [r[1] for r in rows] == [atlas[i]["label"] for i in by_unique]  # default: most reproducible first
+    assert all(":" not in r[1] for r in rows)  # the unit's number, not the hook's name on every row
+    header = browser.find_element(By.CSS_SELECTOR, "#atlas th[data-key='2']")  # mean final activation
     header.click()
-    values = [float(r[4]) for r in browser.execute_script(ATLAS_ROWS)]
+    values = [float(r[3]) for r in browser.execute_script(ATLAS_ROWS)]
     assert values == sorted(values, reverse=True) and header.get_attribute("aria-sort") == "descending"
     header.click()
-    values = [float(r[4]) for r in browser.execute_script(ATLAS_ROWS)]
+    values = [float(r[3]) for r in browser.execute_script(ATLAS_ROWS)]
     assert values == sorted(values) and header.get_attribute("aria-sort") == "ascending"
     search = browser.find_element(By.ID, "atlas-filter")
-    search.send_keys("pre:1")
+    search.send_keys("1")
     assert sorted(r[1] for r in browser.execute_script(ATLAS_ROWS)) == sorted(
-        a["target"] for a in atlas if "pre:1" in a["target"])
+        a["label"] for a in atlas if a["label"].startswith("1"))
     assert "filtered from 12" in browser.find_element(By.ID, "atlas-count").text
-    search.clear()
-    search.send_keys("\b")  # an input event with the empty filter
+    set_input(browser, "atlas-filter", "")
+    low = min(a["n_unique"] for a in atlas)
+    browser.find_element(By.ID, "atlas-max").send_keys(str(low))
+    assert sorted(r[1] for r in browser.execute_script(ATLAS_ROWS)) == sorted(
+        a["label"] for a in atlas if a["n_unique"] <= low)
+    set_input(browser, "atlas-max", "")
+    Select(browser.find_element(By.ID, "atlas-verdict")).select_by_visible_text("as chance")
+    assert sorted(r[1] for r in browser.execute_script(ATLAS_ROWS)) == sorted(
+        a["label"] for a in atlas if a["null_p_value"] >= 0.05)
+    Select(browser.find_element(By.ID, "atlas-verdict")).select_by_visible_text("any")
+    assert len(browser.execute_script(ATLAS_ROWS)) == 12
     browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit").click()
-    target = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td.target").text
-    unit = next(u for u in results["units"] if u["target"] == target)
-    tokens = browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .tok")
+    label = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td:nth-child(2)").text
+    unit = next(u for u in results["units"] if u["target"].endswith(f":{label}"))
+    tokens = browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .seedrow .tok")
     assert [t.text for t in tokens] == [visible(t) for run in unit["runs"] for t in run["tokens"]]
     activations = [a for run in unit["runs"] for a in run["decoded_position_activations"]]
     scale = max(abs(float(f"{a:.3g}")) for a in activations)
     assert [css_rgb(t.value_of_css_property("background-color")) for t in tokens] == [
         diverging(float(f"{a:.3g}"), scale) for a in activations]
+    promoted = browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .effects .tok")
+    assert [t.text for t in promoted] == [visible(e["token"]) for e in unit["logit_effects"]["promoted"]]
+    summary = browser.find_elements(By.CSS_SELECTOR, "#summary table.summary")[0]
+    best = min(atlas, key=lambda a: (a["n_unique"], -a["mean_final_activation"]))  # fewest unique, then highest
+    assert summary.find_element(By.CSS_SELECTOR, "tbody td").text == best["label"]
 
 
 def test_study_rows_link_to_their_runs_even_after_a_move(browser, tiny_gpt2_dir, tmp_path, monkeypatch):
@@ -223,8 +245,9 @@ def test_hostile_tokens_render_as_text(browser, hostile_gpt2_dir, tmp_path, monk
     open_page(browser, tmp_path / "lightning_logs/version_1/report.html")
     browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit").click()
     no_injection(browser)
-    target = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td.target").text
-    sweep = json.loads((tmp_path / "lightning_logs/version_1/results.json").read_text())
-    runs = next(u for u in sweep["units"] if u["target"] == target)["runs"]
-    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .tok")] == [
+    label = browser.find_element(By.CSS_SELECTOR, "#atlas tbody tr.unit td:nth-child(2)").text
+    folder = tmp_path / "lightning_logs/version_1"
+    sweep = sweep_view(str(folder / "results.json"), json.loads((folder / "results.json").read_text()))
+    runs = next(u for u in sweep["units"] if u["target"].endswith(f":{label}"))["runs"]
+    assert [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#atlas tr.seeds .seedrow .tok")] == [
         visible(t) for run in runs for t in run["tokens"]]

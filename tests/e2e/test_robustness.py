@@ -119,6 +119,34 @@ def test_interrupt_during_the_analysis_stops_at_once_and_resume_finishes_it(tiny
     resume_and_compare(tiny_gpt2_dir, tmp_path, "none", uninterrupted["none"])
 
 
+SWEEP = ["--model.target", "blocks.2.hook_resid_pre:0-11", "--results.block_units", "3", "--trainer.max_steps", "20"]
+SWEEP_FILES = ("results.json", "units.parquet", "rows.parquet", "atlas.csv")
+
+
+def test_interrupt_during_a_sweeps_analysis_resumes_from_its_written_blocks(tiny_gpt2_dir, tmp_path):
+    """SIGTERM after 2 of a sweep's 4 analysis blocks: the run stops, keeps the 2 whole blocks and writes no results;
+    the resumed run analyses only the other 2, and its results and tables equal an uninterrupted run's, byte for
+    byte."""
+    args = [*study_args(tiny_gpt2_dir, "none"), *SWEEP]
+    whole = tmp_path / "whole"
+    proc = run_in_process(args, cwd=whole)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = tmp_path / "stopped"
+    proc = run_with_helpers([*args, *signal_args("SIGTERM", -2), "--trainer.callbacks.blocks", "2"], folder)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "interrupted during the end-of-fit analysis" in proc.stderr and "Traceback" not in proc.stderr
+    run = folder / "lightning_logs/version_0"
+    assert not (run / "results.json").exists() and not list(run.rglob(".tmp-*"))
+    assert sorted(p.name for p in (run / "blocks").iterdir()) == [
+        "rows-000000.parquet", "rows-000001.parquet", "units-000000.parquet", "units-000001.parquet"]
+    proc = run_cli([*args, "--ckpt_path", "last"], cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reused 2 analysed block(s)" in proc.stderr
+    for name in SWEEP_FILES:
+        assert (run / name).read_bytes() == (whole / "lightning_logs/version_0" / name).read_bytes(), name
+    assert not (run / "blocks").exists()
+
+
 def test_non_finite_activation_stops_naming_seeds_and_step(tiny_module, tmp_path):
     from lightning.pytorch import Trainer
 

@@ -26,6 +26,7 @@ from amax_lightning.analysis.results import (
     with_pareto,
 )
 from amax_lightning.analysis.sweep import (
+    BLOCK_UNITS,
     AtlasResults,
     NullLookup,
     analyze_block,
@@ -188,6 +189,9 @@ class ResultsWriter(Callback):
         Optional UTF-8 text file: the top ``baseline_contexts`` positions of highest activation in it.
     baseline_contexts
         How many text contexts to report.
+    block_units
+        Sweeps: units per analysis block, the unit of work a process analyses and writes whole; a requeued job
+        reuses the blocks already written (``analysis/sweep.py``).
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class ResultsWriter(Callback):
         baseline_top_k: int = 0,
         baseline_text: Optional[str] = None,
         baseline_contexts: int = 10,
+        block_units: int = BLOCK_UNITS,
     ) -> None:
         self.null_samples = check_int("results.null_samples", null_samples, low=0, high=MAX_NULL_SAMPLES)
         self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
@@ -208,6 +213,7 @@ class ResultsWriter(Callback):
         if baseline_text is not None:
             read_text_file(baseline_text)  # a file that cannot be used fails now, not after the steps
         self.baseline_text = baseline_text
+        self.block_units = check_int("results.block_units", block_units, low=1)
         self.results_path: str | None = None
         self.results: UnitResults | AtlasResults | None = None
         self._analyzing = False
@@ -299,11 +305,12 @@ class ResultsWriter(Callback):
         world, rank = (1, 0) if partial else (trainer.world_size, trainer.global_rank)
         if partial and not trainer.is_global_zero:
             return None
+        module.row_chunks()  # decided before the protocol records it (a resumed, finished run decides it here)
         protocol, layout, backbone, targets = module.protocol(), module.layout, module.backbone, module.targets
         n_units, seeds = len(targets), layout.n_seeds
         settings = {key: value for key, value in to_json(protocol).items() if key != "numerics"}
-        state = fingerprint({**settings, "target": module.hparams.target, "steps": steps, "partial": partial},
-                            module.parameter)
+        state = fingerprint({**settings, "target": module.hparams.target, "steps": steps, "partial": partial,
+                             "block_units": self.block_units}, module.parameter)
         search = module.search
         null = NullLookup(backbone.vocab_embeddings, module.init_scale, seeds * protocol.n_tokens, self.null_samples,
                           self.null_simulations, allowed=search.allowed if search is not None else None)
@@ -315,18 +322,18 @@ class ResultsWriter(Callback):
             return analyze_block(protocol, targets[start:stop], start, tensors, backbone,
                                  module.unit_records[start:stop], vectors, null)
 
-        mine = blocks_of(rank, world, n_units)
+        mine = blocks_of(rank, world, n_units, self.block_units)
         what = "analysis" if world == 1 else f"analysis (rank 0 of {world}; each process its share)"
-        share = sum(stop - start for start, stop in (block_units_range(b, n_units) for b in mine))
+        share = sum(stop - start for start, stop in (block_units_range(b, n_units, self.block_units) for b in mine))
         with Progress(what, share, "units", enabled=trainer.is_global_zero) as progress:
-            reused = analyze_blocks(log_dir, mine, n_units, state, analyze, progress)
+            reused = analyze_blocks(log_dir, mine, n_units, state, analyze, progress, self.block_units)
         if reused and trainer.is_global_zero:
             print(f"amax_lightning: reused {reused} analysed block(s) of an earlier try", file=sys.stderr, flush=True)
         if world > 1:
             trainer.strategy.barrier("sweep blocks written")
         if not trainer.is_global_zero:
             return None
-        tables = merge_blocks(log_dir, n_blocks(n_units))
+        tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units))
         return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0])
 
     def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
