@@ -84,9 +84,8 @@ def test_hostile_tokens_stay_text_in_html_and_markdown(hostile_gpt2_dir, tmp_pat
     data = json.loads(next(body for kind, body in page.scripts if kind == "application/json"))
     assert len(data["rows"]) == 3
     shown = [data["strings"][i] for i in data["tokens"][0]]
-    from amax_lightning.report.html import visible
-
     from amax_lightning.analysis.tables import unit_record
+    from amax_lightning.report.html import visible
 
     first = unit_record(str(tmp_path / "lightning_logs/version_1"), 0)
     assert sweep["n_units"] == 3 and shown == [visible(t) for run in first["runs"] for t in run["tokens"]]

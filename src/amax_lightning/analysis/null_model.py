@@ -32,12 +32,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from amax_lightning.analysis.null_pool import (
     cache_folder,
@@ -52,6 +50,7 @@ from amax_lightning.analysis.null_pool import (
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError
 from amax_lightning.base.files import write_atomic
+from amax_lightning.base.progress import Progress
 
 _SIM_CHUNK = 4096  # simulated studies held in memory at once; fixed so results do not depend on memory
 MAX_POOL = 1_000_000  # random directions in one null pool: about 2 minutes of decoding on 2 CPU cores
@@ -230,7 +229,7 @@ def pool_estimates(ids: np.ndarray, n_vectors: int, n_simulations: int = 10_000,
 
 def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_000, scale: float = 1.0,
                  n_simulations: int = 10_000, seed: int = 0, chunk_rows: int = 1024, folder: str | None = None,
-                 use_cache: bool = True, path: str | None = None) -> PoolEstimates:
+                 use_cache: bool = True, path: str | None = None, progress: bool = True) -> PoolEstimates:
     """The null for studies of ``n_vectors`` vectors, from as many random directions as its precision needs.
 
     Directions are decoded ``chunk_rows`` at a time, from ``max(GROUPS * n_vectors, min(FIRST_SAMPLES,
@@ -238,7 +237,7 @@ def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_0
     ``GROUPS * n_vectors``); the looks at the errors come at fixed pool sizes, so the answer does not depend on the
     cache. The decoded pool is kept in ``folder`` (default ``cache_folder()``; ``use_cache`` False: nowhere) under
     ``null_cache_key`` and extended when a later study needs more. A first run that takes more than 2 s shows a
-    progress bar on stderr (``PROGRESS_DELAY``). ``path`` forces the decoder's first pass (``decode.CheckedNearestTokens``).
+    progress line on stderr (``PROGRESS_DELAY``; ``progress`` False: none, e.g. on ranks other than 0). ``path`` forces the decoder's first pass (``decode.CheckedNearestTokens``).
     """
     check_vocab(vocab)
     n_vectors = check_int("n_vectors", n_vectors, 1)
@@ -261,10 +260,10 @@ def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_0
             if size > len(ids):
                 if decoder is None:
                     decoder = pool_decoder(vocab, folder, path)
-                    bar = tqdm(total=looks[-1], initial=len(ids), delay=PROGRESS_DELAY, file=sys.stderr, unit="dir", leave=False,
-                               desc="null model: decoding random directions (kept for the next run)")
+                    bar = Progress("null model: random directions decoded (kept for the next run)", looks[-1],
+                                   "directions", enabled=progress, done=len(ids), delay_s=PROGRESS_DELAY)
                 ids = np.concatenate([ids, null_token_ids(vocab, len(ids), size, scale, seed, chunk_rows, decoder,
-                                                          progress=bar.update)])
+                                                          progress=bar.advance)])
             estimates = pool_estimates(ids[:size], n_vectors, n_simulations, seed)
             if estimates.precise_enough():
                 break

@@ -121,13 +121,13 @@ class NullLookup:
     same seeded draws (the decoded pool is shared through its disk cache)."""
 
     def __init__(self, vocab: torch.Tensor, scale: float, n_vectors: int, n_samples: int, n_simulations: int,
-                 allowed: torch.Tensor | None = None) -> None:
+                 allowed: torch.Tensor | None = None, progress: bool = True) -> None:
         self.n_vectors, self.n_simulations, self.n_samples = n_vectors, n_simulations, n_samples
         self._cache: dict[int, tuple[float, float]] = {}
         self._estimates = self._p = None
         if n_samples and allowed is None:
             self._estimates = sampled_null(vocab, n_vectors, max_samples=n_samples, scale=scale,
-                                           n_simulations=n_simulations)
+                                           n_simulations=n_simulations, progress=progress)
             self.n_samples, self.expected = self._estimates.n_samples, self._estimates.expected
         elif n_samples:
             self._p = allowed.double().cpu().numpy() / int(allowed.sum())

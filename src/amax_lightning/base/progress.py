@@ -62,7 +62,8 @@ class Progress:
     def advance(self, n: int = 1) -> None:
         self.done += int(n)
         now = time.monotonic()
-        if self.enabled and now - self._started >= self.delay_s and now - self._shown >= self.every_s:
+        due = not self._printed or now - self._shown >= self.every_s  # the first line once ``delay_s`` has passed
+        if self.enabled and now - self._started >= self.delay_s and due:
             self._show(self.line(now))
             self._shown = now
 

@@ -313,7 +313,8 @@ class ResultsWriter(Callback):
                              "block_units": self.block_units}, module.parameter)
         search = module.search
         null = NullLookup(backbone.vocab_embeddings, module.init_scale, seeds * protocol.n_tokens, self.null_samples,
-                          self.null_simulations, allowed=search.allowed if search is not None else None)
+                          self.null_simulations, allowed=search.allowed if search is not None else None,
+                          progress=trainer.is_global_zero)
         hook_vectors = module.objective.readout.written_directions(hook_width(targets[0].hook, backbone.shape))
 
         def analyze(start: int, stop: int):

@@ -149,7 +149,7 @@ def test_directions_are_added_until_the_errors_are_small_enough(monkeypatch):
 def test_a_slow_first_run_shows_progress(monkeypatch, capsys):
     monkeypatch.setattr(null_model_module, "PROGRESS_DELAY", 0)
     sampled_null(torch.eye(4), 3, max_samples=100, use_cache=False)
-    assert "null model: decoding random directions" in capsys.readouterr().err
+    assert "null model: random directions decoded" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
