@@ -41,3 +41,43 @@ def test_attention_sweep_equals_units_run_one_at_a_time(fit_tiny, tmp_path):
         rows = slice(i * len(SEEDS), (i + 1) * len(SEEDS))
         torch.testing.assert_close(sweep.parameter[rows].detach(), alone.parameter.detach(), rtol=1e-5, atol=1e-6)
         assert [r["token_ids"] for r in results["units"][i]["runs"]] == [r["token_ids"] for r in alone_results["runs"]]
+
+
+def sweep_args(tiny_gpt2_dir, *extra: str) -> list[str]:
+    return ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", "blocks.2.hook_resid_pre:*",
+            "--seeds", "0-1", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def test_a_sweep_states_its_memory_before_the_first_step(tiny_gpt2_dir, tmp_path):
+    from conftest import run_in_process
+
+    proc = run_in_process(sweep_args(tiny_gpt2_dir, "--results.null_samples", "0"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [line for line in proc.stderr.splitlines() if "memory per process" in line]
+    parameter = 64 * 2 * 5 * 64 * 4  # units x seeds x tokens x d_model, fp32
+    assert f"parameter {parameter / 1e9:.3g} GB" in line and f"Adam state {2 * parameter / 1e9:.3g} GB" in line
+    assert f"last.ckpt about {3 * parameter / 1e9:.3g} GB" in line
+
+
+def test_a_sweep_that_cannot_fit_stops_before_any_step(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from conftest import run_in_process
+
+    import amax_lightning.lightning.module as module
+
+    monkeypatch.setattr(module, "free_memory_bytes", lambda device: 200_000)
+    proc = run_in_process(sweep_args(tiny_gpt2_dir), cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("amax_lightning: error: this run needs") and "units x 2 seeds fit" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_null_model_too_large_is_refused_before_any_step(tiny_gpt2_dir, tmp_path):
+    from conftest import run_in_process
+
+    proc = run_in_process(sweep_args(tiny_gpt2_dir, "--seeds", "0-9999", "--model.target",
+                                     "blocks.2.hook_resid_pre:0-1", "--model.n_tokens", "11"), cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "needs 1100000 random directions" in line and "results.null_samples 0" in line, line
+    assert list(tmp_path.iterdir()) == []

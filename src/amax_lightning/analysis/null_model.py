@@ -227,6 +227,16 @@ def pool_estimates(ids: np.ndarray, n_vectors: int, n_simulations: int = 10_000,
         np.std(group_cdf, axis=0, ddof=1) / math.sqrt(GROUPS))
 
 
+def check_null_size(n_vectors: int) -> int:
+    """The fewest random directions the null model needs for ``n_vectors`` vectors per study (``GROUPS`` x n); a
+    UserError when that is more than ``MAX_POOL``. The CLI asks before the first step."""
+    smallest = GROUPS * n_vectors
+    if smallest > MAX_POOL:
+        raise UserError(f"the null model for {n_vectors} vectors per study needs {smallest} random directions, more "
+                        f"than {MAX_POOL}; turn it off with results.null_samples 0")
+    return smallest
+
+
 def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_000, scale: float = 1.0,
                  n_simulations: int = 10_000, seed: int = 0, chunk_rows: int = 1024, folder: str | None = None,
                  use_cache: bool = True, path: str | None = None, progress: bool = True) -> PoolEstimates:
@@ -244,10 +254,7 @@ def sampled_null(vocab: torch.Tensor, n_vectors: int, *, max_samples: int = 20_0
     max_samples = check_int("max_samples", max_samples, 1)
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     scale = check_scale(scale)
-    smallest = GROUPS * n_vectors
-    if smallest > MAX_POOL:
-        raise UserError(f"the null model for {n_vectors} vectors per study needs {smallest} random directions, more "
-                        f"than {MAX_POOL}; turn it off with results.null_samples 0")
+    smallest = check_null_size(n_vectors)
     looks = sorted({max(smallest, min(FIRST_SAMPLES, max_samples)), max(smallest, max_samples)})
     looks = [*range(looks[0], looks[-1], chunk_rows), looks[-1]]
     folder = (folder or cache_folder()) if use_cache else None

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from amax_lightning.analysis.null_model import check_null_size
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError, first_line
 from amax_lightning.base.seeds import parse_seeds
@@ -154,9 +155,13 @@ class AmaxCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.check_trainer(self.trainer)
+        if len(self.model.targets) > 1:  # a sweep that cannot fit stops before anything is written
+            self.model.check_memory(self.trainer.strategy.root_device)
         writer = find_callback(self.trainer, ResultsWriter)
         if len(self.model.targets) > 1 and writer is not None and writer.uses_baseline:
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")
+        if writer is not None and writer.null_samples and self.model.search is None:  # refused now, not after the steps
+            check_null_size(len(self.model.seeds) * self.model.n_tokens)
         vocabulary = self.model.backbone.vocab_embeddings.shape[0]
         if writer is not None and writer.baseline_top_k > vocabulary:
             raise UserError(f"results.baseline_top_k {writer.baseline_top_k} is out of range; this model's "

@@ -3,6 +3,7 @@ logging, DDP, checkpoints."""
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Union
 
 import torch
@@ -25,7 +26,13 @@ from amax_lightning.base.errors import UserError
 from amax_lightning.base.seeds import parse_seeds
 from amax_lightning.lightning.data import step_loader
 from amax_lightning.model.backbone import Backbone, load_backbone
-from amax_lightning.model.chunking import automatic_chunk_rows, chunk_slices, float32_matmul_precision, surrogate_loss
+from amax_lightning.model.chunking import (
+    automatic_chunk_rows,
+    chunk_slices,
+    float32_matmul_precision,
+    free_memory_bytes,
+    surrogate_loss,
+)
 from amax_lightning.model.targets import Target
 from amax_lightning.optimize.methods import METHODS, ContinuousMethod, TokenSearchMethod
 from amax_lightning.optimize.objective import AGGREGATIONS, RowTensors, build_objective
@@ -34,6 +41,11 @@ from amax_lightning.optimize.priors import L2, parse_priors
 from amax_lightning.optimize.search import SearchState, TokenSearch
 
 DEFAULT_SEEDS = list(range(10))
+
+
+def gigabytes(n_bytes: int) -> str:
+    """``n_bytes`` as ``1.23 GB`` (10^9 bytes)."""
+    return f"{n_bytes / 1e9:.3g} GB"
 MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
 
 
@@ -238,8 +250,57 @@ class ActMaxModule(LightningModule):
             raise UserError(f"precision 16-mixed cannot run method {self.method} (it steps no gradient); "
                             "use 32-true or bf16-mixed")
 
+    def memory_plan(self, block_units: int = 256) -> dict[str, int]:
+        """Bytes each process holds for this run before any step's activations: the learned parameter (every
+        process holds all rows), its gradient, the optimizer's state (Adam: 2 x the parameter; token search: the
+        search state), and the end-of-fit analysis buffers of one block of ``block_units`` units (its embeddings,
+        activations and the (1,024 x V) cosine scores of the decode). Chunk activations come on top: automatic
+        chunks take at most half of the memory still free (``model/chunking.py``)."""
+        parameter = self.parameter.numel() * self.parameter.element_size()
+        plan = {"parameter": parameter, "gradient": parameter if self.search is None else 0}
+        if self.search is None:
+            plan["Adam state"] = 2 * parameter
+        else:
+            plan["search state"] = sum(t.numel() * t.element_size() for t in self.search_state())
+        vocab, width = self.backbone.vocab_embeddings.shape
+        rows = min(block_units, len(self.targets)) * self.layout.n_seeds
+        plan["analysis buffers"] = rows * self.n_tokens * width * 4 * 3 + min(rows * self.n_tokens, 1024) * vocab * 4
+        return plan
+
+    def check_memory(self, device: torch.device, block_units: int = 256) -> None:
+        """Raise a UserError naming what would fit when ``memory_plan`` exceeds 90% of ``device``'s free memory.
+        CUDA memory is read only where CUDA is already initialized (in each process's ``setup``, not the launcher)."""
+        if device.type == "cuda" and not torch.cuda.is_initialized():
+            return
+        free = free_memory_bytes(device)
+        plan = self.memory_plan(block_units)
+        need = sum(plan.values())
+        if free is None or need <= 0.9 * free:
+            return
+        per_unit = max(1, need // len(self.targets))
+        fits = int(0.9 * free) // per_unit
+        parts = ", ".join(f"{name} {gigabytes(value)}" for name, value in plan.items() if value)
+        raise UserError(f"this run needs {gigabytes(need)} per process before any activation ({parts}) but "
+                        f"{device} has {gigabytes(free)} free; every process holds the whole parameter, so more "
+                        f"processes do not help: about {fits} units x {self.layout.n_seeds} seeds fit (fewer units or "
+                        "seeds per fit)")
+
+    def describe_memory(self, device: torch.device, block_units: int = 256) -> str:
+        """One line: what each process holds (``memory_plan``), the free memory, and last.ckpt's size."""
+        plan = self.memory_plan(block_units)
+        free = free_memory_bytes(device)
+        parts = ", ".join(f"{name} {gigabytes(value)}" for name, value in plan.items() if value)
+        checkpoint = plan["parameter"] + plan.get("Adam state", 0) + plan.get("search state", 0)
+        return (f"amax_lightning: memory per process: {parts} = {gigabytes(sum(plan.values()))} of "
+                f"{'unknown' if free is None else gigabytes(free)} free on {device}, plus chunk activations (at most "
+                f"half of what is left); last.ckpt about {gigabytes(checkpoint)}")
+
     def setup(self, stage: str) -> None:
         self.check_trainer(self.trainer)
+        if len(self.targets) > 1:  # a sweep: what it will hold, before the first step
+            self.check_memory(self.trainer.strategy.root_device)
+            if self.trainer.is_global_zero:
+                print(self.describe_memory(self.trainer.strategy.root_device), file=sys.stderr, flush=True)
         self.precision_name = str(self.trainer.precision)
         self.objective.layout = self.layout.for_process(self.trainer.world_size, self.trainer.global_rank)
         self.chunk_rows_used = None  # chosen again for this fit's device and shard (or taken from its checkpoint)
