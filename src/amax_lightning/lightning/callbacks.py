@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ from amax_lightning.analysis.tables import merge_blocks, remove_blocks
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError
 from amax_lightning.base.files import write_text_atomic
-from amax_lightning.base.progress import Progress
+from amax_lightning.base.progress import Progress, duration
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
 from amax_lightning.model.decode import requested_path
 from amax_lightning.model.targets import hook_width
@@ -334,6 +335,7 @@ class ResultsWriter(Callback):
             trainer.strategy.barrier("sweep blocks written")
         if not trainer.is_global_zero:
             return None
+        self._merge_started = time.monotonic()
         tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units))
         return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0])
 
@@ -373,6 +375,10 @@ class ResultsWriter(Callback):
         write_text_atomic(path, json.dumps(results.to_json(), indent=2) + "\n")
         if isinstance(results, AtlasResults):
             remove_blocks(log_dir)  # the merged tables and the summary are written
+            sizes = ", ".join(f"{name} {os.path.getsize(os.path.join(log_dir, name)) / 1e6:.1f} MB"
+                              for name in ("report.html", *results.tables.values()))
+            print(f"amax_lightning: wrote the atlas ({sizes}) in "
+                  f"{duration(time.monotonic() - self._merge_started)}", file=sys.stderr, flush=True)
         self.results_path, self.results = path, results
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
