@@ -207,14 +207,21 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
+def tick_label(value: float) -> str:
+    """An axis tick: whole numbers with thousands separators (``12,000``), others with 3 significant digits."""
+    if float(value).is_integer() and abs(value) < 1e9:
+        return f"{int(value):,}"
+    return fmt(float(value), 3)
+
+
 def _axes_box(x0: float, x1: float, y0: float, y1: float, width: int, height: int, pad: int = 48) -> dict:
     """Linear maps from data to SVG pixels inside a ``pad`` margin, with round ticks on each axis."""
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     sx = lambda v: pad + (v - x0) / (x1 - x0) * (width - 1.5 * pad)  # noqa: E731
     sy = lambda v: height - pad + (v - y0) / (y1 - y0) * -(height - 1.5 * pad)  # noqa: E731
     frame = {"width": width, "height": height, "pad": pad,
-             "x_ticks": [{"at": sx(v), "label": fmt(float(v), 3)} for v in nice_ticks(x0, x1)],
-             "y_ticks": [{"at": sy(v), "label": fmt(float(v), 3)} for v in nice_ticks(y0, y1)]}
+             "x_ticks": [{"at": sx(v), "label": tick_label(v)} for v in nice_ticks(x0, x1)],
+             "y_ticks": [{"at": sy(v), "label": tick_label(v)} for v in nice_ticks(y0, y1)]}
     return {"x": sx, "y": sy, "frame": frame}
 
 
@@ -363,7 +370,8 @@ def write_atlas_page(log_dir: str, results: AtlasResults) -> str:
     common = os.path.commonprefix([row.target for row in results.most_reproducible + results.least_reproducible])
     return write_page(
         log_dir, "atlas.html.j2", f"amax_lightning atlas: {results.n_units} units", results=results,
-        n_total=len(results.histogram) - 1, units_of=common[: len(common) - len(common.split(":")[-1])] or results.target,
+        n_total=len(results.histogram) - 1,
+        units_of=common[: len(common) - len(common.split(":")[-1])].rstrip(":") or results.target,
         histogram=histogram(results.histogram), data=atlas_data(log_dir), verdict=verdict,
         ranked=png_data_uri(os.path.join(log_dir, "atlas.png")))
 

@@ -102,7 +102,7 @@
     var tr = document.createElement("tr");
     tr.className = "seeds";
     var td = document.createElement("td");
-    td.colSpan = data.columns.length + 1;
+    td.colSpan = data.columns.length + 1 + (data.links ? 1 : 0);
     var acts = data.activations[unit], ids = data.tokens[unit];
     var scale = Math.max.apply(null, acts.map(Math.abs)) || 1;
     data.seeds.forEach(function (seed, s) {
@@ -176,8 +176,9 @@
       if (state.open.has(unit)) { fragment.appendChild(seedsRow(unit)); }
     }
     body.replaceChildren(fragment);
-    count.textContent = shown.length ? ("units " + (start + 1) + "–" + stop + " of " + shown.length +
-      (shown.length < data.rows.length ? " (filtered from " + data.rows.length + ")" : "")) : "no unit matches";
+    var n = function (value) { return value.toLocaleString("en-US"); };
+    count.textContent = shown.length ? ("units " + n(start + 1) + "–" + n(stop) + " of " + n(shown.length) +
+      (shown.length < data.rows.length ? " (filtered from " + n(data.rows.length) + ")" : "")) : "no unit matches";
     prev.disabled = state.page === 0;
     next.disabled = stop >= shown.length;
   }
@@ -196,7 +197,9 @@
     apply();
   });
   ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict"].forEach(function (id) {
-    document.getElementById(id).addEventListener("input", function () { state.page = 0; apply(); });
+    ["input", "change"].forEach(function (kind) {
+      document.getElementById(id).addEventListener(kind, function () { state.page = 0; apply(); });
+    });
   });
   prev.addEventListener("click", function () { state.page -= 1; draw(); });
   next.addEventListener("click", function () { state.page += 1; draw(); });
