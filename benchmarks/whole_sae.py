@@ -47,7 +47,7 @@ def phases(stderr: str) -> dict[str, float]:
     """Seconds of each phase, from the run's own closing lines on stderr."""
     found = {}
     for name, pattern in (("analysis", r"^analysis.* done in (.+?) \("), ("null model", r"^null model.* done in (.+?) \("),
-                          ("page and tables", r"wrote the atlas.* in (.+?)[;,]")):
+                          ("page and tables", r"wrote the atlas .* in (.+)$")):
         match = re.search(pattern, stderr, re.M)
         if match:
             found[name] = seconds(match.group(1))

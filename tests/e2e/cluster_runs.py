@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from conftest import REPO, TINY_TARGET, run_in_process
+from conftest import REPO, TINY_TARGET, run_in_process, sweep_view
 
 HELPERS = str(Path(__file__).parent)
 STEPS, EVERY = 12, 4
@@ -40,7 +40,8 @@ def one_process(model: Path, method: str, folder: Path) -> dict:
     if method not in _references:
         proc = run_in_process(["fit", *fit_args(model, method)], cwd=folder / method)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        _references[method] = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+        path = Path(proc.stdout.strip().splitlines()[-1])
+        _references[method] = sweep_view(str(path), json.loads(path.read_text()))
     return _references[method]
 
 
@@ -74,9 +75,15 @@ def assert_close(got, want, path: str = "") -> None:
         assert got == want, f"{path}: {got!r} vs {want!r}"
 
 
+def read_results(path: Path) -> dict:
+    """A results.json, with a sweep's tables read back (``conftest.sweep_view``)."""
+    return sweep_view(str(path), json.loads(Path(path).read_text()))
+
+
 def assert_same_as_one_process(results: dict, reference: dict, method: str) -> None:
     """Equal to the one-process run apart from ``chunk_rows``: token search exactly (its scores are the same
-    numbers in any chunk), continuous to ``TOLERANCE`` (chunk shapes round differently), tokens and counts exactly."""
+    numbers in any chunk), continuous to ``TOLERANCE`` (chunk shapes round differently), tokens and counts exactly.
+    Sweeps (continuous here) are compared unit by unit, from their tables (``read_results``)."""
     if method in EXACT:
         assert without_chunks(results) == without_chunks(reference)
     else:

@@ -78,3 +78,28 @@ class WaitAt(Callback):
         deadline = time.monotonic() + self.limit
         while time.monotonic() < deadline and not (interrupts.pending or interrupts.sigterm or interrupts.sigusr1):
             time.sleep(0.05)
+
+
+class WaitInAnalysis(Callback):
+    """In rank 0, once a sweep's analysis has written its first block, create the file ``marker`` and wait (at most
+    ``limit`` seconds) for a signal from outside (``scancel --signal``), which interrupts the analysis at once."""
+
+    def __init__(self, marker: str = "in_analysis", limit: float = 120.0) -> None:
+        self.marker, self.limit = marker, limit
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_rank != 0:
+            return
+        import amax_lightning.analysis.sweep as sweep
+
+        write, marker, limit = sweep.write_table, self.marker, self.limit
+
+        def write_then_wait(path, *args, **kwargs):
+            write(path, *args, **kwargs)
+            if "/units-" in path and not os.path.exists(marker):
+                open(marker, "w").close()
+                deadline = time.monotonic() + limit
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+        sweep.write_table = write_then_wait

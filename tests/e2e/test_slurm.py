@@ -4,14 +4,13 @@ last.ckpt, the job is requeued and resumes on its own, with results byte-identic
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_process, results_in
+from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_process, read_results, results_in
 from conftest import REPO
 from slurm_cluster import free_ports
 
@@ -66,7 +65,7 @@ def uninterrupted(slurm, tiny_gpt2_dir, tmp_path_factory) -> dict[str, tuple[Pat
 @pytest.mark.parametrize("method", ["continuous", "gcg", "epo"])
 def test_batch_script_and_srun_n_2_equal_one_process(uninterrupted, tiny_gpt2_dir, tmp_path, method):
     path, log = uninterrupted[method]
-    assert_same_as_one_process(json.loads(path.read_text()), one_process(tiny_gpt2_dir, method, tmp_path), method)
+    assert_same_as_one_process(read_results(path), one_process(tiny_gpt2_dir, method, tmp_path), method)
     assert "Traceback" not in log and "\r" not in log and "manual optimization" not in log  # a log a job can keep
     assert "steps: 100% 12/12" in log and log.strip().splitlines()[-1] == str(path)
     assert "SLURM auto-requeueing" not in log and not list(path.parent.parent.parent.rglob("hpc_ckpt_*.ckpt"))

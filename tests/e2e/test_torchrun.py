@@ -5,7 +5,6 @@ process to the results of an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_process, results_in
+from cluster_runs import assert_same_as_one_process, fit_args, helpers_env, one_process, read_results, results_in
 from conftest import run_cli
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -77,7 +76,7 @@ def test_two_node_torchrun_equals_one_process(tiny_gpt2_dir, tmp_path):
     assert code0 == code1 == 0, err0[-2000:] + err1[-2000:]
     path = results_in(tmp_path / "run")
     assert out0.strip().splitlines()[-1] == str(path) and str(path) not in out1  # only rank 0 writes and reports
-    assert_same_as_one_process(json.loads(path.read_text()),
+    assert_same_as_one_process(read_results(path),
                                one_process(tiny_gpt2_dir, "continuous", tmp_path), "continuous")
 
 
@@ -117,7 +116,7 @@ def test_a_killed_node_stops_the_survivor_in_one_line_and_its_checkpoint_resumes
     print(f"survivor of a SIGKILLed node exited {elapsed:.1f} s after the start")
     proc = run_cli(["fit", *fit_args(tiny_gpt2_dir, "continuous", "--ckpt_path", "last")], cwd=cwd, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert_same_as_one_process(json.loads(results_in(cwd).read_text()),
+    assert_same_as_one_process(read_results(results_in(cwd)),
                                one_process(tiny_gpt2_dir, "continuous", tmp_path), "continuous")
 
 
