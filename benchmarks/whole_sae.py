@@ -3,7 +3,8 @@ tiny random-init GPT-2 (3 blocks, 64 wide, GPT-2's real tokenizer), end to end t
 
 Prints the latents per hour and the split between the steps, the analysis, and the page and tables, read off the
 run's own progress lines; with ``--processes 2`` the same under DDP (gloo, ``--trainer.devices 2``), and with
-``--srun 2`` under the local SLURM (``srun -n 2``), for a side-by-side ratio in one call. Peak RSS of each process
+``--srun 2`` under the tests' one-host SLURM (``srun -n 2``, one thread per task; started here, root only), for
+a side-by-side ratio in one call. Peak RSS of each process
 comes from ``/usr/bin/time -v`` where it exists.
 
     python benchmarks/whole_sae.py [--latents 24576] [--steps 10] [--processes 1,2] [--srun 0]
@@ -90,9 +91,20 @@ def main() -> None:
     for n in [int(p) for p in args.processes.split(",") if p]:
         extra = [] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"]
         runs.append((f"{n} process{'es' * (n > 1)}", run([*fit_args(model, sae, args.steps), *extra], work / f"p{n}", [])))
-    if args.srun:
-        launcher = ["srun", "-n", str(args.srun), "--kill-on-bad-exit=1"]
-        runs.append((f"srun -n {args.srun}", run(fit_args(model, sae, args.steps), work / f"srun{args.srun}", launcher)))
+    if args.srun:  # the tests' one-host SLURM (Debian's slurm-wlm and munge, as root), started here
+        sys.path.insert(0, str(REPO / "tests" / "e2e"))
+        from slurm_cluster import SlurmCluster
+
+        cluster = SlurmCluster(work / "slurm")
+        (work / "slurm").mkdir()
+        cluster.start()
+        os.environ.update(SLURM_CONF=cluster.env["SLURM_CONF"])
+        try:
+            launcher = ["srun", "-n", str(args.srun), "--kill-on-bad-exit=1"]
+            runs.append((f"srun -n {args.srun}", run([*fit_args(model, sae, args.steps), "--threads", "1"],
+                                                     work / f"srun{args.srun}", launcher)))
+        finally:
+            cluster.stop()
     print(f"{args.latents:,} latents x 10 seeds, {args.steps} steps, tiny GPT-2 (d_model 64), {os.cpu_count()} CPU cores")
     print(f"{'run':<14} {'wall':>8} {'steps+start':>12} {'null':>6} {'analysis':>9} {'page+tables':>12} "
           f"{'latents/h':>10} {'peak RSS':>9}")

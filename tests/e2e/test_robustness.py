@@ -141,7 +141,7 @@ def test_interrupt_during_a_sweeps_analysis_resumes_from_its_written_blocks(tiny
         "rows-000000.parquet", "rows-000001.parquet", "units-000000.parquet", "units-000001.parquet"]
     proc = run_cli([*args, "--ckpt_path", "last"], cwd=folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "reused 2 analysed block(s)" in proc.stderr
+    assert "reused 2 analysed block(s) of an earlier try" in proc.stderr
     for name in SWEEP_FILES:
         assert (run / name).read_bytes() == (whole / "lightning_logs/version_0" / name).read_bytes(), name
     assert not (run / "blocks").exists()

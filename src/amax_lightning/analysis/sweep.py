@@ -206,23 +206,23 @@ def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, te
     return unit_table, row_table
 
 
+def missing_blocks(folder: str, blocks: list[int], state: str) -> list[int]:
+    """Those of ``blocks`` that are not already written whole for the fit state ``state`` (a ``fingerprint``)."""
+    return [block for block in blocks if not block_is_whole(folder, block, state)]
+
+
 def analyze_blocks(folder: str, blocks: list[int], n_units: int, state: str,
                    analyze: Callable[[int, int], tuple[pa.Table, pa.Table]], progress: Progress,
-                   block_units: int = BLOCK_UNITS) -> int:
-    """Analyse and write each of ``blocks`` that is not already whole for the fit state ``state`` (a
-    ``fingerprint``); ``analyze(start, stop)`` gives a block's tables. Returns how many blocks were reused."""
-    reused = 0
+                   block_units: int = BLOCK_UNITS) -> None:
+    """Analyse and write each of ``blocks`` for the fit state ``state``; ``analyze(start, stop)`` gives a block's
+    tables. The rows file is written first: a block is whole once its units file is."""
     for block in blocks:
         start, stop = block_units_range(block, n_units, block_units)
-        if block_is_whole(folder, block, state):
-            reused += 1
-        else:
-            unit_table, row_table = analyze(start, stop)
-            paths = block_paths(folder, block)
-            write_table(paths["rows"], row_table, state)  # rows first: a block is whole once its units file is
-            write_table(paths["units"], unit_table, state)
+        unit_table, row_table = analyze(start, stop)
+        paths = block_paths(folder, block)
+        write_table(paths["rows"], row_table, state)
+        write_table(paths["units"], unit_table, state)
         progress.advance(stop - start)
-    return reused
 
 
 # --- rank 0's summary -------------------------------------------------------------------------------------------

@@ -12,6 +12,11 @@ import time
 from typing import TextIO
 
 
+def rate_text(rate: float) -> str:
+    """Items per second: whole numbers from 100 on (``1,190``), 3 significant digits below (``42.5``)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def duration(seconds: float) -> str:
     """``seconds`` as ``42 s``, ``3 min 05 s`` or ``2 h 07 min``."""
     seconds = max(0, int(round(seconds)))
@@ -57,7 +62,7 @@ class Progress:
         share = f" ({100 * self.done // self.total}%)" if self.total else ""
         left = self.total - self.done
         eta = f", ETA {duration(left / rate)}" if rate > 0 and left > 0 else ""
-        return f"{self.what}: {self.done:,}/{self.total:,} {self.unit}{share}, {rate:,.3g} {self.unit}/s{eta}"
+        return f"{self.what}: {self.done:,}/{self.total:,} {self.unit}{share}, {rate_text(rate)} {self.unit}/s{eta}"
 
     def advance(self, n: int = 1) -> None:
         self.done += int(n)
@@ -73,7 +78,7 @@ class Progress:
         if self.enabled and (self._printed or now - self._started >= self.delay_s):
             rate = (self.done - self._first) / max(now - self._started, 1e-9)
             self._show(f"{self.what}: {self.done:,}/{self.total:,} {self.unit} done in {duration(now - self._started)}"
-                       f" ({rate:,.3g} {self.unit}/s)")
+                       f" ({rate_text(rate)} {self.unit}/s)")
             if self.terminal:
                 self.stream.write("\n")
         self.enabled = False

@@ -35,6 +35,7 @@ from amax_lightning.analysis.sweep import (
     block_units_range,
     blocks_of,
     fingerprint,
+    missing_blocks,
     n_blocks,
     summarize,
 )
@@ -325,12 +326,18 @@ class ResultsWriter(Callback):
                                  module.unit_records[start:stop], vectors, null)
 
         mine = blocks_of(rank, world, n_units, self.block_units)
+        todo = missing_blocks(log_dir, mine, state)
+
+        def units_in(blocks: list[int]) -> int:
+            return sum(stop - start for start, stop in (block_units_range(b, n_units, self.block_units) for b in blocks))
+
+        if len(todo) < len(mine) and trainer.is_global_zero:
+            print(f"amax_lightning: reused {len(mine) - len(todo)} analysed block(s) of an earlier try"
+                  + (" (rank 0's share)" if world > 1 else ""), file=sys.stderr, flush=True)
         what = "analysis" if world == 1 else f"analysis (rank 0 of {world}; each process its share)"
-        share = sum(stop - start for start, stop in (block_units_range(b, n_units, self.block_units) for b in mine))
-        with Progress(what, share, "units", enabled=trainer.is_global_zero) as progress:
-            reused = analyze_blocks(log_dir, mine, n_units, state, analyze, progress, self.block_units)
-        if reused and trainer.is_global_zero:
-            print(f"amax_lightning: reused {reused} analysed block(s) of an earlier try", file=sys.stderr, flush=True)
+        with Progress(what, units_in(mine), "units", enabled=trainer.is_global_zero,
+                      done=units_in(mine) - units_in(todo)) as progress:
+            analyze_blocks(log_dir, todo, n_units, state, analyze, progress, self.block_units)
         if world > 1:
             trainer.strategy.barrier("sweep blocks written")
         if not trainer.is_global_zero:
