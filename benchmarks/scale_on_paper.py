@@ -12,7 +12,9 @@ D, MLP, BLOCKS, TOKENS, VOCAB = 768, 3072, 8, 5, 50257
 ATLAS_FP32_MS, ATLAS_BF16_COMPILED_MS, ATLAS_ROWS = 254.7, 56.2, 7680  # H200, BENCHMARKS.md "GPU: one NVIDIA H200"
 ATLAS_FP32_TFLOPS, ATLAS_BF16_TFLOPS = 34.2, 154.9  # the same rows: the rates those steps reached
 SAVED_MIB_PER_ROW = 1.19  # fp32 tensors autograd saves per row (README "Memory: chunked steps")
-RESULTS_BYTES_PER_UNIT = 62_753  # results.json of a 10-seed sweep, per unit (measured: 8 units, 502,021 bytes)
+TABLE_BYTES_PER_ROW = 132  # rows.parquet (zstd), per unit x seed: 32.5 MB for 245,760 rows (benchmarks/whole_sae.py)
+TABLE_BYTES_PER_UNIT = 252  # units.parquet, per unit: 6.2 MB for 24,576 units
+CHECKPOINT_GB_PER_S = 2.0  # rank 0 writing last.ckpt (assumed local NVMe)
 GPUS_PER_NODE, H200_GIB = 8, 141
 MAX_ROWS, MAX_PARAMETER_ELEMENTS = 1_000_000, 2**31  # checks.py
 
@@ -57,11 +59,12 @@ def table(latents: int, seeds: int, steps: int) -> None:
               f"{nodes[0]:.0f} / {nodes[1]:.0f} ({gpus[0]:.0f} / {gpus[1]:.0f} GPUs) |")
     state = rows * TOKENS * D * 4
     print(f"parameter {state / 2**30:.2f} GiB, with Adam's moments {3 * state / 2**30:.2f} GiB, on every process "
-          f"(each holds every row); checkpoint {3 * state / 2**30:.2f} GiB + history {steps * rows * 4 / 2**30:.2f} GiB")
-    print(f"saved tensors for one chunk of all rows: {rows * SAVED_MIB_PER_ROW / 1024:.0f} GiB "
-          f"(chunked to fit half the free memory); results.json ~{rows / seeds * RESULTS_BYTES_PER_UNIT / 2**30:.2f} GiB")
-    print(f"rank-0 gather at the end: final embeddings {state / 2**30:.2f} GiB; every step: "
-          f"{rows * 16 / 2**20:.1f} MiB of per-row stats to every process")
+          f"(each holds every row); checkpoint {3 * state / 2**30:.2f} GiB (a sweep keeps no activation history)")
+    print(f"saved tensors for one chunk of all rows: {rows * SAVED_MIB_PER_ROW / 1024:.0f} GiB (chunked to fit half "
+          f"the free memory); tables {(rows * TABLE_BYTES_PER_ROW + rows / seeds * TABLE_BYTES_PER_UNIT) / 2**30:.2f} "
+          f"GiB (results.json: a few kB)")
+    print(f"every step: {rows * 16 / 2**20:.1f} MiB of per-row stats to every process; no gather at the end (each "
+          f"process analyses its blocks from its own copy of the parameter)")
     limits = []
     if rows > MAX_ROWS:
         limits.append(f"rows {rows:,} > {MAX_ROWS:,}")
@@ -70,6 +73,44 @@ def table(latents: int, seeds: int, steps: int) -> None:
     if 3 * state / 2**30 > H200_GIB:
         limits.append(f"parameter + Adam {3 * state / 2**30:.0f} GiB > one H200's {H200_GIB} GiB")
     print("breaks: " + ("; ".join(limits) if limits else "nothing of the above"))
+
+
+# The end of a sweep (issue 26), measured on 2 CPU cores at full width (benchmarks/whole_sae.py, BENCHMARKS.md
+# "A whole SAE"): rank 0's merge of the blocks, atlas.csv and the page, and each block's host work (metrics, strings,
+# Parquet) besides its matmuls; both are independent of d_model.
+MERGE_AND_PAGE_S = 20.0
+HOST_S_PER_BLOCK = 0.15  # 256 units x 10 seeds
+BLOCK_UNITS = 256
+
+
+def analysis_flops_per_row() -> float:
+    """The end-of-fit analysis of one row: the cosine decode of its 5 vectors against the vocabulary and two
+    forwards (at the optimized input and at the decoded tokens)."""
+    return 2 * TOKENS * VOCAB * D + 2 * forward_flops_per_row()
+
+
+def whole_sae(latents: int, seeds: int, steps: int, gpus_list=(1, 8, 32)) -> None:
+    """Steps, analysis and page of a whole-SAE job on 1, 8 and 32 H200s (one process each), continuous and GCG."""
+    rows = latents * seeds
+    blocks = -(-latents // BLOCK_UNITS)
+    print(f"whole SAE: {latents:,} latents x {seeds} seeds, {steps} steps; analysis {analysis_flops_per_row() / 1e9:.2f}"
+          f" GFLOP a row ({rows * analysis_flops_per_row():.3g} in all), {blocks} blocks")
+    checkpoints = (steps // 50) * 3 * rows * TOKENS * D * 4 / (CHECKPOINT_GB_PER_S * 1e9)  # every 50 steps, rank 0
+    print(f"last.ckpt every 50 steps: {steps // 50} x {3 * rows * TOKENS * D * 4 / 1e9:.1f} GB = {checkpoints:.0f} s "
+          f"at {CHECKPOINT_GB_PER_S} GB/s (in every row below)")
+    print("| H200s | method | steps (fp32 / bf16) | analysis | merge + page | total, bf16 | latents per hour, bf16 |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for method, flops in (("continuous", continuous_flops_per_row_step()), ("gcg", gcg_flops_per_row_step())):
+        if method == "continuous":
+            fp32, bf16 = (rows * steps * ms / 1e3 / ATLAS_ROWS for ms in (ATLAS_FP32_MS, ATLAS_BF16_COMPILED_MS))
+        else:
+            fp32, bf16 = (flops * rows * steps / (rate * 1e12) for rate in (ATLAS_FP32_TFLOPS, ATLAS_BF16_TFLOPS))
+        for gpus in gpus_list:
+            analysis = rows * analysis_flops_per_row() / (ATLAS_FP32_TFLOPS * 1e12) / gpus \
+                + -(-blocks // gpus) * HOST_S_PER_BLOCK
+            total = bf16 / gpus + analysis + MERGE_AND_PAGE_S + checkpoints
+            print(f"| {gpus} | {method} | {fp32 / gpus / 60:,.1f} / {bf16 / gpus / 60:,.1f} min | {analysis:.0f} s | "
+                  f"{MERGE_AND_PAGE_S:.0f} s | {total / 60:,.1f} min | {latents / total * 3600:,.0f} |")
 
 
 def main() -> None:
@@ -81,6 +122,7 @@ def main() -> None:
     for latents in args.latents:
         table(latents, args.seeds, args.steps)
         print()
+    whole_sae(args.latents[0], args.seeds, args.steps)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError
+from amax_lightning.base.progress import Progress
 from amax_lightning.model.backbone import Backbone
 from amax_lightning.model.targets import Target, parse_target
 
@@ -113,8 +114,10 @@ def token_activations(backbone: Backbone, target: Target | str, chunk_size: int 
     vocab_size = backbone.vocab_embeddings.shape[0]
     device = backbone.vocab_embeddings.device
     out = []
-    for ids in torch.arange(vocab_size, device=device).split(chunk_size):
-        out.append(read(backbone.embed_tokens(ids[:, None]))[:, 0].float().cpu())
+    with Progress("data baseline: one-token inputs", vocab_size, "tokens") as progress:
+        for ids in torch.arange(vocab_size, device=device).split(chunk_size):
+            out.append(read(backbone.embed_tokens(ids[:, None]))[:, 0].float().cpu())
+            progress.advance(len(ids))
     return torch.cat(out)
 
 
@@ -202,13 +205,15 @@ def text_activations(
     device = backbone.vocab_embeddings.device
     out = torch.empty(n)
     covered = 0
-    for first in range(0, len(starts), batch_size):
-        batch_starts = starts[first : first + batch_size]
-        ids = torch.stack([token_ids[s : s + width] for s in batch_starts]).to(device)
-        acts = read(backbone.embed_tokens(ids)).float().cpu()
-        for row, s in zip(acts, batch_starts):
-            out[covered : s + width] = row[covered - s :]
-            covered = s + width
+    with Progress("data baseline: text windows", len(starts), "windows") as progress:
+        for first in range(0, len(starts), batch_size):
+            batch_starts = starts[first : first + batch_size]
+            ids = torch.stack([token_ids[s : s + width] for s in batch_starts]).to(device)
+            acts = read(backbone.embed_tokens(ids)).float().cpu()
+            for row, s in zip(acts, batch_starts):
+                out[covered : s + width] = row[covered - s :]
+                covered = s + width
+            progress.advance(len(batch_starts))
     return out
 
 

@@ -343,6 +343,8 @@ class ResultsWriter(Callback):
         if not trainer.is_global_zero:
             return None
         self._merge_started = time.monotonic()
+        print(f"amax_lightning: merging {n_blocks(n_units, self.block_units)} blocks and writing the atlas",
+              file=sys.stderr, flush=True)
         tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units))
         return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0])
 
