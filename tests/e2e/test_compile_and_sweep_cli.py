@@ -29,3 +29,11 @@ def test_sweep_of_every_unit_from_the_cli(tiny_gpt2_dir, tmp_path):
     assert all(unit["uniqueness"]["n_total"] == 10 for unit in results["units"])
     assert (folder / "atlas.png").is_file() and (folder / "report.md").is_file()
     assert "sweep of 64 units" in proc.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = folder.glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"histograms": 0}).Reload()
+    (histogram,) = events.Histograms("atlas/n_unique")
+    counts = [row["n_unique"] for row in results["atlas"]]
+    assert histogram.histogram_value.num == 64 and histogram.histogram_value.min == min(counts)
+    assert histogram.histogram_value.max == max(counts) and histogram.step == 3
