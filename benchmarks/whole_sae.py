@@ -84,12 +84,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--processes", default="1,2", help="DDP process counts to run (gloo), comma-separated")
     parser.add_argument("--srun", type=int, default=0, help="also run under srun -n N on the local SLURM")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: the default)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="amax-whole-sae-"))
     model, sae = prepare(work, args.latents)
     runs = []
+    threads = ["--threads", str(args.threads)] if args.threads else []
     for n in [int(p) for p in args.processes.split(",") if p]:
-        extra = [] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"]
+        extra = threads + ([] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"])
         runs.append((f"{n} process{'es' * (n > 1)}", run([*fit_args(model, sae, args.steps), *extra], work / f"p{n}", [])))
     if args.srun:  # the tests' one-host SLURM (Debian's slurm-wlm and munge, as root), started here
         sys.path.insert(0, str(REPO / "tests" / "e2e"))
@@ -105,7 +107,8 @@ def main() -> None:
                                                      work / f"srun{args.srun}", launcher)))
         finally:
             cluster.stop()
-    print(f"{args.latents:,} latents x 10 seeds, {args.steps} steps, tiny GPT-2 (d_model 64), {os.cpu_count()} CPU cores")
+    print(f"{args.latents:,} latents x 10 seeds, {args.steps} steps, tiny GPT-2 (d_model 64), {os.cpu_count()} CPU cores"
+          + (f", {args.threads} thread(s) per process" if args.threads else ""))
     print(f"{'run':<14} {'wall':>8} {'steps+start':>12} {'null':>6} {'analysis':>9} {'page+tables':>12} "
           f"{'latents/h':>10} {'peak RSS':>9}")
     for name, result in runs:

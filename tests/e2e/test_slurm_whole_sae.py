@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from cluster_runs import helpers_env
-from conftest import REPO, save_model, tiny_gpt2_config, write_sae
+from conftest import REPO, run_in_process, save_model, tiny_gpt2_config, write_sae
 from slurm_cluster import free_ports
 
 pytestmark = pytest.mark.xdist_group("slurm")  # the session's SLURM runs on one worker
@@ -87,3 +87,17 @@ def test_whole_sae_job_is_preempted_in_its_analysis_requeued_and_finished(slurm,
     for unit in (0, 12_345, LATENTS - 1):
         expected = nearest_tokens(parameter[unit * SEEDS : (unit + 1) * SEEDS], vocab)[0]
         assert ids[unit * SEEDS : (unit + 1) * SEEDS] == expected.tolist(), unit
+    # two latents of the sweep equal the same latents run alone (one process): tokens and activations
+    from amax_lightning.analysis.tables import unit_record
+
+    for latent in (7, 20_000):
+        solo = [arg if arg != f"sae:{sae}:*" else f"sae:{sae}:{latent}" for arg in fit[:-1]]
+        proc = run_in_process(["fit", *solo], cwd=tmp_path / f"solo{latent}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        alone = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+        swept = unit_record(str(run), latent)
+        assert [r["token_ids"] for r in swept["runs"]] == [r["token_ids"] for r in alone["runs"]]
+        for key in ("position_activations", "decoded_position_activations"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in swept["runs"]]),
+                                       torch.tensor([r[key] for r in alone["runs"]]), rtol=1e-4, atol=1e-5)
+        assert swept["uniqueness"]["n_unique"] == alone["uniqueness"]["n_unique"]
