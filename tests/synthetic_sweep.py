@@ -55,6 +55,10 @@ def write_synthetic_sweep(folder: Path, n_units: int, vocab: list[str], seeds: i
             "suppressed_ids": promoted.astype(np.int32).tolist(),
             "suppressed_tokens": [[vocab[i] for i in row] for row in promoted.tolist()],
             "suppressed_logits": (-rng.random((units, 5)).astype(np.float32)).tolist(),
+            "stable_since": [None if r < 0.3 else int(r * 500) // 25 * 25 for r in rng.random(units)],
+            "changed_fraction_last": rng.random(units) * 0.2,
+            "snapshot_n_unique": [None] * units, "snapshot_changed_fraction": [None] * units,
+            "snapshot_mean_objective": [None] * units,
             "record": [json.dumps({**record, "latent": int(i), "neuronpedia": f"https://www.neuronpedia.org/gpt2-small/8-res-jb/{i}"})
                        for i in labels],
         }, schema=UNIT_SCHEMA)

@@ -146,6 +146,12 @@ def assert_ddp_equals_one_process(args: list[str], tmp_path: Path) -> None:
         assert (a["seed"], a["token_ids"]) == (b["seed"], b["token_ids"])
         assert a["position_activations"] == pytest.approx(b["position_activations"], rel=1e-5, abs=1e-6)
         assert a["cosine"] == pytest.approx(b["cosine"], rel=1e-5, abs=1e-6)
+    # the snapshots: every process decodes its own shard at the same steps; the same numbers, the same verdict
+    one, two = single["convergence"], ddp["convergence"]
+    assert {k: v for k, v in one.items() if k != "snapshots"} == {k: v for k, v in two.items() if k != "snapshots"}
+    for a, b in zip(one["snapshots"], two["snapshots"], strict=True):
+        assert (a["step"], a["n_unique"], a["changed_fraction"]) == (b["step"], b["n_unique"], b["changed_fraction"])
+        assert a["mean_objective"] == pytest.approx(b["mean_objective"], rel=1e-5, abs=1e-6)
     return single, ddp
 
 

@@ -50,7 +50,9 @@ def test_lightning_run_equals_plain_pytorch_reference(tiny_gpt2_dir, fit_tiny, l
     assert results["steps"] == STEPS
     assert list(results) == ["model", "target", "aggregate", "priors", "n_tokens", "steps", "partial", "lr", "l2",
                              "seeds", "init_scale", "vocab_norm", "numerics", "runs", "uniqueness", "reproducibility",
-                             "null_model", "method", "logit_effects"]  # the schema users read, in its order
+                             "null_model", "method", "logit_effects", "convergence"]  # the schema users read, in order
+    assert list(results["convergence"]) == ["snapshots", "stable_since", "stopped_at", "stop_reason", "verdict"]
+    assert list(results["convergence"]["snapshots"][0]) == ["step", "n_unique", "changed_fraction", "mean_objective"]
     assert list(results["runs"][0]) == ["seed", "token_ids", "tokens", "cosine", "final_activation",
                                         "position_activations", "decoded_activation", "decoded_position_activations",
                                         "decoded_gap", "embedding_norm", "nearest"]

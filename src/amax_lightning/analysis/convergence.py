@@ -41,6 +41,15 @@ class Convergence:
     stable_since: Optional[int]
     stopped_at: int
     stop_reason: str  # max_steps, stable or interrupted
+    verdict: str = ""  # the sentence the pages show (``verdict``)
+
+
+def convergence_of(snapshots: list[Snapshot], stopped_at: int, stop_reason: str, n_total: int,
+                   max_steps: int | None) -> Convergence:
+    """A unit's ``Convergence`` from its snapshots, with ``stable_since`` and the verdict sentence."""
+    since = stable_since([s.step for s in snapshots], [s.changed_fraction for s in snapshots])
+    plain = Convergence(snapshots, since, stopped_at, stop_reason)
+    return Convergence(snapshots, since, stopped_at, stop_reason, verdict(plain, n_total, max_steps))
 
 
 def snapshot_numbers(token_ids: torch.Tensor, previous: torch.Tensor | None, objective: torch.Tensor, n_seeds: int

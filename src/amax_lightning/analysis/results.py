@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from amax_lightning.analysis.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
+from amax_lightning.analysis.convergence import Convergence
 from amax_lightning.analysis.logit_effects import LogitEffects, logit_effects
 from amax_lightning.analysis.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.analysis.null_model import NullModelResult, expected_n_unique, sampled_null, unique_count_p_value
@@ -163,6 +164,7 @@ class UnitResults:
     search: Optional[dict] = field(default=None, metadata=OPTIONAL)  # token search's settings
     pareto: Optional[list[SeedFrontier]] = field(default=None, metadata=OPTIONAL)  # EPO: per seed, sorted by seed
     logit_effects: Optional[LogitEffects] = field(default=None, metadata=OPTIONAL)  # tokens its direction promotes
+    convergence: Optional[Convergence] = field(default=None, metadata=OPTIONAL)  # snapshots and their verdict
 
     def to_json(self) -> dict:
         return to_json(self)

@@ -151,6 +151,18 @@ class NullLookup:
         return self._cache[observed]
 
 
+def convergence_columns(convergence: dict[str, torch.Tensor] | None, units: int) -> dict[str, list]:
+    """The units table's convergence columns from a block's ``Snapshots.unit_arrays`` (nulls without snapshots)."""
+    if not convergence:
+        return {name: [None] * units for name in ("stable_since", "changed_fraction_last", "snapshot_n_unique",
+                                                   "snapshot_changed_fraction", "snapshot_mean_objective")}
+    since = convergence["stable_since"].tolist()
+    return {"stable_since": [None if s < 0 else s for s in since],
+            "changed_fraction_last": convergence["changed_fraction_last"].tolist(),
+            **{name: convergence[name].tolist() for name in ("snapshot_n_unique", "snapshot_changed_fraction",
+                                                             "snapshot_mean_objective")}}
+
+
 def unit_label(target: Target) -> str:
     """What a unit is called in a sweep's tables: its number within the sweep's hook or SAE (``17``)."""
     return target.spec.rsplit(":", 1)[-1]
@@ -158,9 +170,10 @@ def unit_label(target: Target) -> str:
 
 def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, tensors: RowTensors,
                   backbone: Backbone, records: list[dict | None], hook_vectors: torch.Tensor | None,
-                  null: NullLookup) -> tuple[pa.Table, pa.Table]:
+                  null: NullLookup, convergence: dict[str, torch.Tensor] | None = None) -> tuple[pa.Table, pa.Table]:
     """The units table and rows table of units ``first_unit .. first_unit + len(targets)`` from their rows'
-    end-of-fit tensors (row order: unit-major, seeds in ``protocol.seeds`` order)."""
+    end-of-fit tensors (row order: unit-major, seeds in ``protocol.seeds`` order) and their snapshots
+    (``convergence``: the block's rows of ``Snapshots.unit_arrays``; None or empty without snapshots)."""
     units, seeds, n_tokens = len(targets), len(protocol.seeds), protocol.n_tokens
     order = np.argsort(np.asarray(protocol.seeds), kind="stable")  # runs are listed sorted by seed
 
@@ -188,6 +201,7 @@ def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, te
         "null_expected_n_unique": [e for e, _ in nulls], "null_p_value": [p for _, p in nulls],
         **sides,
         "record": [None if r is None else json.dumps(r) for r in records],
+        **convergence_columns(convergence, units),
     }, schema=UNIT_SCHEMA)
     flat_ids = ids.reshape(-1, n_tokens)
     strings = backbone.token_strings(np.unique(flat_ids).tolist())
@@ -240,6 +254,8 @@ class AtlasRow:
     mean_nearest_cosine: float
     mean_pairwise_jaccard: float
     null_p_value: Optional[float]
+    stable_since: Optional[int]  # analysis/convergence.py; None: still changing at the last snapshot
+    changed_fraction_last: Optional[float]
 
 
 ATLAS_COLUMNS = tuple(AtlasRow.__dataclass_fields__)
@@ -270,6 +286,11 @@ class AtlasResults:
     null_expected_n_unique: Optional[float]
     most_reproducible: list[AtlasRow]  # fewest unique tokens first
     least_reproducible: list[AtlasRow]  # most unique tokens first
+    max_steps: Optional[int]
+    snapshot_steps: list[int]  # the steps of the units table's snapshot_* columns
+    stopped_at: int
+    stop_reason: str  # max_steps, stable or interrupted
+    n_settled: int  # units whose tokens had stopped changing (stable_since not null)
     search: Optional[dict] = field(default=None, metadata=OPTIONAL)
     sae: Optional[dict] = field(default=None, metadata=OPTIONAL)  # what every latent shares: source, hook, d_sae, ...
 
@@ -291,7 +312,8 @@ def ranked(units: pa.Table) -> np.ndarray:
 
 
 def summarize(folder: str, protocol: Protocol, spec: str, steps: int, partial: bool, tables: dict,
-              first_record: dict | None) -> AtlasResults:
+              first_record: dict | None, max_steps: int | None = None, snapshot_steps: list[int] = (),
+              stop_reason: str = "max_steps") -> AtlasResults:
     """The sweep's summary from its merged units table in ``folder``."""
     units = read_units(folder, columns=[*ATLAS_COLUMNS, "null_expected_n_unique"])
     counts = units.column("n_unique").to_numpy()
@@ -312,5 +334,7 @@ def summarize(folder: str, protocol: Protocol, spec: str, steps: int, partial: b
         null_expected_n_unique=None if expected is None or math.isnan(expected) else float(expected),
         most_reproducible=atlas_rows(units.take(order[:SUMMARY_UNITS])),
         least_reproducible=atlas_rows(units.take(order[::-1][:SUMMARY_UNITS])),
+        max_steps=max_steps, snapshot_steps=list(snapshot_steps), stopped_at=steps, stop_reason=stop_reason,
+        n_settled=len(units) - units.column("stable_since").null_count,
         search=protocol.search, sae=shared,
     )

@@ -15,6 +15,8 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from amax_lightning.analysis.convergence import Snapshot, convergence_of
+from amax_lightning.analysis.results import to_json
 from amax_lightning.base.files import write_atomic
 
 LOGIT_TOP = 5  # promoted and suppressed tokens kept per unit (the page shows them)
@@ -34,6 +36,9 @@ UNIT_SCHEMA = pa.schema([
     ("suppressed_ids", pa.list_(pa.int32())), ("suppressed_tokens", pa.list_(pa.string())),
     ("suppressed_logits", _floats),
     ("record", pa.string()),  # JSON: the SAE latent or direction the unit reads; null for a model unit
+    ("stable_since", pa.int64()), ("changed_fraction_last", pa.float64()),  # analysis/convergence.py; null: none
+    ("snapshot_n_unique", pa.list_(pa.int32())), ("snapshot_changed_fraction", pa.list_(pa.float64())),
+    ("snapshot_mean_objective", pa.list_(pa.float64())),  # per snapshot (results.json: snapshot_steps)
 ])
 ROW_SCHEMA = pa.schema([
     ("unit", pa.int32()), ("seed", pa.int64()),
@@ -132,6 +137,10 @@ def unit_record(folder: str, unit: int) -> dict:
             side: [{"token_id": i, "token": t, "logit": v} for i, t, v in
                    zip(row[f"{side}_ids"], row[f"{side}_tokens"], row[f"{side}_logits"])]
             for side in ("promoted", "suppressed")},
+        "convergence": None if row["snapshot_n_unique"] is None else to_json(convergence_of(
+            [Snapshot(*values) for values in zip(summary["snapshot_steps"], row["snapshot_n_unique"],
+                                                 row["snapshot_changed_fraction"], row["snapshot_mean_objective"])],
+            summary["stopped_at"], summary["stop_reason"], row["n_total"], summary["max_steps"])),
         **({"sae": record} if record and "d_sae" in record else {}),
         **({"direction": record} if record and "d_sae" not in record else {}),
     }

@@ -30,7 +30,7 @@ from amax_lightning.model.backbone import load_backbone
 from amax_lightning.report.markdown import markdown_cell
 
 COLUMNS = ("target", "variant", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
-           "mean_token_activation", "results")
+           "mean_token_activation", "stable_since", "changed_fraction_last", "results")
 
 
 def read_config(path: str, kind: str, keys: tuple[str, ...], shape: str) -> dict:
@@ -156,6 +156,9 @@ def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
         "mean_decoded_gap": results.reproducibility.mean_decoded_gap,
         # the objective real tokens reach: the searched tokens (token search) or the decoded ones (continuous)
         "mean_token_activation": sum(run.decoded_activation for run in results.runs) / len(results.runs),
+        "stable_since": results.convergence.stable_since if results.convergence else None,
+        "changed_fraction_last": (results.convergence.snapshots[-1].changed_fraction
+                                  if results.convergence and results.convergence.snapshots else None),
         "results": results_path,
     }
 
@@ -163,11 +166,12 @@ def study_row(variant: str, results: UnitResults, results_path: str) -> dict:
 def sweep_study_rows(variant: str, results_path: str) -> list[dict]:
     """The table rows of a sweep's units, read from its units table (``analysis/tables.py``)."""
     columns = ["target", "n_unique", "n_total", "null_expected_n_unique", "null_p_value", "mean_decoded_gap",
-               "mean_decoded_activation"]
+               "mean_decoded_activation", "stable_since", "changed_fraction_last"]
     units = read_units(os.path.dirname(results_path), columns=columns).to_pylist()
     return [{"target": u["target"], "variant": variant, "n_unique": u["n_unique"], "n_total": u["n_total"],
              "null_expected_n_unique": u["null_expected_n_unique"], "null_p_value": u["null_p_value"],
              "mean_decoded_gap": u["mean_decoded_gap"], "mean_token_activation": u["mean_decoded_activation"],
+             "stable_since": u["stable_since"], "changed_fraction_last": u["changed_fraction_last"],
              "results": results_path} for u in units]
 
 

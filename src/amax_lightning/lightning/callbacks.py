@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -45,6 +46,7 @@ from amax_lightning.base.errors import UserError
 from amax_lightning.base.files import write_text_atomic
 from amax_lightning.base.progress import Progress, duration
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
+from amax_lightning.lightning.snapshots import Snapshots
 from amax_lightning.model.decode import requested_path
 from amax_lightning.model.targets import hook_width
 
@@ -100,6 +102,9 @@ class DeferInterrupts(Callback):
         self.sigusr1 = True
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        writer = find_callback(trainer, ResultsWriter)
+        if writer is not None:  # a snapshot due at this step is taken before an interrupt can stop the fit
+            writer.snapshot_if_due(trainer, module)
         # parameters, Adam state and global_step all belong to the same finished step here; after the last step
         # the interrupt is left to ``interrupt_now``, so a finished run is never reported as partial
         ctrl_c, sigterm, sigusr1 = self._anywhere(trainer, self.pending, self.sigterm, self.sigusr1)
@@ -194,6 +199,12 @@ class ResultsWriter(Callback):
     block_units
         Sweeps: units per analysis block, the unit of work a process analyses and writes whole; a requeued job
         reuses the blocks already written (``analysis/sweep.py``).
+    snapshot_every
+        Decode every row's tokens every this many steps, and at the last step (``analysis/convergence.py``); default
+        (None): about 20 snapshots over ``max_steps``.
+    stop_when_stable
+        Stop at the first snapshot at which every row's tokens have been unchanged for this many snapshot
+        intervals (or at ``max_steps``); None: never early.
     """
 
     def __init__(
@@ -204,6 +215,8 @@ class ResultsWriter(Callback):
         baseline_text: Optional[str] = None,
         baseline_contexts: int = 10,
         block_units: int = BLOCK_UNITS,
+        snapshot_every: Optional[int] = None,
+        stop_when_stable: Optional[int] = None,
     ) -> None:
         self.null_samples = check_int("results.null_samples", null_samples, low=0, high=MAX_NULL_SAMPLES)
         self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
@@ -216,6 +229,12 @@ class ResultsWriter(Callback):
             read_text_file(baseline_text)  # a file that cannot be used fails now, not after the steps
         self.baseline_text = baseline_text
         self.block_units = check_int("results.block_units", block_units, low=1)
+        if snapshot_every is not None:
+            snapshot_every = check_int("results.snapshot_every", snapshot_every, low=1)
+        if stop_when_stable is not None:
+            stop_when_stable = check_int("results.stop_when_stable", stop_when_stable, low=1)
+        self.snapshots = Snapshots(snapshot_every, stop_when_stable)
+        self.stopped_stable = False
         self.results_path: str | None = None
         self.results: UnitResults | AtlasResults | None = None
         self._analyzing = False
@@ -224,6 +243,46 @@ class ResultsWriter(Callback):
     @property
     def uses_baseline(self) -> bool:
         return bool(self.baseline_top_k or self.baseline_text)
+
+    def check_steps(self, max_steps: int) -> None:
+        """A UserError when ``snapshot_every`` is larger than the fit's ``max_steps`` (the CLI asks before the fit)."""
+        if self.snapshots.every is not None and self.snapshots.every > max_steps:
+            raise UserError(f"results.snapshot_every {self.snapshots.every} is out of range; this fit's "
+                            f"max_steps {max_steps} allows 1..{max_steps}")
+
+    # --- snapshots (analysis/convergence.py) ---------------------------------------------------------------------
+    def setup(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        self.snapshots.clear()  # a resumed fit gets its snapshots back from the checkpoint (load_state_dict)
+        self.stopped_stable = False
+
+    def state_dict(self) -> dict:
+        return {"snapshots": self.snapshots.state_dict(), "stopped_stable": self.stopped_stable}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "snapshots" in state:
+            self.snapshots.load_state_dict(state["snapshots"])
+            self.stopped_stable = bool(state.get("stopped_stable", False))
+
+    def snapshot_if_due(self, trainer: Trainer, module: LightningModule) -> None:
+        """Take the snapshot due at this step (a collective under DDP, at the same step on every process), log it,
+        and stop the fit when ``stop_when_stable`` says so (every process decides the same from the same numbers)."""
+        if module.reporter() is not ResultsWriter or module.last_objective is None:
+            return
+        step = trainer.global_step
+        if not self.snapshots.due(step, trainer.max_steps):
+            return
+        self.snapshots.take(module, step)
+        if trainer.is_global_zero:
+            log_snapshot(trainer, self.snapshots, step)
+        if step < trainer.max_steps and self.snapshots.stable():
+            self.stopped_stable = True
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        self.snapshot_if_due(trainer, module)
+
+    def stop_reason(self, partial: bool) -> str:
+        return "interrupted" if partial else ("stable" if self.stopped_stable else "max_steps")
 
     def on_load_checkpoint(self, trainer: Trainer, module: LightningModule, checkpoint: dict) -> None:
         self._finished_checkpoint_step = int(checkpoint.get("global_step", 0))
@@ -318,12 +377,14 @@ class ResultsWriter(Callback):
                           self.null_simulations, allowed=search.allowed if search is not None else None,
                           progress=trainer.is_global_zero)
         hook_vectors = module.objective.readout.written_directions(hook_width(targets[0].hook, backbone.shape))
+        snapshots = self.snapshots.unit_arrays()
 
         def analyze(start: int, stop: int):
             tensors = module.evaluate_rows(slice(start * seeds, stop * seeds))
             vectors = None if hook_vectors is None else hook_vectors[start:stop]
             return analyze_block(protocol, targets[start:stop], start, tensors, backbone,
-                                 module.unit_records[start:stop], vectors, null)
+                                 module.unit_records[start:stop], vectors, null,
+                                 {name: values[start:stop] for name, values in snapshots.items()})
 
         mine = blocks_of(rank, world, n_units, self.block_units)
         todo = missing_blocks(log_dir, mine, state)
@@ -346,7 +407,8 @@ class ResultsWriter(Callback):
         print(f"amax_lightning: merging {n_blocks(n_units, self.block_units)} blocks and writing the atlas",
               file=sys.stderr, flush=True)
         tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units))
-        return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0])
+        return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0],
+                         trainer.max_steps, self.snapshots.steps, self.stop_reason(partial))
 
     def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
         """Rank 0's UnitResults of a run of one unit; None on other ranks."""
@@ -365,8 +427,11 @@ class ResultsWriter(Callback):
             state = module.search_state()
             units = [with_pareto(unit, protocol.seeds, *(t[layout.unit_rows(u)].cpu() for t in state[3:]), backbone)
                      for u, unit in enumerate(units)]
-        return with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
+        unit = with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
                                   self.baseline_contexts, reader=module.objective.unit_reader(0))
+        convergence = self.snapshots.convergence(0, steps, self.stop_reason(partial), unit.uniqueness.n_total,
+                                                 trainer.max_steps)
+        return dataclasses.replace(unit, convergence=convergence)
 
     def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
         from amax_lightning.report import html, markdown  # imported only when a report is written
@@ -393,6 +458,18 @@ class ResultsWriter(Callback):
             if isinstance(logger, TensorBoardLogger):
                 log_to_tensorboard(logger, results, summary, images, steps)
         print(summary, flush=True)
+
+
+def log_snapshot(trainer: Trainer, snapshots: Snapshots, step: int) -> None:
+    """A snapshot in TensorBoard: n_unique and the changed fraction (means over units), and for a sweep the
+    histogram of n_unique over units."""
+    n_unique, changed = snapshots.n_unique[-1].double(), snapshots.changed[-1]
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_metrics({"convergence/n_unique": float(n_unique.mean()),
+                                "convergence/changed_fraction": float(changed.mean())}, step)
+            if n_unique.numel() > 1:
+                logger.experiment.add_histogram("convergence/n_unique_over_units", n_unique.float(), step)
 
 
 SCALAR_METRICS = ("mean_position_agreement", "mean_pairwise_jaccard", "mean_pairwise_cosine", "mean_nearest_cosine",

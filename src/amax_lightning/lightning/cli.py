@@ -160,6 +160,8 @@ class AmaxCLI(LightningCLI):
         writer = find_callback(self.trainer, ResultsWriter)
         if len(self.model.targets) > 1 and writer is not None and writer.uses_baseline:
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")
+        if writer is not None:
+            writer.check_steps(self.trainer.max_steps)
         if writer is not None and writer.null_samples and self.model.search is None:  # refused now, not after the steps
             check_null_size(len(self.model.seeds) * self.model.n_tokens)
         vocabulary = self.model.backbone.vocab_embeddings.shape[0]

@@ -199,6 +199,7 @@ class ActMaxModule(LightningModule):
         self._resumed_chunks: dict | None = None  # a checkpoint's chunk size, and where it was chosen
         self.history_steps: list[int] = []
         self.history: list[torch.Tensor] = []  # per step: every row's objective, shape (rows,); one unit only
+        self.last_objective: torch.Tensor | None = None  # every row's objective in the last step (rows,)
         self.strict_loading = False  # checkpoints hold the learned parameter, not the frozen backbone
 
     # --- what the run is ----------------------------------------------------------------------------
@@ -412,6 +413,7 @@ class ActMaxModule(LightningModule):
             stats = torch.stack([objective, loss, norm, finite.to(objective.dtype)], dim=-1)
             stats = stats if gathered else self.gather_rows(stats)  # (rows, 4)
         self.finite_check.observe(stats[:, 3] > 0, self.global_step, self.trainer.max_steps)
+        self.last_objective = stats[:, 0].detach()
         if len(self.targets) == 1:  # a sweep's pages show no curves: (steps x rows) would grow with every unit
             self.history_steps.append(self.global_step)
             self.history.append(stats[:, 0].detach())

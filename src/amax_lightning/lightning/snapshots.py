@@ -14,6 +14,7 @@ import torch
 from amax_lightning.analysis.convergence import (
     Convergence,
     Snapshot,
+    convergence_of,
     default_snapshot_every,
     snapshot_numbers,
     stable_for,
@@ -63,23 +64,24 @@ class Snapshots:
             return False
         return stable_for([bool(c.gt(0).any()) for c in self.changed], self.stop_when_stable)
 
-    def convergence(self, unit: int, stopped_at: int, reason: str) -> Convergence:
-        """Unit ``unit``'s snapshots and verdict."""
-        changed = [float(c[unit]) for c in self.changed]
-        snapshots = [Snapshot(step, int(n[unit]), ch, float(m[unit]))
-                     for step, n, ch, m in zip(self.steps, self.n_unique, changed, self.mean_objective)]
-        return Convergence(snapshots, stable_since(self.steps, changed), stopped_at, reason)
+    def convergence(self, unit: int, stopped_at: int, reason: str, n_total: int, max_steps: int | None
+                    ) -> Convergence:
+        """Unit ``unit``'s snapshots and verdict (``n_total`` tokens: its seeds x positions)."""
+        snapshots = [Snapshot(step, int(n[unit]), float(c[unit]), float(m[unit]))
+                     for step, n, c, m in zip(self.steps, self.n_unique, self.changed, self.mean_objective)]
+        return convergence_of(snapshots, stopped_at, reason, n_total, max_steps)
 
-    def columns(self) -> dict[str, torch.Tensor]:
-        """Every unit's stable_since (-1 for none) and last changed fraction, as tensors (units,), for a sweep."""
-        units = self.n_unique[0].shape[0] if self.n_unique else 0
-        since = torch.full((units,), -1, dtype=torch.long)
-        last = self.changed[-1] if self.changed else torch.zeros(units, dtype=torch.float64)
-        if len(self.steps) >= 2:
-            changed = torch.stack(self.changed)  # (snapshots, units)
-            for unit in torch.nonzero(last == 0).flatten().tolist():
-                since[unit] = stable_since(self.steps, changed[:, unit].tolist())
-        return {"stable_since": since, "changed_fraction_last": last}
+    def unit_arrays(self) -> dict[str, torch.Tensor]:
+        """Every unit's snapshots as tensors for a sweep's tables: ``snapshot_n_unique``, ``snapshot_changed_fraction``
+        and ``snapshot_mean_objective`` (units, snapshots), ``stable_since`` (units,; -1 for none) and
+        ``changed_fraction_last`` (units,; NaN without snapshots)."""
+        if not self.steps:
+            return {}
+        changed = torch.stack(self.changed).T  # (units, snapshots)
+        since = torch.tensor([-1 if (s := stable_since(self.steps, row)) is None else s for row in changed.tolist()])
+        return {"snapshot_n_unique": torch.stack(self.n_unique).T, "snapshot_changed_fraction": changed,
+                "snapshot_mean_objective": torch.stack(self.mean_objective).T, "stable_since": since,
+                "changed_fraction_last": changed[:, -1]}
 
     def state_dict(self) -> dict:
         return {"steps": torch.tensor(self.steps, dtype=torch.long),

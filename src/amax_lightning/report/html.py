@@ -198,6 +198,26 @@ def pareto_chart(results: UnitResults, width: int = 680, height: int = 340) -> d
             "y_label": f"objective ({results.aggregate} activation)"}
 
 
+def convergence_charts(results: UnitResults, width: int = 440, height: int = 240) -> list[dict]:
+    """Two charts against the step: n_unique, and the fraction of tokens changed since the previous snapshot."""
+    convergence = results.convergence
+    if convergence is None or not convergence.snapshots:
+        return []
+    steps = [s.step for s in convergence.snapshots]
+    charts = []
+    for key, title, low, high, colour in (
+            ("n_unique", "n_unique", 0, results.uniqueness.n_total, PALETTE[0]),
+            ("changed_fraction", "changed since the previous snapshot", 0, 1, PALETTE[1])):
+        values = [getattr(s, key) for s in convergence.snapshots]
+        box = _axes_box(min(steps) if len(steps) > 1 else 0, max(steps), low, high, width, height)
+        marks = [{"x": box["x"](step), "y": box["y"](value),
+                  "tip": f"step {step}: {title} {value:.3g}" if isinstance(value, float) else f"step {step}: {title} {value}"}
+                 for step, value in zip(steps, values)]
+        charts.append({**box["frame"], "series": [{"name": title, "colour": colour, "points": marks}],
+                       "x_label": "step", "y_label": title if key == "n_unique" else "fraction changed"})
+    return charts
+
+
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values (steps of 1, 2 or 5 times a power of ten) inside [low, high]."""
     raw = (high - low) / max(count - 1, 1)
@@ -273,6 +293,7 @@ def write_unit_page(log_dir: str, results: UnitResults) -> str:
     return write_page(
         log_dir, "unit.html.j2", f"amax_lightning: {results.target}", r=results, answer=answer(results), rows=rows,
         scale=scale, plots=[(t, uri) for t, uri in plots if uri], pareto=pareto_chart(results),
+        convergence=convergence_charts(results),
         contexts=context_rows(results), settings=settings(results),
         record=sorted(record.items()) if record else None,
         neuronpedia=neuronpedia_link((results.sae or {}).get("neuronpedia")),
@@ -287,7 +308,9 @@ ATLAS_COLUMNS = (  # key, label, kind, sorted ascending on the first click
     ("min_final_activation", "min final activation", "num", False),
     ("mean_nearest_cosine", "mean nearest cosine", "num", False),
     ("mean_pairwise_jaccard", "seeds' Jaccard", "num", False),
-    ("null_p_value", "null p-value", "num", True), ("verdict", "verdict", "text", True),
+    ("null_p_value", "null p-value", "num", True),
+    ("stable_since", "settled since step", "int", True), ("changed_fraction_last", "changed at the end", "num", True),
+    ("verdict", "verdict", "text", True),
 )
 P_VALUE = 0.05  # below it, a unit's n_unique is called fewer than chance
 
@@ -314,7 +337,8 @@ def atlas_data(folder: str) -> dict:
     its top promoted tokens and its Neuronpedia link. Read one block of rows at a time."""
     units = read_units(folder, columns=["label", "n_unique", "mean_final_activation", "min_final_activation",
                                         "mean_nearest_cosine", "mean_pairwise_jaccard", "null_p_value",
-                                        "promoted_tokens", "promoted_logits", "record"]).to_pydict()
+                                        "stable_since", "changed_fraction_last", "promoted_tokens",
+                                        "promoted_logits", "record"]).to_pydict()
     index: dict[str, int] = {}  # token -> its entry in ``shown``: ``visible`` runs once per distinct token
 
     def ref(token: str) -> int:

@@ -53,6 +53,8 @@ def summary_markdown(results: UnitResults) -> str:
     u = results.uniqueness
     repeated = [f"{markdown_token(t)} x{c}" for t, c in zip(u.tokens, u.counts) if c > 1]
     lines += ["", f"unique tokens: {u.n_unique} of {u.n_total}" + (f" (repeated: {', '.join(repeated)})" if repeated else "")]
+    if results.convergence is not None:
+        lines.append(f"convergence: {results.convergence.verdict}")
     null = results.null_model
     if null:
         se = lambda v: f" ± {v:.2g}" if v else ""  # noqa: E731  (the Monte Carlo standard error; none when exact)

@@ -51,6 +51,7 @@
   var state = { key: 1, descending: false, filter: "", page: 0, open: new Set() };
   var keys = data.columns.map(function (column) { return column.key; });
   var P_COLUMN = keys.indexOf("null_p_value"), VERDICT_COLUMN = keys.indexOf("verdict");
+  var STABLE_COLUMN = keys.indexOf("stable_since");
   var order = data.rows.map(function (_, i) { return i; });
   var shown = order.slice();
   var body = document.querySelector("#atlas tbody");
@@ -77,6 +78,9 @@
     if (low !== null && row[1] < low) { return false; }
     if (high !== null && row[1] > high) { return false; }
     if (p !== null && (row[P_COLUMN] === null || row[P_COLUMN] > p)) { return false; }
+    var settled = document.getElementById("atlas-settled").value;
+    if (settled === "settled" && row[STABLE_COLUMN] === null) { return false; }
+    if (settled === "changing" && row[STABLE_COLUMN] !== null) { return false; }
     var verdict = document.getElementById("atlas-verdict").value;
     return !verdict || row[VERDICT_COLUMN] === verdict;
   }
@@ -196,7 +200,7 @@
     state.page = 0;
     apply();
   });
-  ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict"].forEach(function (id) {
+  ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict", "atlas-settled"].forEach(function (id) {
     ["input", "change"].forEach(function (kind) {
       document.getElementById(id).addEventListener(kind, function () { state.page = 0; apply(); });
     });
