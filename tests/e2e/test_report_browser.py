@@ -301,3 +301,33 @@ def test_a_whole_sae_atlas_of_24576_units_opens_sorts_filters_and_expands(browse
     ticks = browser.find_elements(By.CSS_SELECTOR, "#histogram svg text")
     assert all(t.rect["x"] >= 0 for t in ticks)  # no axis label is cut off at the left edge
     assert opened < 30  # the measured goal (3 s on a quiet machine) is benchmarks/report_pages.py's
+
+
+def test_the_pages_say_whether_the_answer_settled_and_show_the_curves(browser, fit_tiny, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    _, results = fit_tiny(steps=60, lr=1e-2, writer_options={"snapshot_every": 5})
+    open_page(browser, tmp_path / "run" / "report.html", tmp_path / "convergence.png")
+    convergence = results["convergence"]
+    assert browser.find_element(By.ID, "verdict").text.endswith(convergence["verdict"] + ".")
+    charts = browser.find_elements(By.CSS_SELECTOR, "#convergence svg")
+    assert len(charts) == 2
+    points = charts[0].find_elements(By.CSS_SELECTOR, "circle.pt")
+    assert len(points) == len(convergence["snapshots"]) == 12
+    ActionChains(browser).move_to_element(points[-1]).perform()
+    last = convergence["snapshots"][-1]
+    assert browser.find_element(By.ID, "tooltip").text == f"step {last['step']}: n_unique {last['n_unique']}"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"convergence: {convergence['verdict']}" in report
+
+    _, sweep = fit_tiny("sweep", steps=30, lr=1e-2, target="blocks.2.hook_resid_pre:0-11", seeds=[0, 1],
+                        writer_options={"snapshot_every": 5})
+    open_page(browser, tmp_path / "sweep" / "report.html")
+    settled = [a for a in sweep["atlas"] if a["stable_since"] is not None]
+    assert browser.find_element(By.ID, "verdict").text.startswith(
+        ("not all settled " if len(settled) < 12 else "") + f"{len(settled)} of 12 units settled")
+    Select(browser.find_element(By.ID, "atlas-settled")).select_by_visible_text("still changing")
+    assert sorted(r[1] for r in browser.execute_script(ATLAS_ROWS)) == sorted(
+        a["label"] for a in sweep["atlas"] if a["stable_since"] is None)

@@ -71,6 +71,18 @@ def test_a_resumed_fit_continues_the_same_snapshots(fit_tiny, tmp_path):
     assert again["convergence"] == whole["convergence"]
 
 
+def test_a_fit_stopped_as_stable_and_resumed_runs_no_more_steps(fit_tiny, tmp_path):
+    options = {"lr": 1e-2, "seeds": [0, 1, 2, 3]}
+    writer = {"snapshot_every": 10, "stop_when_stable": 3}
+    _, stopped = fit_tiny("stopped", steps=300, writer_options=writer, trainer_options={"enable_checkpointing": True},
+                          **options)
+    assert stopped["convergence"]["stop_reason"] == "stable"
+    (checkpoint,) = (tmp_path / "stopped").rglob("*.ckpt")  # as if killed during its analysis
+    module, again = fit_tiny("resumed", steps=300, writer_options=writer,
+                             fit_options={"ckpt_path": str(checkpoint), "weights_only": True}, **options)
+    assert again == stopped and module.trainer.global_step == stopped["steps"]
+
+
 def test_a_sweep_records_each_units_snapshots_and_verdict(fit_tiny):
     units = [3, 17]
     _, sweep = fit_tiny("sweep", steps=30, writer_options={"snapshot_every": 5},

@@ -289,11 +289,14 @@ class ResultsWriter(Callback):
 
     def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
         """A resumed run whose steps were all done (interrupted during its analysis) is analyzed here: Lightning
-        skips the loop, and its ``on_train_end``, when no step is left."""
+        skips the loop, and its ``on_train_end``, when no step is left, or (a fit stopped as stable) when told to
+        stop."""
         self._analyzing = False
         done, self._finished_checkpoint_step = self._finished_checkpoint_step, None
-        if done is not None and trainer.max_steps is not None and 0 <= trainer.max_steps <= done:
+        stopped = self.stopped_stable and bool(self.snapshots.steps) and done == self.snapshots.steps[-1]
+        if done is not None and trainer.max_steps is not None and (0 <= trainer.max_steps <= done or stopped):
             self._finish(trainer, module, steps=done, partial=False)
+            trainer.should_stop = True  # no step is left to run
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
         self._finish(trainer, module, steps=trainer.global_step, partial=False)

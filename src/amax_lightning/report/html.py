@@ -207,14 +207,14 @@ def convergence_charts(results: UnitResults, width: int = 440, height: int = 240
     charts = []
     for key, title, low, high, colour in (
             ("n_unique", "n_unique", 0, results.uniqueness.n_total, PALETTE[0]),
-            ("changed_fraction", "changed since the previous snapshot", 0, 1, PALETTE[1])):
+            ("changed_fraction", "changed", 0, 1, PALETTE[1])):
         values = [getattr(s, key) for s in convergence.snapshots]
         box = _axes_box(min(steps) if len(steps) > 1 else 0, max(steps), low, high, width, height)
         marks = [{"x": box["x"](step), "y": box["y"](value),
                   "tip": f"step {step}: {title} {value:.3g}" if isinstance(value, float) else f"step {step}: {title} {value}"}
                  for step, value in zip(steps, values)]
         charts.append({**box["frame"], "series": [{"name": title, "colour": colour, "points": marks}],
-                       "x_label": "step", "y_label": title if key == "n_unique" else "fraction changed"})
+                       "x_label": "step", "y_label": title if key == "n_unique" else "fraction of tokens changed"})
     return charts
 
 
