@@ -13,7 +13,9 @@ ratios are measured side by side; ``fp32`` is what a CPU without bf16 kernels ru
 seconds per block it timed. ``--pool-table`` adds the null model's standard errors against the number of
 directions (the numbers behind ``null_model.EXPECTED_SE`` and ``P_VALUE_SE``).
 
-    python benchmarks/time_to_result.py [--steps 500] [--repeats 1] [--decode auto,fp32] [--pool-table]
+``--snapshots`` measures only the snapshots' cost (issue 27): the default snapshots against one at the last step.
+
+    python benchmarks/time_to_result.py [--steps 500] [--repeats 1] [--decode auto,fp32] [--pool-table] [--snapshots]
 """
 
 from __future__ import annotations
@@ -53,14 +55,14 @@ def write_gpt2_small(root: Path) -> Path:
     return folder
 
 
-def run_once(model: Path, cwd: Path, cache: Path, steps: int, decode: str) -> dict:
+def run_once(model: Path, cwd: Path, cache: Path, steps: int, decode: str, extra: tuple[str, ...] = ()) -> dict:
     """One CLI run; seconds for: until the steps start (imports, parsing, model load, setup), the steps, after them
     until the path is printed (analysis, report, TensorBoard), start to printed path, and start to exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AMAX_LIGHTNING_CACHE": str(cache), "AMAX_LIGHTNING_DECODE": decode,
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")])}
     command = [sys.executable, "-m", "amax_lightning", "fit", "--config", str(REPO / "configs" / "reproduce.yaml"),
                "--model.model_name_or_path", str(model), "--trainer.max_steps", str(steps),
-               "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=time_to_result.PhaseClock"]
+               "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=time_to_result.PhaseClock", *extra]
     cwd.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+") as stderr:
         started = time.time()
@@ -78,6 +80,25 @@ def run_once(model: Path, cwd: Path, cache: Path, steps: int, decode: str) -> di
     return {"to_path": printed - started, "before_steps": stamps["steps_start"] - started,
             "steps": stamps["steps_end"] - stamps["steps_start"], "after_steps": printed - stamps["steps_end"],
             "exit": ended - printed, "total": ended - started}
+
+
+def snapshot_overhead(model: Path, root: Path, steps: int, repeats: int) -> None:
+    """The snapshots' cost (issue 27): the study with its default snapshots (about 20) against one snapshot at the
+    last step (``--results.snapshot_every`` = steps: the steps alone), alternating, the null-model cache warm."""
+    cache = root / "cache-snapshots"
+    run_once(model, root / "prime", cache, steps, "auto")
+    runs = {"default": [], "once": []}
+    for repeat in range(repeats):
+        for name, extra in (("default", ()), ("once", ("--results.snapshot_every", str(steps)))):
+            runs[name].append(run_once(model, root / f"snap{repeat}{name}", cache, steps, "auto", extra))
+    median = lambda name, key: statistics.median(run[key] for run in runs[name])  # noqa: E731
+    print(f"\nsnapshots, {steps} steps, medians of {repeats} (alternating, warm cache):")
+    print("| snapshots | optimization steps | start to printed path |\n|---|---:|---:|")
+    for name, label in (("default", f"default (every {max(1, steps // 20)} steps)"), ("once", "one, at the last step")):
+        print(f"| {label} | {median(name, 'steps'):.1f} s | {median(name, 'to_path'):.1f} s |")
+    print(f"steps with snapshots / steps alone = {median('default', 'steps') / median('once', 'steps'):.3f}x; "
+          f"time to result / steps alone = {median('default', 'to_path') / median('once', 'steps'):.3f}x "
+          f"(without snapshots: {median('once', 'to_path') / median('once', 'steps'):.3f}x)")
 
 
 def import_seconds(modules: str, gc_off: bool) -> float:
@@ -153,7 +174,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--decode", default="auto", help="decode paths, comma-separated: auto, fp32, bf16")
     parser.add_argument("--pool-table", action="store_true")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="only the snapshots' cost: default snapshots against one at the last step")
     args = parser.parse_args()
+    if args.snapshots:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = write_gpt2_small(Path(tmp))
+            print(cpu_kind(model, Path(tmp)), flush=True)
+            snapshot_overhead(model, Path(tmp), args.steps, args.repeats)
+        return
     paths = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

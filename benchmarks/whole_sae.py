@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2", help="DDP process counts to run (gloo), comma-separated")
     parser.add_argument("--srun", type=int, default=0, help="also run under srun -n N on the local SLURM")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: the default)")
+    parser.add_argument("--snapshot-every", default="",
+                        help="comma-separated --results.snapshot_every values to compare on 1 process ('default': "
+                             "about 20 snapshots), e.g. default,100: the snapshots' share of the fit (issue 27)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="amax-whole-sae-"))
     model, sae = prepare(work, args.latents)
@@ -93,6 +96,9 @@ def main() -> None:
     for n in [int(p) for p in args.processes.split(",") if p]:
         extra = threads + ([] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"])
         runs.append((f"{n} process{'es' * (n > 1)}", run([*fit_args(model, sae, args.steps), *extra], work / f"p{n}", [])))
+    for every in [e for e in args.snapshot_every.split(",") if e]:
+        extra = threads + ([] if every == "default" else ["--results.snapshot_every", every])
+        runs.append((f"snapshots {every}", run([*fit_args(model, sae, args.steps), *extra], work / f"snap{every}", [])))
     if args.srun:  # the tests' one-host SLURM (Debian's slurm-wlm and munge, as root), started here
         sys.path.insert(0, str(REPO / "tests" / "e2e"))
         from slurm_cluster import SlurmCluster

@@ -18,8 +18,8 @@ def recorded(monkeypatch):
     tokens: dict[int, torch.Tensor] = {}
     decode = snapshots_module.current_tokens
 
-    def record(module):
-        ids = decode(module)
+    def record(module, *args):
+        ids = decode(module, *args)
         tokens[module.trainer.global_step] = ids.clone()
         return ids
 

@@ -20,7 +20,7 @@ from amax_lightning.analysis.convergence import (
     stable_for,
     stable_since,
 )
-from amax_lightning.model.decode import nearest_tokens
+from amax_lightning.model.decode import CheckedNearestTokens, nearest_tokens
 from amax_lightning.optimize.search import TokenSearch
 
 
@@ -30,6 +30,7 @@ class Snapshots:
 
     def __init__(self, every: int | None = None, stop_when_stable: int | None = None) -> None:
         self.every, self.stop_when_stable = every, stop_when_stable
+        self.decoder: CheckedNearestTokens | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -50,7 +51,9 @@ class Snapshots:
 
     def take(self, module, step: int) -> None:
         """Decode every row's current tokens (this process its shard, then gathered) and record the units' numbers."""
-        tokens = current_tokens(module)
+        if self.decoder is None and module.search is None:  # kept: it times the fast path once, then uses it
+            self.decoder = CheckedNearestTokens(module.backbone.vocab_embeddings)
+        tokens = current_tokens(module, self.decoder)
         n_unique, changed, mean = snapshot_numbers(tokens, self.previous, module.last_objective, module.layout.n_seeds)
         self.steps.append(step)
         self.n_unique.append(n_unique)
@@ -99,13 +102,17 @@ class Snapshots:
             self.previous = state["previous"]
 
 
-def current_tokens(module) -> torch.Tensor:
+def current_tokens(module, decoder: CheckedNearestTokens | None = None) -> torch.Tensor:
     """Every row's tokens now (rows, n_tokens): token search's best sequences, or the nearest tokens (cosine) of the
-    current embeddings, this process decoding its own shard (a collective under DDP)."""
+    current embeddings, this process decoding its own shard (a collective under DDP). ``decoder``: the checked fast
+    path (``decode.CheckedNearestTokens``, the same ids as ``nearest_tokens``, which is used without one)."""
     if module.search is not None:
         return TokenSearch.best(module.search_state())[0]
     shard = module.layout.shard
     with torch.no_grad():
         embedding = module.objective.embeddings(module.parameter[shard])
-        ids = nearest_tokens(embedding, module.backbone.vocab_embeddings)[0]
+        if decoder is None:
+            ids = nearest_tokens(embedding, module.backbone.vocab_embeddings)[0]
+        else:
+            ids = decoder(embedding.reshape(-1, embedding.shape[-1])).reshape(embedding.shape[:-1])
     return module.gather_rows(ids)
