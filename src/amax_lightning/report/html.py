@@ -304,12 +304,12 @@ def write_unit_page(log_dir: str, results: UnitResults) -> str:
 # --- sweep -------------------------------------------------------------------------------------------------------
 ATLAS_COLUMNS = (  # key, label, kind, sorted ascending on the first click
     ("label", "unit", "int", True), ("n_unique", "n unique", "int", True),
-    ("mean_final_activation", "mean final activation", "num", False),
-    ("min_final_activation", "min final activation", "num", False),
-    ("mean_nearest_cosine", "mean nearest cosine", "num", False),
+    ("mean_final_activation", "mean final act.", "num", False),
+    ("min_final_activation", "min final act.", "num", False),
+    ("mean_nearest_cosine", "nearest cosine", "num", False),
     ("mean_pairwise_jaccard", "seeds' Jaccard", "num", False),
-    ("null_p_value", "null p-value", "num", True),
-    ("stable_since", "settled since step", "int", True), ("changed_fraction_last", "changed at the end", "num", True),
+    ("null_p_value", "null p", "num", True),
+    ("stable_since", "settled since", "int", True), ("changed_fraction_last", "changed last", "num", True),
     ("verdict", "verdict", "text", True),
 )
 P_VALUE = 0.05  # below it, a unit's n_unique is called fewer than chance
