@@ -1,7 +1,8 @@
 """A sweep's end of fit, sharded: units are analysed in blocks of ``BLOCK_UNITS``, each block by one process, written
 whole to Parquet (``analysis/tables.py``), then merged by rank 0 into the tables and a small summary.
 
-Per unit a sweep records what its pages show: the seeds' nearest tokens and cosines, activations at the optimized
+Per unit a sweep records what its pages show: the seeds' nearest tokens (decoded by the checked fast path,
+``decode.CheckedNearestTokens``: the same ids as the one-unit decode) and cosines, activations at the optimized
 input and at the decoded tokens, vector norms, n_unique, token agreement, the seeds' embedding cosine, the null
 model's p-value and the top ``tables.LOGIT_TOP`` logit effects. It does not record the 5 nearest neighbours of each
 vector, the seeds' cosine matrix, the data baseline or EPO's Pareto frontier (one-unit runs do).

@@ -47,7 +47,7 @@ from amax_lightning.base.files import write_text_atomic
 from amax_lightning.base.progress import Progress, duration
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
 from amax_lightning.lightning.snapshots import Snapshots
-from amax_lightning.model.decode import requested_path
+from amax_lightning.model.decode import CheckedNearestTokens, requested_path
 from amax_lightning.model.targets import hook_width
 
 MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
@@ -381,9 +381,10 @@ class ResultsWriter(Callback):
                           progress=trainer.is_global_zero)
         hook_vectors = module.objective.readout.written_directions(hook_width(targets[0].hook, backbone.shape))
         snapshots = self.snapshots.unit_arrays()
+        decoder = CheckedNearestTokens(backbone.vocab_embeddings)  # one for all blocks: it times its fast path once
 
         def analyze(start: int, stop: int):
-            tensors = module.evaluate_rows(slice(start * seeds, stop * seeds))
+            tensors = module.evaluate_rows(slice(start * seeds, stop * seeds), decoder)
             vectors = None if hook_vectors is None else hook_vectors[start:stop]
             return analyze_block(protocol, targets[start:stop], start, tensors, backbone,
                                  module.unit_records[start:stop], vectors, null,

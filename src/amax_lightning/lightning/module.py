@@ -446,15 +446,16 @@ class ActMaxModule(LightningModule):
         local = self.objective.evaluate(self.parameter, chunks, token_ids=token_ids)
         return RowTensors(*(self.gather_rows(t) for t in local))
 
-    def evaluate_rows(self, rows: slice) -> RowTensors:
-        """The end-of-fit tensors of rows ``rows`` from this process's own (full) parameter, without neighbours and
-        without any collective: a sweep's analysis block (``analysis/sweep.py``)."""
+    def evaluate_rows(self, rows: slice, decoder) -> RowTensors:
+        """The end-of-fit tensors of rows ``rows`` from this process's own (full) parameter, decoded by ``decoder``
+        (``decode.CheckedNearestTokens``), without neighbours and without any collective: a sweep's analysis block
+        (``analysis/sweep.py``)."""
         self.row_chunks()  # the chunk size is decided (a resumed, finished run decides it here)
         token_ids = None
         if self.search is not None:
             token_ids = TokenSearch.best(self.search_state())[0][rows]
         return self.objective.evaluate(self.parameter, chunk_slices(rows.start, rows.stop, self.chunk_rows_used),
-                                       token_ids=token_ids, neighbours=False)
+                                       token_ids=token_ids, decoder=decoder)
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def check_resumable(self, checkpoint: dict) -> None:

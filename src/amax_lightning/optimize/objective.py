@@ -19,7 +19,7 @@ from torch import nn
 from amax_lightning.base.checks import check_run_size
 from amax_lightning.base.errors import UserError
 from amax_lightning.model.backbone import Backbone
-from amax_lightning.model.decode import nearest_tokens, nearest_tokens_with_neighbours
+from amax_lightning.model.decode import CheckedNearestTokens, nearest_tokens_with_neighbours
 from amax_lightning.model.readout import Readout, build_readout
 from amax_lightning.model.targets import Target
 from amax_lightning.optimize.param import TokenEmbedding, perturb
@@ -229,17 +229,22 @@ class RowObjective(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, parameter: torch.Tensor, chunks: list[slice], token_ids: torch.Tensor | None = None,
-                 neighbours: bool = True) -> RowTensors:
+                 decoder: CheckedNearestTokens | None = None) -> RowTensors:
         """End-of-fit tensors of the rows in ``chunks`` (consecutive): each optimized embedding, its nearest token
-        and (with ``neighbours``) ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized
-        model input and at the decoded token ids. ``token_ids`` (rows, n_tokens), when the rows are real tokens
-        (token search), are the decoded tokens themselves."""
+        and ``TOP_K`` nearest tokens (cosine), and the unit's activations at the optimized model input and at the
+        decoded token ids. ``token_ids`` (rows, n_tokens), when the rows are real tokens (token search), are the
+        decoded tokens themselves. With ``decoder`` (a sweep's analysis) the nearest tokens come from that checked
+        fast path (the same ids), their cosines from the pairs alone, and no neighbours are listed."""
         embedding = torch.cat([self.embeddings(parameter[rows]) for rows in chunks])
-        if neighbours:
-            nearest, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(
-                embedding, self.backbone.vocab_embeddings, k=TOP_K)
-        else:
-            (nearest, cosine), top_ids, top_cosine = nearest_tokens(embedding, self.backbone.vocab_embeddings), None, None
+        vocab = self.backbone.vocab_embeddings
+        if decoder is None:
+            nearest, cosine, top_ids, top_cosine = nearest_tokens_with_neighbours(embedding, vocab, k=TOP_K)
+        elif token_ids is None:
+            nearest = decoder(embedding.reshape(-1, embedding.shape[-1])).reshape(embedding.shape[:-1])
+            cosine = torch.nn.functional.cosine_similarity(embedding.float(), vocab[nearest].float(), dim=-1)
+            top_ids = top_cosine = None
+        else:  # token search's rows are their tokens: nothing to decode (their cosines below)
+            nearest, cosine, top_ids, top_cosine = token_ids, None, None, None
         if token_ids is None:
             token_ids = nearest
         else:
