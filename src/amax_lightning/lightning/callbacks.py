@@ -266,10 +266,10 @@ class ResultsWriter(Callback):
     def snapshot_if_due(self, trainer: Trainer, module: LightningModule) -> None:
         """Take the snapshot due at this step (a collective under DDP, at the same step on every process), log it,
         and stop the fit when ``stop_when_stable`` says so (every process decides the same from the same numbers)."""
-        if module.reporter() is not ResultsWriter or module.last_objective is None:
+        step = trainer.global_step  # cheap checks first: this runs twice after every step
+        if not self.snapshots.due(step, trainer.max_steps) or module.last_objective is None:
             return
-        step = trainer.global_step
-        if not self.snapshots.due(step, trainer.max_steps):
+        if module.reporter() is not ResultsWriter:  # perturbed copies: the SensitivityRecorder reports this run
             return
         self.snapshots.take(module, step)
         if trainer.is_global_zero:

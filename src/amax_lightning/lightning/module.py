@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from amax_lightning.analysis.results import Protocol
+from amax_lightning.analysis.sweep import BLOCK_UNITS
 from amax_lightning.base.checks import (
     COMPILE_MODES,
     MATMUL_PRECISIONS,
@@ -41,12 +42,17 @@ from amax_lightning.optimize.priors import L2, parse_priors
 from amax_lightning.optimize.search import SearchState, TokenSearch
 
 DEFAULT_SEEDS = list(range(10))
+MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
 
 
 def gigabytes(n_bytes: int) -> str:
     """``n_bytes`` as ``1.23 GB`` (10^9 bytes)."""
     return f"{n_bytes / 1e9:.3g} GB"
-MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger values overflow its step size
+
+
+def plan_text(plan: dict[str, int]) -> str:
+    """A memory plan as ``parameter 0.315 GB, gradient 0.315 GB, ...`` (its non-zero parts)."""
+    return ", ".join(f"{name} {gigabytes(value)}" for name, value in plan.items() if value)
 
 
 class ActMaxModule(LightningModule):
@@ -251,12 +257,13 @@ class ActMaxModule(LightningModule):
             raise UserError(f"precision 16-mixed cannot run method {self.method} (it steps no gradient); "
                             "use 32-true or bf16-mixed")
 
-    def memory_plan(self, block_units: int = 256) -> dict[str, int]:
+    def memory_plan(self, block_units: int = BLOCK_UNITS) -> dict[str, int]:
         """Bytes each process holds for this run before any step's activations: the learned parameter (every
         process holds all rows), its gradient, the optimizer's state (Adam: 2 x the parameter; token search: the
-        search state), and the end-of-fit analysis buffers of one block of ``block_units`` units (its embeddings,
-        activations and the (1,024 x V) cosine scores of the decode). Chunk activations come on top: automatic
-        chunks take at most half of the memory still free (``model/chunking.py``)."""
+        search state), and the end-of-fit analysis buffers of one block of ``block_units`` units (its embeddings
+        and activations, and the checked decoder's work buffers: its (256 x V) scores in fp32 and bf16, their mask,
+        and the candidates). Chunk activations come on top: automatic chunks take at most half of the memory still
+        free (``model/chunking.py``)."""
         parameter = self.parameter.numel() * self.parameter.element_size()
         plan = {"parameter": parameter, "gradient": parameter if self.search is None else 0}
         if self.search is None:
@@ -265,10 +272,11 @@ class ActMaxModule(LightningModule):
             plan["search state"] = sum(t.numel() * t.element_size() for t in self.search_state())
         vocab, width = self.backbone.vocab_embeddings.shape
         rows = min(block_units, len(self.targets)) * self.layout.n_seeds
-        plan["analysis buffers"] = rows * self.n_tokens * width * 4 * 3 + min(rows * self.n_tokens, 1024) * vocab * 4
+        decoder = 256 * vocab * (4 + 2 + 1) + 2 * 256 * 32 * width * 4  # decode.CheckedNearestTokens, 256 rows a block
+        plan["analysis buffers"] = rows * self.n_tokens * width * 4 * 3 + decoder
         return plan
 
-    def check_memory(self, device: torch.device, block_units: int = 256) -> None:
+    def check_memory(self, device: torch.device, block_units: int = BLOCK_UNITS) -> None:
         """Raise a UserError naming what would fit when ``memory_plan`` exceeds 90% of ``device``'s free memory.
         CUDA memory is read only where CUDA is already initialized (in each process's ``setup``, not the launcher)."""
         if device.type == "cuda" and not torch.cuda.is_initialized():
@@ -280,19 +288,17 @@ class ActMaxModule(LightningModule):
             return
         per_unit = max(1, need // len(self.targets))
         fits = int(0.9 * free) // per_unit
-        parts = ", ".join(f"{name} {gigabytes(value)}" for name, value in plan.items() if value)
-        raise UserError(f"this run needs {gigabytes(need)} per process before any activation ({parts}) but "
+        raise UserError(f"this run needs {gigabytes(need)} per process before any activation ({plan_text(plan)}) but "
                         f"{device} has {gigabytes(free)} free; every process holds the whole parameter, so more "
                         f"processes do not help: about {fits} units x {self.layout.n_seeds} seeds fit (fewer units or "
                         "seeds per fit)")
 
-    def describe_memory(self, device: torch.device, block_units: int = 256) -> str:
+    def describe_memory(self, device: torch.device, block_units: int = BLOCK_UNITS) -> str:
         """One line: what each process holds (``memory_plan``), the free memory, and last.ckpt's size."""
         plan = self.memory_plan(block_units)
         free = free_memory_bytes(device)
-        parts = ", ".join(f"{name} {gigabytes(value)}" for name, value in plan.items() if value)
         checkpoint = plan["parameter"] + plan.get("Adam state", 0) + plan.get("search state", 0)
-        return (f"amax_lightning: memory per process: {parts} = {gigabytes(sum(plan.values()))} of "
+        return (f"amax_lightning: memory per process: {plan_text(plan)} = {gigabytes(sum(plan.values()))} of "
                 f"{'unknown' if free is None else gigabytes(free)} free on {device}, plus chunk activations (at most "
                 f"half of what is left); last.ckpt about {gigabytes(checkpoint)}")
 
@@ -452,8 +458,8 @@ class ActMaxModule(LightningModule):
         (``analysis/sweep.py``)."""
         self.row_chunks()  # the chunk size is decided (a resumed, finished run decides it here)
         token_ids = None
-        if self.search is not None:
-            token_ids = TokenSearch.best(self.search_state())[0][rows]
+        if self.search is not None:  # the block's own rows only: blocks x all rows would grow with the sweep
+            token_ids = TokenSearch.best(self.search_state().rows(rows))[0]
         return self.objective.evaluate(self.parameter, chunk_slices(rows.start, rows.stop, self.chunk_rows_used),
                                        token_ids=token_ids, decoder=decoder)
 
