@@ -6,6 +6,8 @@ import csv
 
 import torch
 
+from amax_lightning.lightning.module import gigabytes
+
 SEEDS = [0, 3]
 
 
@@ -55,8 +57,8 @@ def test_a_sweep_states_its_memory_before_the_first_step(tiny_gpt2_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     (line,) = [line for line in proc.stderr.splitlines() if "memory per process" in line]
     parameter = 64 * 2 * 5 * 64 * 4  # units x seeds x tokens x d_model, fp32
-    assert f"parameter {parameter / 1e9:.3g} GB" in line and f"Adam state {2 * parameter / 1e9:.3g} GB" in line
-    assert f"last.ckpt about {3 * parameter / 1e9:.3g} GB" in line
+    assert f"parameter {gigabytes(parameter)}" in line and f"Adam state {gigabytes(2 * parameter)}" in line
+    assert f"last.ckpt about {gigabytes(3 * parameter)}" in line
 
 
 def test_a_sweep_that_cannot_fit_stops_before_any_step(tiny_gpt2_dir, tmp_path, monkeypatch):

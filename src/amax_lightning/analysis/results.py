@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import torch
 
-from amax_lightning.analysis.baseline import Overlap, TopContext, TopTokens, overlap, top_contexts, top_tokens
+from amax_lightning.analysis.baseline import Overlap, TopTokens, overlap, top_tokens
 from amax_lightning.analysis.convergence import Convergence
+from amax_lightning.analysis.corpus_results import CorpusResult, compare
 from amax_lightning.analysis.logit_effects import LogitEffects, logit_effects
 from amax_lightning.analysis.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.analysis.null_model import NullModelResult, expected_n_unique, sampled_null, unique_count_p_value
@@ -128,12 +129,10 @@ class Reproducibility:
 
 @dataclass(frozen=True)
 class DataBaseline:
-    """Which real tokens and text contexts drive the unit highest (``analysis/baseline.py``)."""
+    """Which real tokens drive the unit highest as one-token inputs (``analysis/baseline.py``)."""
 
     top_tokens: Optional[TopTokens] = field(default=None, metadata=OPTIONAL)
     overlap: Optional[Overlap] = field(default=None, metadata=OPTIONAL)
-    text: Optional[str] = field(default=None, metadata=OPTIONAL)
-    top_contexts: Optional[list[TopContext]] = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass(frozen=True)
@@ -165,6 +164,7 @@ class UnitResults:
     pareto: Optional[list[SeedFrontier]] = field(default=None, metadata=OPTIONAL)  # EPO: per seed, sorted by seed
     logit_effects: Optional[LogitEffects] = field(default=None, metadata=OPTIONAL)  # tokens its direction promotes
     convergence: Optional[Convergence] = field(default=None, metadata=OPTIONAL)  # snapshots and their verdict
+    corpus: Optional[CorpusResult] = field(default=None, metadata=OPTIONAL)  # what real text does (corpus_pass.py)
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -271,19 +271,23 @@ def with_null_model(units: list[UnitResults], vocab: torch.Tensor, scale: float,
     return [dataclasses.replace(unit, null_model=null) for unit, null in zip(units, nulls)]
 
 
-def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, top_k: int, text: str | None,
-                       contexts: int, reader=None) -> UnitResults:
-    """A one-unit run's results with the data-sampling baseline added, as asked (``top_k`` 0 and no text: unchanged).
+def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, top_k: int, reader=None) -> UnitResults:
+    """A one-unit run's results with the one-token data baseline added (``top_k`` 0: unchanged).
 
     ``reader(inputs_embeds) -> (batch, n_tokens)`` reads the unit (SAE latents, directions); default: the target."""
-    if not (top_k or text):
+    if not top_k:
         return unit
-    baseline = DataBaseline()
-    if top_k:
-        top = top_tokens(backbone, target, k=top_k, reader=reader)
-        gradient_ids = [i for run in unit.runs for i in run.token_ids]
-        baseline = dataclasses.replace(baseline, top_tokens=top, overlap=overlap(gradient_ids, top.token_ids))
-    if text:
-        found = top_contexts(backbone, target, text, k=contexts, reader=reader)
-        baseline = dataclasses.replace(baseline, text=text, top_contexts=found)
-    return dataclasses.replace(unit, data_baseline=baseline)
+    top = top_tokens(backbone, target, k=top_k, reader=reader)
+    gradient_ids = [i for run in unit.runs for i in run.token_ids]
+    return dataclasses.replace(unit, data_baseline=DataBaseline(top, overlap(gradient_ids, top.token_ids)))
+
+
+def with_corpus(unit: UnitResults, result: CorpusResult, backbone: Backbone) -> UnitResults:
+    """A one-unit run's results with its corpus result, compared with what the optimizer found."""
+    runs = unit.runs
+    comparison = compare(result, torch.tensor([r.position_activations for r in runs]),
+                         torch.tensor([r.final_activation for r in runs]),
+                         torch.tensor([r.decoded_position_activations for r in runs]),
+                         torch.tensor([r.decoded_activation for r in runs]),
+                         [i for r in runs for i in r.token_ids], backbone.token_strings)
+    return dataclasses.replace(unit, corpus=dataclasses.replace(result, comparison=comparison))

@@ -25,13 +25,17 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from amax_lightning.analysis.corpus_pass import CorpusUnits
+from amax_lightning.analysis.corpus_tables import corpus_block_tables
 from amax_lightning.analysis.logit_effects import logit_effects
 from amax_lightning.analysis.null_model import expected_n_unique, sampled_null, unique_count_p_value
 from amax_lightning.analysis.results import OPTIONAL, Protocol, to_json
 from amax_lightning.analysis.tables import (
     LOGIT_TOP,
     ROW_SCHEMA,
+    TABLES,
     UNIT_SCHEMA,
+    WRITE_ORDER,
     block_is_whole,
     block_paths,
     read_units,
@@ -171,10 +175,12 @@ def unit_label(target: Target) -> str:
 
 def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, tensors: RowTensors,
                   backbone: Backbone, records: list[dict | None], hook_vectors: torch.Tensor | None,
-                  null: NullLookup, convergence: dict[str, torch.Tensor] | None = None) -> tuple[pa.Table, pa.Table]:
-    """The units table and rows table of units ``first_unit .. first_unit + len(targets)`` from their rows'
-    end-of-fit tensors (row order: unit-major, seeds in ``protocol.seeds`` order) and their snapshots
-    (``convergence``: the block's rows of ``Snapshots.unit_arrays``; None or empty without snapshots)."""
+                  null: NullLookup, convergence: dict[str, torch.Tensor] | None = None,
+                  corpus: tuple[CorpusUnits, slice] | None = None) -> dict[str, pa.Table]:
+    """The tables (``units``, ``rows``, and with ``corpus`` its two) of units ``first_unit .. first_unit +
+    len(targets)`` from their rows' end-of-fit tensors (row order: unit-major, seeds in ``protocol.seeds`` order),
+    their snapshots (``convergence``: the block's rows of ``Snapshots.unit_arrays``; None or empty without
+    snapshots) and their corpus results (``corpus``: the pass and these units' positions in it)."""
     units, seeds, n_tokens = len(targets), len(protocol.seeds), protocol.n_tokens
     order = np.argsort(np.asarray(protocol.seeds), kind="stable")  # runs are listed sorted by seed
 
@@ -203,6 +209,7 @@ def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, te
         **sides,
         "record": [None if r is None else json.dumps(r) for r in records],
         **convergence_columns(convergence, units),
+        **corpus_columns(corpus, acts.amax(dim=(1, 2)), units),
     }, schema=UNIT_SCHEMA)
     flat_ids = ids.reshape(-1, n_tokens)
     strings = backbone.token_strings(np.unique(flat_ids).tolist())
@@ -218,25 +225,41 @@ def analyze_block(protocol: Protocol, targets: list[Target], first_unit: int, te
         "embedding_norm": norms.reshape(-1, n_tokens).tolist(),
         "final_activation": finals.reshape(-1), "decoded_activation": decoded.reshape(-1),
     }, schema=ROW_SCHEMA)
-    return unit_table, row_table
+    tables = {"units": unit_table, "rows": row_table}
+    if corpus is not None:
+        tables.update(corpus_block_tables(*corpus, first_unit, backbone.token_strings))
+    return tables
 
 
-def missing_blocks(folder: str, blocks: list[int], state: str) -> list[int]:
-    """Those of ``blocks`` that are not already written whole for the fit state ``state`` (a ``fingerprint``)."""
-    return [block for block in blocks if not block_is_whole(folder, block, state)]
+def corpus_columns(corpus: tuple[CorpusUnits, slice] | None, optimized_max: torch.Tensor, units: int
+                   ) -> dict[str, list]:
+    """The units table's corpus columns: the corpus max and density, and the optimized inputs' highest token
+    activation (``optimized_max``, per unit) over the corpus max where that is above 0; nulls without a corpus."""
+    if corpus is None:
+        return {name: [None] * units for name in ("corpus_max", "corpus_density", "optimized_over_corpus_max")}
+    result, positions = corpus
+    top = result.max()[positions].double()
+    ratio = [float(o) / float(t) if t > 0 else None for o, t in zip(optimized_max.double(), top)]
+    return {"corpus_max": top.tolist(), "corpus_density": result.density()[positions].tolist(),
+            "optimized_over_corpus_max": ratio}
+
+
+def missing_blocks(folder: str, blocks: list[int], state: str, names: tuple[str, ...] = tuple(TABLES)) -> list[int]:
+    """Those of ``blocks`` whose tables ``names`` are not already written whole for the fit state ``state``."""
+    return [block for block in blocks if not block_is_whole(folder, block, state, names)]
 
 
 def analyze_blocks(folder: str, blocks: list[int], n_units: int, state: str,
-                   analyze: Callable[[int, int], tuple[pa.Table, pa.Table]], progress: Progress,
+                   analyze: Callable[[int, int], dict[str, pa.Table]], progress: Progress,
                    block_units: int = BLOCK_UNITS) -> None:
     """Analyse and write each of ``blocks`` for the fit state ``state``; ``analyze(start, stop)`` gives a block's
-    tables. The rows file is written first: a block is whole once its units file is."""
+    tables. The units file is written last: a block is whole once it is."""
     for block in blocks:
         start, stop = block_units_range(block, n_units, block_units)
-        unit_table, row_table = analyze(start, stop)
-        paths = block_paths(folder, block)
-        write_table(paths["rows"], row_table, state)
-        write_table(paths["units"], unit_table, state)
+        tables = analyze(start, stop)
+        paths = block_paths(folder, block, tuple(tables))
+        for name in (name for name in WRITE_ORDER if name in tables):
+            write_table(paths[name], tables[name], state)
         progress.advance(stop - start)
 
 
@@ -257,6 +280,9 @@ class AtlasRow:
     null_p_value: Optional[float]
     stable_since: Optional[int]  # analysis/convergence.py; None: still changing at the last snapshot
     changed_fraction_last: Optional[float]
+    corpus_max: Optional[float]  # corpus_tables.py; None: no corpus read
+    corpus_density: Optional[float]
+    optimized_over_corpus_max: Optional[float]
 
 
 ATLAS_COLUMNS = tuple(AtlasRow.__dataclass_fields__)
@@ -294,6 +320,7 @@ class AtlasResults:
     n_settled: int  # units whose tokens had stopped changing (stable_since not null)
     search: Optional[dict] = field(default=None, metadata=OPTIONAL)
     sae: Optional[dict] = field(default=None, metadata=OPTIONAL)  # what every latent shares: source, hook, d_sae, ...
+    corpus: Optional[dict] = field(default=None, metadata=OPTIONAL)  # the corpus read: source, n_tokens, window, ...
 
     def to_json(self) -> dict:
         return to_json(self)
@@ -314,7 +341,7 @@ def ranked(units: pa.Table) -> np.ndarray:
 
 def summarize(folder: str, protocol: Protocol, spec: str, steps: int, partial: bool, tables: dict,
               first_record: dict | None, max_steps: int | None = None, snapshot_steps: list[int] = (),
-              stop_reason: str = "max_steps") -> AtlasResults:
+              stop_reason: str = "max_steps", corpus: dict | None = None) -> AtlasResults:
     """The sweep's summary from its merged units table in ``folder``."""
     units = read_units(folder, columns=[*ATLAS_COLUMNS, "null_expected_n_unique"])
     counts = units.column("n_unique").to_numpy()
@@ -337,5 +364,5 @@ def summarize(folder: str, protocol: Protocol, spec: str, steps: int, partial: b
         least_reproducible=atlas_rows(units.take(order[::-1][:SUMMARY_UNITS])),
         max_steps=max_steps, snapshot_steps=list(snapshot_steps), stopped_at=steps, stop_reason=stop_reason,
         n_settled=len(units) - units.column("stable_since").null_count,
-        search=protocol.search, sae=shared,
+        search=protocol.search, sae=shared, corpus=corpus,
     )

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amax_lightning.analysis.convergence import Snapshot, convergence_of
+from amax_lightning.analysis.corpus_tables import CORPUS_TABLES, merge_windows, read_corpus_record
 from amax_lightning.analysis.results import to_json
 from amax_lightning.base.files import write_atomic
 
@@ -39,6 +40,8 @@ UNIT_SCHEMA = pa.schema([
     ("stable_since", pa.int64()), ("changed_fraction_last", pa.float64()),  # analysis/convergence.py; null: none
     ("snapshot_n_unique", pa.list_(pa.int32())), ("snapshot_changed_fraction", pa.list_(pa.float64())),
     ("snapshot_mean_objective", pa.list_(pa.float64())),  # per snapshot (results.json: snapshot_steps)
+    ("corpus_max", pa.float64()), ("corpus_density", pa.float64()),  # corpus_tables.py; null: no corpus read
+    ("optimized_over_corpus_max", pa.float64()),  # the optimized inputs' highest token over corpus_max (> 0 only)
 ])
 ROW_SCHEMA = pa.schema([
     ("unit", pa.int32()), ("seed", pa.int64()),
@@ -47,22 +50,29 @@ ROW_SCHEMA = pa.schema([
     ("final_activation", pa.float32()), ("decoded_activation", pa.float32()),
 ])
 TABLES = {"units": ("units.parquet", UNIT_SCHEMA), "rows": ("rows.parquet", ROW_SCHEMA)}
+ALL_TABLES = {**TABLES, **CORPUS_TABLES}
+WRITE_ORDER = ("rows", "corpus_windows", "corpus", "units")  # a block is whole once its units file is written
 
 
-def block_paths(folder: str, block: int) -> dict[str, str]:
-    """The two files of block ``block`` in the sweep's ``blocks`` folder."""
-    return {name: os.path.join(folder, "blocks", f"{name}-{block:06d}.parquet") for name in TABLES}
+def table_names(corpus: bool) -> tuple[str, ...]:
+    """The tables of a sweep's blocks: units and rows, and the corpus's two when it read one."""
+    return tuple(ALL_TABLES) if corpus else tuple(TABLES)
+
+
+def block_paths(folder: str, block: int, names: tuple[str, ...] = tuple(TABLES)) -> dict[str, str]:
+    """The files of block ``block`` in the sweep's ``blocks`` folder, one per table in ``names``."""
+    return {name: os.path.join(folder, "blocks", f"{name}-{block:06d}.parquet") for name in names}
 
 
 def write_table(path: str, table: pa.Table, fingerprint: str) -> None:
     """Write ``table`` to ``path`` atomically, its metadata naming the fit state ``fingerprint``."""
-    table = table.replace_schema_metadata({FINGERPRINT: fingerprint.encode()})
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT: fingerprint.encode()})
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def block_is_whole(folder: str, block: int, fingerprint: str) -> bool:
-    """Whether both files of ``block`` exist, are readable Parquet and belong to the fit state ``fingerprint``."""
-    for path in block_paths(folder, block).values():
+def block_is_whole(folder: str, block: int, fingerprint: str, names: tuple[str, ...] = tuple(TABLES)) -> bool:
+    """Whether the files of ``block`` exist, are readable Parquet and belong to the fit state ``fingerprint``."""
+    for path in block_paths(folder, block, names).values():
         try:
             metadata = pq.read_metadata(path).metadata or {}
         except (OSError, pa.ArrowException):
@@ -72,17 +82,24 @@ def block_is_whole(folder: str, block: int, fingerprint: str) -> bool:
     return True
 
 
-def merge_blocks(folder: str, n_blocks: int) -> dict[str, str]:
-    """``units.parquet`` and ``rows.parquet`` in ``folder`` from the blocks 0..n_blocks-1, in order, one block in
-    memory at a time (each block one row group). Returns the tables' file names."""
-    for name, (file_name, schema) in TABLES.items():
+def merge_blocks(folder: str, n_blocks: int, names: tuple[str, ...] = tuple(TABLES)) -> dict[str, str]:
+    """The sweep's tables in ``folder`` from the blocks 0..n_blocks-1, in order, one block in memory at a time
+    (each block one row group); the corpus's windows once each, in window order. Returns the tables' file names."""
+    for name in names:
+        file_name, schema = ALL_TABLES[name]
+        if name == "corpus_windows":
+            table = merge_windows([pq.read_table(block_paths(folder, b, names)[name]) for b in range(n_blocks)])
+            write_atomic(os.path.join(folder, file_name),
+                         lambda tmp, table=table: pq.write_table(table, tmp, compression="zstd"))
+            continue
+
         def write(tmp: str, name=name, schema=schema) -> None:
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
                 for block in range(n_blocks):
-                    writer.write_table(pq.read_table(block_paths(folder, block)[name]).cast(schema))
+                    writer.write_table(pq.read_table(block_paths(folder, block, names)[name]).cast(schema))
 
         write_atomic(os.path.join(folder, file_name), write)
-    return {name: file_name for name, (file_name, _) in TABLES.items()}
+    return {name: ALL_TABLES[name][0] for name in names}
 
 
 def remove_blocks(folder: str) -> None:
@@ -143,4 +160,5 @@ def unit_record(folder: str, unit: int) -> dict:
             summary["stopped_at"], summary["stop_reason"], row["n_total"], summary["max_steps"])),
         **({"sae": record} if record and "d_sae" in record else {}),
         **({"direction": record} if record and "d_sae" not in record else {}),
+        **({"corpus": read_corpus_record(folder, unit, summary["corpus"])} if summary.get("corpus") else {}),
     }

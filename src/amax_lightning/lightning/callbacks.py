@@ -17,11 +17,24 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from amax_lightning.analysis.baseline import read_text_file
+from amax_lightning.analysis.corpus_pass import CorpusUnits, batch_windows, corpus_pass, example_bytes
+from amax_lightning.analysis.corpus_results import corpus_result
+from amax_lightning.analysis.corpus_source import (
+    DEFAULT_COLUMN,
+    DEFAULT_SPLIT,
+    DEFAULT_TOKENS,
+    DEFAULT_WINDOW,
+    CorpusSpec,
+    check_window,
+    corpus_spec,
+)
+from amax_lightning.analysis.corpus_stats import GROUPS, PER_GROUP, TOP_K, CorpusStats
+from amax_lightning.analysis.corpus_tables import corpus_meta, table_bytes
 from amax_lightning.analysis.results import (
     UnitResults,
     analyze_unit,
     to_json,
+    with_corpus,
     with_data_baseline,
     with_logit_effects,
     with_null_model,
@@ -40,12 +53,13 @@ from amax_lightning.analysis.sweep import (
     n_blocks,
     summarize,
 )
-from amax_lightning.analysis.tables import merge_blocks, remove_blocks
+from amax_lightning.analysis.tables import block_paths, merge_blocks, remove_blocks, table_names
 from amax_lightning.base.checks import check_int
 from amax_lightning.base.errors import UserError
 from amax_lightning.base.files import write_text_atomic
 from amax_lightning.base.progress import Progress, duration
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
+from amax_lightning.lightning.module import gigabytes
 from amax_lightning.lightning.snapshots import Snapshots
 from amax_lightning.model.decode import CheckedNearestTokens, requested_path
 from amax_lightning.model.targets import hook_width
@@ -53,7 +67,6 @@ from amax_lightning.model.targets import hook_width
 MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
 MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
 MAX_BASELINE_TOP_K = 100_000  # at most the vocabulary anyway
-MAX_BASELINE_CONTEXTS = 10_000
 
 
 def find_callback(trainer: Trainer, kind: type) -> Optional[Callback]:
@@ -192,10 +205,15 @@ class ResultsWriter(Callback):
     baseline_top_k
         Data-sampling baseline: the unit's activation for every vocabulary token as a one-token input, and
         the overlap of the gradient-ascent tokens with the top k of them; 0 = off (it costs V forwards).
-    baseline_text
-        Optional UTF-8 text file: the top ``baseline_contexts`` positions of highest activation in it.
-    baseline_contexts
-        How many text contexts to report.
+    corpus
+        Real text read once for every unit after the steps (``analysis/corpus_pass.py``): a hub dataset id or a
+        ``.txt``/``.jsonl``/``.parquet`` file or folder; None = off.
+    corpus_split, corpus_column
+        The hub dataset's split, and the column holding the text (jsonl, parquet and hub datasets).
+    corpus_tokens
+        The budget: tokens fed to the model (BOS included); the corpus is read until it or the text ends.
+    corpus_window
+        Tokens per window (each starts with the model's BOS where it has one).
     block_units
         Sweeps: units per analysis block, the unit of work a process analyses and writes whole; a requeued job
         reuses the blocks already written (``analysis/sweep.py``).
@@ -212,8 +230,12 @@ class ResultsWriter(Callback):
         null_samples: int = 20_000,
         null_simulations: int = 10_000,
         baseline_top_k: int = 0,
+        corpus: Optional[str] = None,
+        corpus_split: str = DEFAULT_SPLIT,
+        corpus_column: str = DEFAULT_COLUMN,
+        corpus_tokens: int = DEFAULT_TOKENS,
+        corpus_window: int = DEFAULT_WINDOW,
         baseline_text: Optional[str] = None,
-        baseline_contexts: int = 10,
         block_units: int = BLOCK_UNITS,
         snapshot_every: Optional[int] = None,
         stop_when_stable: Optional[int] = None,
@@ -222,12 +244,11 @@ class ResultsWriter(Callback):
         self.null_simulations = check_int("results.null_simulations", null_simulations, low=1, high=MAX_NULL_SIMULATIONS)
         requested_path()  # a bad $AMAX_LIGHTNING_DECODE fails now, not after the steps
         self.baseline_top_k = check_int("results.baseline_top_k", baseline_top_k, low=0, high=MAX_BASELINE_TOP_K)
-        self.baseline_contexts = check_int("results.baseline_contexts", baseline_contexts, low=1, high=MAX_BASELINE_CONTEXTS)
-        if baseline_text is not None and not os.path.isfile(baseline_text):
-            raise UserError(f"results.baseline_text {baseline_text!r} is not a file; give a UTF-8 text file")
         if baseline_text is not None:
-            read_text_file(baseline_text)  # a file that cannot be used fails now, not after the steps
-        self.baseline_text = baseline_text
+            raise UserError(f"results.baseline_text {baseline_text!r}: a text file is now one kind of corpus; use "
+                            f"--results.corpus {baseline_text}")
+        self.corpus: CorpusSpec | None = None if corpus is None else corpus_spec(
+            corpus, corpus_split, corpus_column, corpus_tokens, corpus_window)  # opened now, not after the steps
         self.block_units = check_int("results.block_units", block_units, low=1)
         if snapshot_every is not None:
             snapshot_every = check_int("results.snapshot_every", snapshot_every, low=1)
@@ -242,7 +263,23 @@ class ResultsWriter(Callback):
 
     @property
     def uses_baseline(self) -> bool:
-        return bool(self.baseline_top_k or self.baseline_text)
+        return bool(self.baseline_top_k)
+
+    def check_corpus(self, module: LightningModule, world_size: int) -> str | None:
+        """A UserError when the corpus window does not fit the model; else the line saying what the corpus pass
+        will hold and write (None without a corpus)."""
+        if self.corpus is None:
+            return None
+        check_window(self.corpus, module.backbone.max_positions)
+        units = -(-len(module.targets) // world_size)  # each process reads the units of its blocks
+        window = self.corpus.window
+        held = (CorpusStats.state_bytes(units) + example_bytes(units, window)
+                + batch_windows(window, units) * window * units * 4 * 2 + self.corpus.tokens * 4)
+        written = table_bytes(len(module.targets), window, TOP_K, GROUPS * PER_GROUP)
+        what = "corpus.parquet about" if len(module.targets) > 1 else "results.json grows by about"
+        return (f"amax_lightning: corpus pass after the steps: up to {self.corpus.tokens:,} tokens of "
+                f"{self.corpus.source} in windows of {window}, {len(module.targets):,} unit(s) from one pass; "
+                f"memory per process about {gigabytes(held)}; {what} {gigabytes(written)} (before compression)")
 
     def check_steps(self, max_steps: int) -> None:
         """A UserError when ``snapshot_every`` is larger than the fit's ``max_steps`` (the CLI asks before the fit)."""
@@ -254,6 +291,9 @@ class ResultsWriter(Callback):
     def setup(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
         self.snapshots.clear()  # a resumed fit gets its snapshots back from the checkpoint (load_state_dict)
         self.stopped_stable = False
+        plan = self.check_corpus(module, trainer.world_size)
+        if plan and trainer.is_global_zero and stage == "fit" and module.reporter() is ResultsWriter:
+            print(plan, file=sys.stderr, flush=True)
 
     def state_dict(self) -> dict:
         return {"snapshots": self.snapshots.state_dict(), "stopped_stable": self.stopped_stable}
@@ -383,15 +423,26 @@ class ResultsWriter(Callback):
         snapshots = self.snapshots.unit_arrays()
         decoder = CheckedNearestTokens(backbone.vocab_embeddings)  # one for all blocks: it times its fast path once
 
+        names = table_names(self.corpus is not None)
+        mine = blocks_of(rank, world, n_units, self.block_units)
+        todo = missing_blocks(log_dir, mine, state, names)
+        found, where = None, {}
+        if self.corpus is not None and todo:  # one pass over the corpus for all units of this process's blocks
+            ranges = [block_units_range(b, n_units, self.block_units) for b in todo]
+            positions = torch.cat([torch.arange(start, stop) for start, stop in ranges])
+            found = self._corpus_pass(module, positions, progress=trainer.is_global_zero)
+            offset = 0
+            for start, stop in ranges:
+                where[start] = slice(offset, offset + stop - start)
+                offset += stop - start
+
         def analyze(start: int, stop: int):
             tensors = module.evaluate_rows(slice(start * seeds, stop * seeds), decoder)
             vectors = None if hook_vectors is None else hook_vectors[start:stop]
             return analyze_block(protocol, targets[start:stop], start, tensors, backbone,
                                  module.unit_records[start:stop], vectors, null,
-                                 {name: values[start:stop] for name, values in snapshots.items()})
-
-        mine = blocks_of(rank, world, n_units, self.block_units)
-        todo = missing_blocks(log_dir, mine, state)
+                                 {name: values[start:stop] for name, values in snapshots.items()},
+                                 None if found is None else (found, where[start]))
 
         def units_in(blocks: list[int]) -> int:
             return sum(stop - start for start, stop in (block_units_range(b, n_units, self.block_units) for b in blocks))
@@ -410,9 +461,10 @@ class ResultsWriter(Callback):
         self._merge_started = time.monotonic()
         print(f"amax_lightning: merging {n_blocks(n_units, self.block_units)} blocks and writing the atlas",
               file=sys.stderr, flush=True)
-        tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units))
+        corpus = None if self.corpus is None else corpus_meta(block_paths(log_dir, 0, names)["corpus"])
+        tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units), names)
         return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0],
-                         trainer.max_steps, self.snapshots.steps, self.stop_reason(partial))
+                         trainer.max_steps, self.snapshots.steps, self.stop_reason(partial), corpus)
 
     def _analyze(self, trainer: Trainer, module: LightningModule, steps: int, partial: bool):
         """Rank 0's UnitResults of a run of one unit; None on other ranks."""
@@ -431,11 +483,25 @@ class ResultsWriter(Callback):
             state = module.search_state()
             units = [with_pareto(unit, protocol.seeds, *(t[layout.unit_rows(u)].cpu() for t in state[3:]), backbone)
                      for u, unit in enumerate(units)]
-        unit = with_data_baseline(units[0], backbone, module.target, self.baseline_top_k, self.baseline_text,
-                                  self.baseline_contexts, reader=module.objective.unit_reader(0))
+        unit = with_data_baseline(units[0], backbone, module.target, self.baseline_top_k,
+                                  reader=module.objective.unit_reader(0))
+        if self.corpus is not None:
+            found = self._corpus_pass(module, torch.arange(1), progress=True)
+            unit = with_corpus(unit, corpus_result(found, 0, backbone.token_strings), backbone)
         convergence = self.snapshots.convergence(0, steps, self.stop_reason(partial), unit.uniqueness.n_total,
                                                  trainer.max_steps)
         return dataclasses.replace(unit, convergence=convergence)
+
+    def _corpus_pass(self, module: LightningModule, positions: torch.Tensor, progress: bool) -> CorpusUnits:
+        """The corpus pass for the run's units at ``positions`` (their order in the run)."""
+        backbone, readout, hook = module.backbone, module.objective.readout, module.targets[0]
+
+        def read(inputs: torch.Tensor) -> torch.Tensor:
+            return readout.read_units(backbone.hook_values(inputs, hook), positions)
+
+        identity = torch.tensor([module.targets[p].flat_index(backbone.shape.d_head) for p in positions.tolist()])
+        return corpus_pass(self.corpus, backbone.tokenizer, backbone.embed_tokens, read, identity, module.device,
+                           progress)
 
     def _write(self, trainer: Trainer, module: LightningModule, log_dir: str, results, steps: int) -> None:
         from amax_lightning.report import html, markdown  # imported only when a report is written

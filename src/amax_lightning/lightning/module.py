@@ -46,8 +46,11 @@ MAX_LR = 1e6  # Adam moves each coordinate by about lr per step; far larger valu
 
 
 def gigabytes(n_bytes: int) -> str:
-    """``n_bytes`` as ``1.23 GB`` (10^9 bytes)."""
-    return f"{n_bytes / 1e9:.3g} GB"
+    """``n_bytes`` as ``1.23 GB``, ``45.6 MB`` or ``7.8 kB`` (powers of 10^3), 3 significant digits."""
+    for scale, name in ((1e9, "GB"), (1e6, "MB")):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {name}"
+    return f"{n_bytes / 1e3:.3g} kB"
 
 
 def plan_text(plan: dict[str, int]) -> str:

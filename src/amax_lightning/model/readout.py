@@ -93,6 +93,18 @@ class Readout(nn.Module):
         """The run's unit ``unit`` for every input, shape (batch, n_tokens), from values (batch, n_tokens, width)."""
         return self.read(values, self.unit_ids[unit].expand(values.shape[0]))
 
+    def read_units(self, values: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+        """The run's units ``units`` (positions in the run; default: all) for every input and position, shape
+        (batch, n_tokens, len(units)), from values (batch, n_tokens, width): a corpus pass reads them all at once."""
+        values = self.transform(values)
+        ids = self.unit_ids if units is None else self.unit_ids[units.to(self.unit_ids.device)]
+        if self.weights is None:
+            return values[..., ids]
+        out = values @ self.weights[ids].to(values.dtype).T
+        if self.bias is not None:
+            out = out + self.bias[ids].to(out.dtype)
+        return torch.relu(out) if self.relu else out
+
     def read(self, values: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Unit ``units[i]`` of input i at every position, shape (batch, n_tokens)."""
         values = self.transform(values)

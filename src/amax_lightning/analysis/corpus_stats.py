@@ -1,0 +1,251 @@
+"""Running statistics of many units over a stream of token windows, in memory bounded by units, not by the corpus.
+
+For every unit, ``CorpusStats.update`` keeps, over the counted positions (all but a window's BOS):
+
+- the ``k`` windows of highest maximum activation (ties: the earlier window);
+- the count of tokens above ``threshold`` (the density's numerator);
+- a histogram of the values above the threshold, on a grid of power-of-two bin widths that doubles when the values
+  outgrow it (merging bins pairwise), so its counts are exact, whatever the order the values came in;
+- for each bin, the ``per_group`` tokens with the largest hashed keys among the bin's tokens: a uniform sample of
+  them that does not depend on batching, sharding, or which other units were read (``sample_keys``).
+
+``finish`` splits ``(0, top]`` (top: the upper edge of the highest occupied bin) into ``groups`` intervals of equal
+width, snapped to bin edges, as sae_vis's quantile groups are: each gets its share of the tokens and ``per_group``
+tokens drawn uniformly from it (the largest keys among its bins' samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOP_K = 20  # top-activating windows kept per unit (sae_vis: 20)
+GROUPS = 10  # quantile groups (sae_vis: 10)
+PER_GROUP = 5  # examples per quantile group (sae_vis: 5)
+N_BINS = 64  # histogram bins per unit; after the range first doubles, 32 to 64 of them are in use
+DENSITY_THRESHOLD = 0.0
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers (held in int64) that mixes every input bit into every output bit."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def sample_keys(token_index: torch.Tensor, unit_ids: torch.Tensor) -> torch.Tensor:
+    """Keys in (0, 1), float64, one per (token index, unit id) pair: a fixed pseudo-random function of the pair,
+    distinct for distinct tokens of one unit (token index < 2**32). The tokens of largest key are a uniform sample."""
+    mixed = _hash32((token_index.long() & _M32) ^ _hash32(unit_ids.long() & _M32))
+    return (mixed.double() + 0.5) / 2.0**32
+
+
+def top_per_group(group: torch.Tensor, key: torch.Tensor, payload: list[torch.Tensor], m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """For each distinct ``group``, its ``m`` entries of largest ``key``: returns the groups (ascending, G), their
+    keys (G, m; -1 where a group has fewer) and each payload gathered the same way (G, m; 0 where empty)."""
+    by_key = torch.sort(key, descending=True, stable=True).indices
+    order = by_key[torch.sort(group[by_key], stable=True).indices]
+    g = group[order]
+    first = torch.ones_like(g, dtype=torch.bool)
+    first[1:] = g[1:] != g[:-1]
+    index = torch.arange(len(g), device=g.device)
+    rank = index - torch.cummax(torch.where(first, index, torch.zeros_like(index)), 0).values
+    groups, slot = torch.unique_consecutive(g, return_inverse=True)
+    keep = rank < m
+    keys = torch.full((len(groups), m), -1.0, dtype=torch.float64, device=g.device)
+    keys[slot[keep], rank[keep]] = key[order][keep].double()
+    out = []
+    for values in payload:
+        filled = torch.zeros((len(groups), m), dtype=values.dtype, device=g.device)
+        filled[slot[keep], rank[keep]] = values[order][keep]
+        out.append(filled)
+    return groups, keys, out
+
+
+@dataclass
+class QuantileGroups:
+    """Per unit (U) and group (G): ``low``/``high`` value edges (NaN where empty), ``count`` of tokens, and the
+    sampled tokens (U, G, per_group): ``token`` index in the stream of windows (-1: none), ``value``."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    count: torch.Tensor
+    token: torch.Tensor
+    value: torch.Tensor
+
+
+class CorpusStats:
+    """Streaming statistics of ``unit_ids`` (U,) over windows of ``window`` tokens whose positions from
+    ``first_position`` on are counted (1 when each window starts with BOS)."""
+
+    def __init__(self, unit_ids: torch.Tensor, window: int, first_position: int, k: int = TOP_K,
+                 n_bins: int = N_BINS, per_group: int = PER_GROUP, threshold: float = DENSITY_THRESHOLD) -> None:
+        device = unit_ids.device
+        self.unit_ids, self.window, self.first_position = unit_ids.long(), window, first_position
+        self.k, self.n_bins, self.per_group, self.threshold = k, n_bins, per_group, threshold
+        units = len(unit_ids)
+        self.n_windows = 0
+        self.top_value = torch.full((units, k), -torch.inf, device=device)
+        self.top_window = torch.full((units, k), -1, dtype=torch.long, device=device)
+        self.active = torch.zeros(units, dtype=torch.long, device=device)
+        self.exp = torch.zeros(units, dtype=torch.long, device=device)  # bin width 2**exp
+        self.origin = torch.zeros(units, dtype=torch.long, device=device)  # global index of local bin 0
+        self.lo = torch.zeros(units, dtype=torch.long, device=device)  # occupied global bins, at width 2**exp
+        self.hi = torch.zeros(units, dtype=torch.long, device=device)
+        self.seen = torch.zeros(units, dtype=torch.bool, device=device)
+        self.counts = torch.zeros((units, n_bins), dtype=torch.long, device=device)
+        self.sample_key = torch.full((units, n_bins, per_group), -1.0, dtype=torch.float64, device=device)
+        self.sample_token = torch.zeros((units, n_bins, per_group), dtype=torch.long, device=device)
+        self.sample_value = torch.zeros((units, n_bins, per_group), device=device)
+
+    @property
+    def n_tokens(self) -> int:
+        """Counted tokens so far."""
+        return self.n_windows * (self.window - self.first_position)
+
+    @staticmethod
+    def state_bytes(units: int, k: int = TOP_K, n_bins: int = N_BINS, per_group: int = PER_GROUP) -> int:
+        """Memory of the statistics of ``units`` units (bytes)."""
+        return units * (k * 12 + n_bins * 8 + n_bins * per_group * 20 + 64)
+
+    def update(self, acts: torch.Tensor) -> None:
+        """Add the next windows' activations, shape (windows, window, U), in corpus order."""
+        counted = acts[:, self.first_position :, :].float()
+        n, positions, _ = counted.shape
+        first = self.n_windows
+        self._update_top(counted.amax(dim=1).T, torch.arange(first, first + n, device=acts.device))
+        active = counted > self.threshold
+        self.active += active.sum(dim=(0, 1))
+        w, p, u = active.nonzero(as_tuple=True)
+        if len(u):
+            token = (first + w) * self.window + p + self.first_position
+            self._add_active(u, token, counted[w, p, u].double())
+        self.n_windows += n
+
+    def _update_top(self, window_max: torch.Tensor, window_ids: torch.Tensor) -> None:
+        values = torch.cat([self.top_value, window_max], dim=1)
+        ids = torch.cat([self.top_window, window_ids.expand(len(window_max), -1)], dim=1)
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : self.k]  # ties: earlier window
+        self.top_value, self.top_window = values.gather(1, order), ids.gather(1, order)
+
+    def _add_active(self, u: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+        units, bins = len(self.unit_ids), self.n_bins
+        low = torch.full((units,), torch.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, u, value, "amin")
+        high = torch.full((units,), -torch.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, u, value, "amax")
+        touched = torch.isfinite(high)
+        new = touched & ~self.seen
+        if new.any():  # a first grid: the batch's span over bins - 2 bins, as a power of two
+            span = (high - low)[new]
+            single = torch.floor(torch.log2(high[new])) - 5
+            exp = torch.where(span > 0, torch.ceil(torch.log2(span.clamp_min(1e-300) / (bins - 2))), single)
+            self.exp[new] = exp.long()
+            self.lo[new] = self.hi[new] = self.origin[new] = self._bin(low[new], self.exp[new])
+            self.seen |= new
+        t = touched.nonzero(as_tuple=True)[0]
+        lo = torch.minimum(self.lo[t], self._bin(low[t], self.exp[t]))
+        hi = torch.maximum(self.hi[t], self._bin(high[t], self.exp[t]))
+        shift = torch.zeros_like(lo)
+        while True:  # the fewest doublings that fit every unit's occupied range into its bins
+            wide = (hi >> shift) - (lo >> shift) >= bins
+            if not wide.any():
+                break
+            shift += wide.long()
+        moved = (shift > 0) | ((lo >> shift) != self.origin[t])
+        if moved.any():  # rare once the range is known: a wider grid, or a new lowest value
+            self._regrid(t[moved], shift[moved], (lo >> shift)[moved])
+        self.exp[t] += shift
+        self.lo[t], self.hi[t] = lo >> shift, hi >> shift
+        local = self._bin(value, self.exp[u]) - self.origin[u]
+        cell = u * bins + local
+        self.counts.view(-1).index_add_(0, cell, torch.ones_like(cell))
+        key = sample_keys(token, self.unit_ids[u])
+        flat_key = self.sample_key.view(-1, self.per_group)
+        better = key > flat_key[cell, -1]  # only tokens that enter their bin's sample
+        if better.any():
+            self._merge_samples(cell[better], key[better], token[better], value[better].float())
+
+    @staticmethod
+    def _bin(value: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+        """Global bin index ``floor(value / 2**exp)``: exact, as dividing by a power of two is."""
+        return torch.floor(value.double() / torch.exp2(exp.double())).long()
+
+    def _regrid(self, units: torch.Tensor, shift: torch.Tensor, origin: torch.Tensor) -> None:
+        """Move units' bins to width ``2**(exp + shift)`` starting at global bin ``origin``, merging counts and samples."""
+        bins, m = self.n_bins, self.per_group
+        moved = (self.origin[units, None] + torch.arange(bins, device=units.device)) >> shift[:, None]
+        moved = moved - origin[:, None]
+        counts = self.counts[units]
+        in_range = (moved >= 0) & (moved < bins)
+        assert bool((in_range | (counts == 0)).all()), "a histogram bin with tokens fell outside its grid"
+        self.counts[units] = torch.zeros_like(counts).scatter_add_(1, moved.clamp(0, bins - 1), counts)
+        self.origin[units] = origin
+        keys = self.sample_key[units]
+        filled = keys >= 0
+        if filled.any():
+            row = torch.arange(len(units), device=units.device)[:, None, None].expand(-1, bins, m)
+            cell = (row * bins + moved.clamp(0, bins - 1)[:, :, None].expand(-1, -1, m))[filled]
+            groups, new_keys, (new_tokens, new_values) = top_per_group(
+                cell, keys[filled], [self.sample_token[units][filled], self.sample_value[units][filled]], m)
+            for name, values, empty in (("sample_key", new_keys, -1.0), ("sample_token", new_tokens, 0),
+                                        ("sample_value", new_values, 0.0)):
+                table = getattr(self, name)
+                rows = torch.full_like(table[units], empty).view(-1, m)
+                rows[groups] = values
+                table[units] = rows.view(len(units), bins, m)
+
+    def _merge_samples(self, cell: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+        m = self.per_group
+        cells = torch.unique(cell)
+        flat = [self.sample_key.view(-1, m), self.sample_token.view(-1, m), self.sample_value.view(-1, m)]
+        old = [table[cells] for table in flat]
+        filled = old[0] >= 0
+        groups, keys, (tokens, values) = top_per_group(
+            torch.cat([cells[:, None].expand(-1, m)[filled], cell]), torch.cat([old[0][filled], key]),
+            [torch.cat([old[1][filled], token]), torch.cat([old[2][filled], value])], m)
+        flat[0][groups], flat[1][groups], flat[2][groups] = keys, tokens, values
+
+    # --- the end of the pass --------------------------------------------------------------------------------------
+    def histogram(self, unit: int) -> tuple[list[float], list[int]]:
+        """Unit ``unit``'s (position in unit_ids) histogram of its values above the threshold: the edges of its
+        occupied bins (n + 1 values) and their counts (n); empty lists when no token was above it."""
+        if not bool(self.seen[unit]):
+            return [], []
+        width = 2.0 ** int(self.exp[unit])
+        first, last = int(self.lo[unit]), int(self.hi[unit])
+        counts = self.counts[unit, first - int(self.origin[unit]) : last - int(self.origin[unit]) + 1]
+        return [g * width for g in range(first, last + 2)], counts.tolist()
+
+    def quantile_groups(self, groups: int = GROUPS) -> QuantileGroups:
+        """Every unit's ``groups`` equal-width intervals of (0, top], snapped to bin edges (a bin joins the interval
+        holding its centre): value edges, token counts, and ``per_group`` tokens sampled uniformly from each."""
+        units, bins, m = len(self.unit_ids), self.n_bins, self.per_group
+        device = self.counts.device
+        width = torch.exp2(self.exp.double())
+        first = self.origin[:, None] + torch.arange(bins, device=device)  # global bin of each local bin
+        top = (self.hi + 1).double() * width
+        centre = (first.double() + 0.5) * width[:, None]
+        group = torch.floor(centre * groups / top[:, None]).long().clamp(0, groups - 1)
+        used = (self.counts > 0) & self.seen[:, None]
+        cell = torch.arange(units, device=device)[:, None] * groups + group
+        count = torch.zeros(units * groups, dtype=torch.long, device=device).index_add_(0, cell[used], self.counts[used])
+        low = torch.full((units * groups,), torch.inf, dtype=torch.float64, device=device)
+        low = low.scatter_reduce(0, cell[used], (first.double() * width[:, None])[used], "amin")
+        high = torch.full((units * groups,), -torch.inf, dtype=torch.float64, device=device)
+        high = high.scatter_reduce(0, cell[used], ((first + 1).double() * width[:, None])[used], "amax")
+        empty = count == 0
+        low[empty], high[empty] = torch.nan, torch.nan
+        token = torch.full((units * groups, m), -1, dtype=torch.long, device=device)
+        value = torch.zeros((units * groups, m), device=device)
+        filled = self.sample_key >= 0
+        if filled.any():
+            sample_cell = cell[:, :, None].expand(-1, -1, m)[filled]
+            cells, keys, (tokens, values) = top_per_group(sample_cell, self.sample_key[filled],
+                                                          [self.sample_token[filled], self.sample_value[filled]], m)
+            token[cells] = torch.where(keys >= 0, tokens, -1)
+            value[cells] = values
+        shape = (units, groups)
+        return QuantileGroups(low.view(shape), high.view(shape), count.view(shape), token.view(*shape, m),
+                              value.view(*shape, m))
