@@ -67,6 +67,10 @@ def bad(tiny_gpt2_dir, tiny_backbone, tmp_path_factory) -> dict[str, str]:
     np.savez(root / "archive.npz", d=np.ones(64))
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (root / "blank.txt").write_text("  \n")
+    (root / "table.csv").write_text("text\nhello\n")
+    (root / "no_corpus").mkdir()
+    (root / "no_corpus" / "notes.md").write_text("not a corpus kind")
+    (root / "docs.jsonl").write_text('{"text": "hello world, a document", "n": 3}\n' * 50)
     return {p.name: str(p) for p in root.iterdir()}
 
 
@@ -151,12 +155,11 @@ CASES = [
     (["--results.null_simulations", "10000000000"], "results.null_simulations 10000000000 is out of range"),
     (["--results.baseline_top_k", "100000000"], "results.baseline_top_k 100000000 is out of range"),
     (["--results.baseline_top_k", "60000"], "vocabulary allows 0..50257"),
-    (["--results.baseline_contexts", "10000000"], "results.baseline_contexts 10000000 is out of range"),
     (["--trainer.max_steps", "100000000000"], "trainer.max_steps 100000000000 is out of range"),
     (["--model.target", "blocks.1.mlp.hook_post:*", "--seeds", "0-9999"], "are too many; at most 1000000"),
     (["--model.priors", "softmax=1", "--seeds", "0-9999"], "numbers; at most 2147483648 are allowed"),
     (["--results.baseline_top_k", "x"], "results.baseline_top_k"),
-    (["--results.baseline_text", "no-such.txt"], "is not a file"),
+    (["--results.baseline_text", "notes.txt"], "use --results.corpus notes.txt"),
     (["--model.aggregate", "median"], "aggregate 'median' is unknown"),
     (["--model.priors", "clamp,nope"], "prior 'nope' is unknown"),
     (["--model.priors", "softmax=0"], "out of range"),
@@ -178,8 +181,19 @@ CASES = [
     (["--model.target", "blocks.1.hook_resid_pre@{bad_direction.npy}"], "has shape (7,)"),
     (["--model.target", "blocks.1.hook_resid_pre@no-such.npy"], "is not a file"),
     (["--model.target", "blocks.1.hook_resid_pre@{archive.npz}"], "is an .npz archive"),
-    (["--results.baseline_text", "{binary.txt}"], "is not UTF-8"),
-    (["--results.baseline_text", "{blank.txt}"], "has no tokens"),
+    # the corpus pass (analysis/corpus_source.py): refused before the steps
+    (["--results.corpus", "{binary.txt}"], "cannot be read"),
+    (["--results.corpus", "{blank.txt}", "--results.corpus_window", "16"], "fewer than 15 tokens of text"),
+    (["--results.corpus", "{table.csv}"], "is not a text, jsonl or parquet file"),
+    (["--results.corpus", "{no_corpus}"], "is a folder without .txt, .jsonl or .parquet files"),
+    (["--results.corpus", "{docs.jsonl}", "--results.corpus_column", "body"], "'body' is not in the corpus"),
+    (["--results.corpus", "{docs.jsonl}", "--results.corpus_column", "n"], "holds int values, not text"),
+    (["--results.corpus", "{docs.jsonl}", "--results.corpus_tokens", "10", "--results.corpus_window", "16"],
+     "results.corpus_tokens 10 is below one window"),
+    (["--results.corpus", "{docs.jsonl}", "--results.corpus_window", "64"], "this model's context allows 2..32"),
+    (["--results.corpus", "{docs.jsonl}", "--results.corpus_window", "1"], "results.corpus_window 1 is out of range"),
+    (["--results.corpus", "nobody/no-such-corpus"], "neither cached nor reachable"),
+    (["--results.corpus", "../no such/корпус"], "neither a file, a folder nor a hub dataset id"),
     (["--model.sae_activation", "mid"], "sae_activation 'mid' is unknown"),
     (["--model.center_residual", "maybe"], "center_residual 'maybe' is unknown"),
     # the command line itself

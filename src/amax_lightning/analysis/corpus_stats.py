@@ -4,8 +4,9 @@ For every unit, ``CorpusStats.update`` keeps, over the counted positions (all bu
 
 - the ``k`` windows of highest maximum activation (ties: the earlier window);
 - the count of tokens above ``threshold`` (the density's numerator);
-- a histogram of the values above the threshold, on a grid of power-of-two bin widths that doubles when the values
-  outgrow it (merging bins pairwise), so its counts are exact, whatever the order the values came in;
+- a histogram of the values above the threshold on the narrowest grid of ``n_bins`` power-of-two-wide bins that
+  holds them all: it starts at width ``2**FINEST_EXP`` and doubles (merging bins pairwise) when the values outgrow
+  it, so its bins and counts are exact and the same whatever the batching;
 - for each bin, the ``per_group`` tokens with the largest hashed keys among the bin's tokens: a uniform sample of
   them that does not depend on batching, sharding, or which other units were read (``sample_keys``).
 
@@ -25,6 +26,7 @@ GROUPS = 10  # quantile groups (sae_vis: 10)
 PER_GROUP = 5  # examples per quantile group (sae_vis: 5)
 N_BINS = 64  # histogram bins per unit; after the range first doubles, 32 to 64 of them are in use
 DENSITY_THRESHOLD = 0.0
+FINEST_EXP = -24  # the narrowest bin, 2**-24 (6e-8): values up to 2**39 (5e11) keep int64 bin indices
 _M32 = 0xFFFFFFFF
 
 
@@ -137,11 +139,8 @@ class CorpusStats:
         high = torch.full((units,), -torch.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, u, value, "amax")
         touched = torch.isfinite(high)
         new = touched & ~self.seen
-        if new.any():  # a first grid: the batch's span over bins - 2 bins, as a power of two
-            span = (high - low)[new]
-            single = torch.floor(torch.log2(high[new])) - 5
-            exp = torch.where(span > 0, torch.ceil(torch.log2(span.clamp_min(1e-300) / (bins - 2))), single)
-            self.exp[new] = exp.long()
+        if new.any():  # every grid starts at the finest width: the final one depends on the values alone
+            self.exp[new] = FINEST_EXP
             self.lo[new] = self.hi[new] = self.origin[new] = self._bin(low[new], self.exp[new])
             self.seen |= new
         t = touched.nonzero(as_tuple=True)[0]

@@ -27,6 +27,7 @@ from amax_lightning.analysis.corpus_source import (
     CorpusSpec,
     check_window,
     corpus_spec,
+    iter_windows,
 )
 from amax_lightning.analysis.corpus_stats import GROUPS, PER_GROUP, TOP_K, CorpusStats
 from amax_lightning.analysis.corpus_tables import corpus_meta, table_bytes
@@ -265,12 +266,14 @@ class ResultsWriter(Callback):
     def uses_baseline(self) -> bool:
         return bool(self.baseline_top_k)
 
-    def check_corpus(self, module: LightningModule, world_size: int) -> str | None:
-        """A UserError when the corpus window does not fit the model; else the line saying what the corpus pass
-        will hold and write (None without a corpus)."""
+    def check_corpus(self, module: LightningModule, world_size: int, probe: bool = False) -> str | None:
+        """A UserError when the corpus window does not fit the model (or, with ``probe``, when the corpus has not one
+        window of text); else the line saying what the corpus pass will hold and write (None without a corpus)."""
         if self.corpus is None:
             return None
         check_window(self.corpus, module.backbone.max_positions)
+        if probe:  # reads until the first window: an empty corpus fails before the steps
+            next(iter_windows(dataclasses.replace(self.corpus, tokens=self.corpus.window), module.backbone.tokenizer, 1))
         units = -(-len(module.targets) // world_size)  # each process reads the units of its blocks
         window = self.corpus.window
         held = (CorpusStats.state_bytes(units) + example_bytes(units, window)
@@ -414,7 +417,8 @@ class ResultsWriter(Callback):
         n_units, seeds = len(targets), layout.n_seeds
         settings = {key: value for key, value in to_json(protocol).items() if key != "numerics"}
         state = fingerprint({**settings, "target": module.hparams.target, "steps": steps, "partial": partial,
-                             "block_units": self.block_units}, module.parameter)
+                             "block_units": self.block_units,
+                             "corpus": None if self.corpus is None else dataclasses.asdict(self.corpus)}, module.parameter)
         search = module.search
         null = NullLookup(backbone.vocab_embeddings, module.init_scale, seeds * protocol.n_tokens, self.null_samples,
                           self.null_simulations, allowed=search.allowed if search is not None else None,

@@ -162,7 +162,7 @@ class AmaxCLI(LightningCLI):
             raise UserError("the data baseline (--results.baseline_*) works for one target unit, not a sweep")
         if writer is not None:
             writer.check_steps(self.trainer.max_steps)
-            writer.check_corpus(self.model, 1)  # a window longer than the model's context stops now
+            writer.check_corpus(self.model, 1, probe=True)  # a window too long, or no text, stops now
         if writer is not None and writer.null_samples and self.model.search is None:  # refused now, not after the steps
             check_null_size(len(self.model.seeds) * self.model.n_tokens)
         vocabulary = self.model.backbone.vocab_embeddings.shape[0]

@@ -1,4 +1,4 @@
-"""The data-sampling baseline against HF's own forward, chunking invariance, a planted text max, overlap."""
+"""The one-token data baseline against HF's own forward, chunking invariance, overlap (real text: test_corpus_*)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from amax_lightning.analysis.baseline import (
-    _window_starts,
-    overlap,
-    text_activations,
-    token_activations,
-    top_contexts,
-    top_tokens,
-)
+from amax_lightning.analysis.baseline import overlap, token_activations, top_tokens
 from amax_lightning.base.errors import UserError
 from amax_lightning.model.backbone import load_backbone
 
@@ -58,54 +51,6 @@ def test_top_tokens_are_the_highest_activations(backbone, all_token_acts):
     assert top.activations == sorted(top.activations, reverse=True)
 
 
-def test_window_starts_cover_the_text():
-    assert _window_starts(10, 4, 3) == [0, 3, 6]
-    assert _window_starts(11, 4, 3) == [0, 3, 6, 7]
-    assert _window_starts(3, 3, 1) == [0]
-
-
-def test_text_shorter_than_the_window_is_one_forward(backbone):
-    ids = backbone.tokenizer.encode(SENTENCE * 3)
-    torch.testing.assert_close(text_activations(backbone, TARGET, torch.tensor(ids)), _hf_unit(backbone.model, ids))
-
-
-@pytest.fixture()
-def planted(tiny_gpt2_dir, tmp_path):
-    """A fresh backbone where token ' elephant' drives the unit to ~1000, and a text with it exactly once."""
-    backbone = load_backbone(str(tiny_gpt2_dir))
-    planted_ids = backbone.tokenizer.encode(" elephant")
-    assert len(planted_ids) == 1
-    with torch.no_grad():
-        backbone.model.wte.weight[planted_ids[0], UNIT] = 1000.0  # the residual carries it to block 2
-    path = tmp_path / "text.txt"
-    path.write_text(SENTENCE * 6 + " the elephant" + SENTENCE * 6, encoding="utf-8")
-    return backbone, planted_ids[0], path
-
-
-def test_text_file_finds_the_planted_max(planted):
-    backbone, planted_id, path = planted
-    top = top_contexts(backbone, TARGET, path, k=3, window=16, stride=8, context_tokens=3)
-    ids = backbone.tokenizer.encode(path.read_text())
-    assert len(ids) > 16 * 3 and ids.count(planted_id) == 1
-    assert top[0].position == ids.index(planted_id) and top[0].token_id == planted_id
-    assert top[0].token == " elephant" and top[0].activation > 500
-    assert top[0].text == " mat. the[[ elephant]] the cat sat"  # 3 tokens each side
-    assert top[1].activation < 500 and top[0].activation >= top[1].activation >= top[2].activation
-
-
-def test_sliding_windows_match_a_direct_computation(planted):
-    backbone, _, path = planted
-    ids = backbone.tokenizer.encode(path.read_text())
-    window, stride = 16, 5
-    acts = text_activations(backbone, TARGET, torch.tensor(ids), window=window, stride=stride, batch_size=3)
-    starts = list(range(0, len(ids) - window + 1, stride)) + [len(ids) - window]
-    for t in range(len(ids)):
-        s = min(s for s in starts if s <= t < s + window)  # the window giving t the most left context
-        expected = _hf_unit(backbone.model, ids[s : s + window])[t - s]
-        torch.testing.assert_close(acts[t], expected, rtol=1e-4, atol=1e-4)
-    assert int(acts.argmax()) == ids.index(backbone.tokenizer.encode(" elephant")[0])
-
-
 def test_overlap_by_hand():
     result = overlap(torch.tensor([[5, 9, 5], [1, 9, 9]]), [9, 2, 1, 1])
     assert (result.count, result.n_gradient, result.shared_ids) == (4, 6, [1, 9])
@@ -120,11 +65,6 @@ def test_overlap_by_hand():
         (lambda b, p: top_tokens(b, TARGET, k=50258), "k 50258"),
         (lambda b, p: token_activations(b, TARGET, chunk_size=0), "chunk_size 0"),
         (lambda b, p: token_activations(b, "blocks.9.hook_resid_pre:5"), "layer 9"),
-        (lambda b, p: top_contexts(b, TARGET, p, window=33), "window 33"),
-        (lambda b, p: top_contexts(b, TARGET, p, window=8, stride=9), "stride 9"),
-        (lambda b, p: top_contexts(b, TARGET, p, context_tokens=-1), "context_tokens -1"),
-        (lambda b, p: top_contexts(b, TARGET, p.parent / "missing.txt"), "missing.txt"),
-        (lambda b, p: top_contexts(b, TARGET, p.parent / "empty.txt"), "no tokens"),
         (lambda b, p: overlap([], [1]), "empty"),
     ],
 )
