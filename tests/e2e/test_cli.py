@@ -91,9 +91,12 @@ def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
     """An SAE sweep (2 latents x 2 seeds, centred residual) sharded over two processes equals one process: its
     steps, and its analysis (one block of one unit per process against one block of both)."""
     sae = write_sae(tmp_path / "sae", "pre-5")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the cat sat on mat number {i * 7}." for i in range(200)))
     args = ["fit", "--model.model_name_or_path", str(tiny_gpt2_dir), "--model.target", f"sae:{sae}:3,9",
             "--seeds", "0-1", "--trainer.max_steps", "10", "--trainer.accelerator", "cpu",
-            "--results.null_samples", "500"]
+            "--results.null_samples", "500", "--results.corpus", str(corpus), "--results.corpus_window", "16",
+            "--results.corpus_tokens", "2000"]
     _, single = results_of(run_in_process(args, cwd=tmp_path / "single"))
     _, ddp = results_of(run_cli([*args, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                                  "--results.block_units", "1"], cwd=tmp_path / "ddp"))
@@ -109,6 +112,15 @@ def test_ddp_sae_sweep_equals_one_process(tiny_gpt2_dir, tmp_path):
         assert [r["token_ids"] for r in a["runs"]] == [r["token_ids"] for r in b["runs"]]
         for ra, rb in zip(a["runs"], b["runs"]):
             assert ra["position_activations"] == pytest.approx(rb["position_activations"], rel=1e-5, abs=1e-6)
+        # the corpus pass: each process read the corpus for its own block's unit
+        assert a["corpus"]["n_tokens"] == b["corpus"]["n_tokens"] > 0 and a["corpus"]["histogram"] == b["corpus"]["histogram"]
+        assert len(a["corpus"]["top_examples"]) == len(b["corpus"]["top_examples"]) == 20
+        assert len(a["corpus"]["quantiles"]) == len(b["corpus"]["quantiles"])
+        for ea, eb in zip(a["corpus"]["top_examples"], b["corpus"]["top_examples"]):
+            assert (ea["token_ids"], ea["position"]) == (eb["token_ids"], eb["position"])
+            assert ea["activations"] == pytest.approx(eb["activations"], rel=1e-5, abs=1e-6)
+        assert [[e["token_ids"] for e in g["examples"]] for g in a["corpus"]["quantiles"]] == \
+            [[e["token_ids"] for e in g["examples"]] for g in b["corpus"]["quantiles"]]
 
 
 def test_ddp_token_search_equals_one_process(tiny_gpt2_dir, tmp_path):
