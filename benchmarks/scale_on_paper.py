@@ -113,6 +113,25 @@ def whole_sae(latents: int, seeds: int, steps: int, gpus_list=(1, 8, 32)) -> Non
                   f"{MERGE_AND_PAGE_S:.0f} s | {total / 60:,.1f} min | {latents / total * 3600:,.0f} |")
 
 
+H200_TB_PER_S = 4.8  # HBM3e bandwidth
+STATS_KERNELS, STATS_BYTES = 12, 6  # the statistics' passes over each unit-token value and bytes each reads/writes
+
+
+def corpus_pass(latents: int, tokens: int = 3_000_000, window: int = 128) -> None:
+    """The corpus pass of a whole SAE on one H200: the forwards (both passes; the second reads at most every
+    window again) at the measured fp32 rate, and a bandwidth floor for the per-unit statistics (not measured on a GPU)."""
+    forward = 2 * (4 * D * D + 2 * D * MLP) * BLOCKS  # per token, blocks 0..7
+    encode = 2 * D * latents
+    flops = 2 * tokens * (forward + encode)
+    values = tokens * latents
+    floor = values * STATS_KERNELS * STATS_BYTES / (H200_TB_PER_S * 1e12)
+    examples = latents * (20 + 50) * window * 4
+    print(f"corpus pass of {latents:,} latents over {tokens:,} tokens (windows of {window}) on 1 H200: "
+          f"{flops:.3g} FLOP of forwards and encoder = {flops / (ATLAS_FP32_TFLOPS * 1e12):.0f} s at "
+          f"{ATLAS_FP32_TFLOPS} TFLOP/s (fp32); statistics over {values:.3g} unit-token values, at least "
+          f"{floor:.0f} s at {H200_TB_PER_S} TB/s; examples' activations {examples / 1e9:.2f} GB in memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latents", type=int, nargs="+", default=[24_576, 1_048_576])
@@ -123,6 +142,8 @@ def main() -> None:
         table(latents, args.seeds, args.steps)
         print()
     whole_sae(args.latents[0], args.seeds, args.steps)
+    print()
+    corpus_pass(args.latents[0])
 
 
 if __name__ == "__main__":

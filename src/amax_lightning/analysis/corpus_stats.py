@@ -4,9 +4,9 @@ For every unit, ``CorpusStats.update`` keeps, over the counted positions (all bu
 
 - the ``k`` windows of highest maximum activation (ties: the earlier window);
 - the count of tokens above ``threshold`` (the density's numerator);
-- a histogram of the values above the threshold on the narrowest grid of ``n_bins`` power-of-two-wide bins that
-  holds them all: it starts at width ``2**FINEST_EXP`` and doubles (merging bins pairwise) when the values outgrow
-  it, so its bins and counts are exact and the same whatever the batching;
+- a histogram of the values above the threshold (0) in ``n_bins`` bins from 0 of the narrowest power-of-two width
+  that holds them all: it starts at width ``2**FINEST_EXP`` and doubles (merging bins pairwise) when a value
+  outgrows it, so its bins and counts are exact and the same whatever the batching;
 - for each bin, the ``per_group`` tokens with the largest hashed keys among the bin's tokens: a uniform sample of
   them that does not depend on batching, sharding, or which other units were read (``sample_keys``).
 
@@ -24,7 +24,7 @@ import torch
 TOP_K = 20  # top-activating windows kept per unit (sae_vis: 20)
 GROUPS = 10  # quantile groups (sae_vis: 10)
 PER_GROUP = 5  # examples per quantile group (sae_vis: 5)
-N_BINS = 64  # histogram bins per unit; after the range first doubles, 32 to 64 of them are in use
+N_BINS = 64  # histogram bins per unit, from 0; the highest value lies in the upper half of them
 DENSITY_THRESHOLD = 0.0
 FINEST_EXP = -24  # the narrowest bin, 2**-24 (6e-8): values up to 2**39 (5e11) keep int64 bin indices
 _M32 = 0xFFFFFFFF
@@ -37,19 +37,39 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def token_keys(token_index: torch.Tensor) -> torch.Tensor:
+    """Each token's key numerator: an odd integer below 2**33, distinct for distinct token indices (< 2**32)."""
+    return 2 * _hash32(token_index.long() & _M32) + 1
+
+
+def unit_scramble(unit_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit's multiplier (odd, below 2**20) and offset (even numerator below 2**33), float64."""
+    mixed = _hash32(unit_ids.long() & _M32)
+    return (2 * (mixed >> 13) + 1).double(), (2 * _hash32(mixed ^ 0x5BD1E995)).double()
+
+
+def keys_of(token_numerator: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Keys ``frac((k * m + b) / 2**33)`` in (0, 1): exact in float64 (k * m < 2**53), and for one unit a bijection
+    of the tokens' odd numerators, so distinct and never 0; broadcast over the arguments' shapes."""
+    scaled = token_numerator.double() * (multiplier / 2.0**33)
+    scaled = scaled - torch.floor(scaled) + offset / 2.0**33
+    return scaled - torch.floor(scaled)
+
+
 def sample_keys(token_index: torch.Tensor, unit_ids: torch.Tensor) -> torch.Tensor:
     """Keys in (0, 1), float64, one per (token index, unit id) pair: a fixed pseudo-random function of the pair,
-    distinct for distinct tokens of one unit (token index < 2**32). The tokens of largest key are a uniform sample."""
-    mixed = _hash32((token_index.long() & _M32) ^ _hash32(unit_ids.long() & _M32))
-    return (mixed.double() + 0.5) / 2.0**32
+    distinct for distinct tokens of one unit (token index < 2**32). A unit's tokens of largest key are a uniform
+    sample of its tokens, and different units draw different samples."""
+    multiplier, offset = unit_scramble(unit_ids)
+    return keys_of(token_keys(token_index), multiplier, offset)
 
 
 def top_per_group(group: torch.Tensor, key: torch.Tensor, payload: list[torch.Tensor], m: int
                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """For each distinct ``group``, its ``m`` entries of largest ``key``: returns the groups (ascending, G), their
-    keys (G, m; -1 where a group has fewer) and each payload gathered the same way (G, m; 0 where empty)."""
-    by_key = torch.sort(key, descending=True, stable=True).indices
-    order = by_key[torch.sort(group[by_key], stable=True).indices]
+    """For each distinct ``group`` (0 <= group < 2**29), its ``m`` entries of largest ``key`` (in [0, 1], distinct
+    within a group to 2**-33): returns the groups (ascending, G), their keys (G, m; -1 where a group has fewer) and
+    each payload gathered the same way (G, m; 0 where empty). One sort of (group, descending key) as int64."""
+    order = torch.sort(group.long() * 2**34 + torch.floor((1.0 - key.double()) * 2.0**33).long()).indices
     g = group[order]
     first = torch.ones_like(g, dtype=torch.bool)
     first[1:] = g[1:] != g[:-1]
@@ -93,15 +113,15 @@ class CorpusStats:
         self.top_value = torch.full((units, k), -torch.inf, device=device)
         self.top_window = torch.full((units, k), -1, dtype=torch.long, device=device)
         self.active = torch.zeros(units, dtype=torch.long, device=device)
-        self.exp = torch.zeros(units, dtype=torch.long, device=device)  # bin width 2**exp
-        self.origin = torch.zeros(units, dtype=torch.long, device=device)  # global index of local bin 0
-        self.lo = torch.zeros(units, dtype=torch.long, device=device)  # occupied global bins, at width 2**exp
+        self.exp = torch.full((units,), FINEST_EXP, dtype=torch.long, device=device)  # bin b holds [b, b + 1) * 2**exp
+        self.lo = torch.zeros(units, dtype=torch.long, device=device)  # the lowest and highest occupied bins
         self.hi = torch.zeros(units, dtype=torch.long, device=device)
         self.seen = torch.zeros(units, dtype=torch.bool, device=device)
         self.counts = torch.zeros((units, n_bins), dtype=torch.long, device=device)
         self.sample_key = torch.full((units, n_bins, per_group), -1.0, dtype=torch.float64, device=device)
         self.sample_token = torch.zeros((units, n_bins, per_group), dtype=torch.long, device=device)
         self.sample_value = torch.zeros((units, n_bins, per_group), device=device)
+        self._scramble = unit_scramble(self.unit_ids)
 
     @property
     def n_tokens(self) -> int:
@@ -111,20 +131,17 @@ class CorpusStats:
     @staticmethod
     def state_bytes(units: int, k: int = TOP_K, n_bins: int = N_BINS, per_group: int = PER_GROUP) -> int:
         """Memory of the statistics of ``units`` units (bytes)."""
-        return units * (k * 12 + n_bins * 8 + n_bins * per_group * 20 + 64)
+        return units * (k * 12 + n_bins * 8 + n_bins * per_group * 20 + 48)
 
     def update(self, acts: torch.Tensor) -> None:
         """Add the next windows' activations, shape (windows, window, U), in corpus order."""
         counted = acts[:, self.first_position :, :].float()
-        n, positions, _ = counted.shape
+        n, positions, units = counted.shape
         first = self.n_windows
         self._update_top(counted.amax(dim=1).T, torch.arange(first, first + n, device=acts.device))
-        active = counted > self.threshold
-        self.active += active.sum(dim=(0, 1))
-        w, p, u = active.nonzero(as_tuple=True)
-        if len(u):
-            token = (first + w) * self.window + p + self.first_position
-            self._add_active(u, token, counted[w, p, u].double())
+        windows = torch.arange(first, first + n, device=acts.device)[:, None] * self.window
+        token = (windows + torch.arange(self.first_position, self.window, device=acts.device)).reshape(-1)
+        self._add_values(counted.reshape(n * positions, units), token)
         self.n_windows += n
 
     def _update_top(self, window_max: torch.Tensor, window_ids: torch.Tensor) -> None:
@@ -133,59 +150,69 @@ class CorpusStats:
         order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, : self.k]  # ties: earlier window
         self.top_value, self.top_window = values.gather(1, order), ids.gather(1, order)
 
-    def _add_active(self, u: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+    def _add_values(self, values: torch.Tensor, token: torch.Tensor) -> None:
+        """Count tokens' values (N, U) above the threshold into the histograms and samples; ``token`` (N,) indices.
+        Dense over (N, U): the only per-entry lists are of tokens that enter a sample."""
         units, bins = len(self.unit_ids), self.n_bins
-        low = torch.full((units,), torch.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, u, value, "amin")
-        high = torch.full((units,), -torch.inf, dtype=torch.float64, device=u.device).scatter_reduce(0, u, value, "amax")
-        touched = torch.isfinite(high)
-        new = touched & ~self.seen
-        if new.any():  # every grid starts at the finest width: the final one depends on the values alone
-            self.exp[new] = FINEST_EXP
-            self.lo[new] = self.hi[new] = self.origin[new] = self._bin(low[new], self.exp[new])
-            self.seen |= new
+        active = values > self.threshold
+        count = active.sum(dim=0)
+        self.active += count
+        touched = count > 0
+        if not bool(touched.any()):
+            return
+        low = torch.where(active, values, torch.inf).amin(dim=0).double()
+        high = values.amax(dim=0).double()
         t = touched.nonzero(as_tuple=True)[0]
-        lo = torch.minimum(self.lo[t], self._bin(low[t], self.exp[t]))
-        hi = torch.maximum(self.hi[t], self._bin(high[t], self.exp[t]))
-        shift = torch.zeros_like(lo)
-        while True:  # the fewest doublings that fit every unit's occupied range into its bins
-            wide = (hi >> shift) - (lo >> shift) >= bins
+        hi = self._bin(high[t], self.exp[t])
+        shift = torch.zeros_like(hi)
+        while True:  # the fewest doublings that keep every unit's highest value inside its bins
+            wide = (hi >> shift) >= bins
             if not wide.any():
                 break
             shift += wide.long()
-        moved = (shift > 0) | ((lo >> shift) != self.origin[t])
-        if moved.any():  # rare once the range is known: a wider grid, or a new lowest value
-            self._regrid(t[moved], shift[moved], (lo >> shift)[moved])
+        grown = shift > 0
+        if grown.any():  # a wider grid: bins merge pairwise (rare after the first values)
+            self._regrid(t[grown], shift[grown])
         self.exp[t] += shift
-        self.lo[t], self.hi[t] = lo >> shift, hi >> shift
-        local = self._bin(value, self.exp[u]) - self.origin[u]
-        cell = u * bins + local
-        self.counts.view(-1).index_add_(0, cell, torch.ones_like(cell))
-        key = sample_keys(token, self.unit_ids[u])
-        flat_key = self.sample_key.view(-1, self.per_group)
-        better = key > flat_key[cell, -1]  # only tokens that enter their bin's sample
-        if better.any():
-            self._merge_samples(cell[better], key[better], token[better], value[better].float())
+        lo = self._bin(low[t], self.exp[t])
+        earlier = self.seen[t]
+        self.lo[t] = torch.where(earlier, torch.minimum(self.lo[t], lo), lo)
+        self.hi[t] = torch.where(earlier, torch.maximum(self.hi[t], hi >> shift), hi >> shift)
+        self.seen[t] = True
+        scale = torch.exp2(-self.exp.double())  # exact: powers of two
+        local = torch.floor(values.double() * scale)  # exact integers, in [0, bins) where active
+        column = torch.arange(units, device=values.device) * (bins + 1)
+        cell = torch.where(active, local, float(bins)).long() + column  # inactive: a last, discarded bin per unit
+        counts = torch.bincount(cell.reshape(-1), minlength=units * (bins + 1)).view(units, bins + 1)
+        self.counts += counts[:, :bins]
+        threshold = torch.cat([self.sample_key[..., -1], torch.full((units, 1), torch.inf, dtype=torch.float64,
+                                                                     device=values.device)], dim=1)
+        multiplier, offset = self._scramble
+        key = keys_of(token_keys(token)[:, None], multiplier, offset)
+        better = key > threshold.view(-1)[cell]  # only tokens that enter their bin's sample
+        rows, cols = better.nonzero(as_tuple=True)
+        if len(rows):
+            inner = cell[rows, cols] - column[cols] + cols * bins
+            self._merge_samples(inner, key[rows, cols], token[rows], values[rows, cols])
 
     @staticmethod
     def _bin(value: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
         """Global bin index ``floor(value / 2**exp)``: exact, as dividing by a power of two is."""
         return torch.floor(value.double() / torch.exp2(exp.double())).long()
 
-    def _regrid(self, units: torch.Tensor, shift: torch.Tensor, origin: torch.Tensor) -> None:
-        """Move units' bins to width ``2**(exp + shift)`` starting at global bin ``origin``, merging counts and samples."""
+    def _regrid(self, units: torch.Tensor, shift: torch.Tensor) -> None:
+        """Widen units' bins ``2**shift`` times: bin b's counts and samples move to bin ``b >> shift``."""
         bins, m = self.n_bins, self.per_group
-        moved = (self.origin[units, None] + torch.arange(bins, device=units.device)) >> shift[:, None]
-        moved = moved - origin[:, None]
+        moved = torch.arange(bins, device=units.device) >> shift[:, None]
         counts = self.counts[units]
-        in_range = (moved >= 0) & (moved < bins)
-        assert bool((in_range | (counts == 0)).all()), "a histogram bin with tokens fell outside its grid"
-        self.counts[units] = torch.zeros_like(counts).scatter_add_(1, moved.clamp(0, bins - 1), counts)
-        self.origin[units] = origin
+        self.counts[units] = torch.zeros_like(counts).scatter_add_(1, moved, counts)
+        self.lo[units] = self.lo[units] >> shift
+        self.hi[units] = self.hi[units] >> shift
         keys = self.sample_key[units]
         filled = keys >= 0
         if filled.any():
             row = torch.arange(len(units), device=units.device)[:, None, None].expand(-1, bins, m)
-            cell = (row * bins + moved.clamp(0, bins - 1)[:, :, None].expand(-1, -1, m))[filled]
+            cell = (row * bins + moved[:, :, None].expand(-1, -1, m))[filled]
             groups, new_keys, (new_tokens, new_values) = top_per_group(
                 cell, keys[filled], [self.sample_token[units][filled], self.sample_value[units][filled]], m)
             for name, values, empty in (("sample_key", new_keys, -1.0), ("sample_token", new_tokens, 0),
@@ -197,7 +224,9 @@ class CorpusStats:
 
     def _merge_samples(self, cell: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
         m = self.per_group
-        cells = torch.unique(cell)
+        marked = torch.zeros(self.sample_key.shape[0] * self.n_bins, dtype=torch.bool, device=cell.device)
+        marked[cell] = True
+        cells = marked.nonzero(as_tuple=True)[0]  # the distinct cells, ascending (cheaper than sorting them)
         flat = [self.sample_key.view(-1, m), self.sample_token.view(-1, m), self.sample_value.view(-1, m)]
         old = [table[cells] for table in flat]
         filled = old[0] >= 0
@@ -214,8 +243,7 @@ class CorpusStats:
             return [], []
         width = 2.0 ** int(self.exp[unit])
         first, last = int(self.lo[unit]), int(self.hi[unit])
-        counts = self.counts[unit, first - int(self.origin[unit]) : last - int(self.origin[unit]) + 1]
-        return [g * width for g in range(first, last + 2)], counts.tolist()
+        return [b * width for b in range(first, last + 2)], self.counts[unit, first : last + 1].tolist()
 
     def quantile_groups(self, groups: int = GROUPS) -> QuantileGroups:
         """Every unit's ``groups`` equal-width intervals of (0, top], snapped to bin edges (a bin joins the interval
@@ -223,7 +251,7 @@ class CorpusStats:
         units, bins, m = len(self.unit_ids), self.n_bins, self.per_group
         device = self.counts.device
         width = torch.exp2(self.exp.double())
-        first = self.origin[:, None] + torch.arange(bins, device=device)  # global bin of each local bin
+        first = torch.arange(bins, device=device).expand(units, -1)
         top = (self.hi + 1).double() * width
         centre = (first.double() + 0.5) * width[:, None]
         group = torch.floor(centre * groups / top[:, None]).long().clamp(0, groups - 1)
