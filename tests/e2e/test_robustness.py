@@ -120,14 +120,17 @@ def test_interrupt_during_the_analysis_stops_at_once_and_resume_finishes_it(tiny
 
 
 SWEEP = ["--model.target", "blocks.2.hook_resid_pre:0-11", "--results.block_units", "3", "--trainer.max_steps", "20"]
-SWEEP_FILES = ("results.json", "units.parquet", "rows.parquet", "atlas.csv")
+SWEEP_FILES = ("results.json", "units.parquet", "rows.parquet", "atlas.csv", "corpus.parquet", "corpus_windows.parquet")
 
 
 def test_interrupt_during_a_sweeps_analysis_resumes_from_its_written_blocks(tiny_gpt2_dir, tmp_path):
     """SIGTERM after 2 of a sweep's 4 analysis blocks: the run stops, keeps the 2 whole blocks and writes no results;
     the resumed run analyses only the other 2, and its results and tables equal an uninterrupted run's, byte for
-    byte."""
-    args = [*study_args(tiny_gpt2_dir, "none"), *SWEEP]
+    byte, the corpus pass's tables too (the resumed run reads the corpus for its missing blocks' units only)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Line {i}: <b>{i * 13 % 97}</b> apples and \u202e pears." for i in range(300)))
+    args = [*study_args(tiny_gpt2_dir, "none"), *SWEEP, "--results.corpus", str(corpus),
+            "--results.corpus_window", "16", "--results.corpus_tokens", "1600"]
     whole = tmp_path / "whole"
     proc = run_in_process(args, cwd=whole)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -137,8 +140,8 @@ def test_interrupt_during_a_sweeps_analysis_resumes_from_its_written_blocks(tiny
     assert "interrupted during the end-of-fit analysis" in proc.stderr and "Traceback" not in proc.stderr
     run = folder / "lightning_logs/version_0"
     assert not (run / "results.json").exists() and not list(run.rglob(".tmp-*"))
-    assert sorted(p.name for p in (run / "blocks").iterdir()) == [
-        "rows-000000.parquet", "rows-000001.parquet", "units-000000.parquet", "units-000001.parquet"]
+    assert sorted(p.name for p in (run / "blocks").iterdir()) == sorted(
+        f"{table}-00000{b}.parquet" for table in ("corpus", "corpus_windows", "rows", "units") for b in (0, 1))
     proc = run_cli([*args, "--ckpt_path", "last"], cwd=folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reused 2 analysed block(s) of an earlier try" in proc.stderr

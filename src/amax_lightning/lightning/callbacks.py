@@ -427,11 +427,12 @@ class ResultsWriter(Callback):
         snapshots = self.snapshots.unit_arrays()
         decoder = CheckedNearestTokens(backbone.vocab_embeddings)  # one for all blocks: it times its fast path once
 
-        names = table_names(self.corpus is not None)
         mine = blocks_of(rank, world, n_units, self.block_units)
-        todo = missing_blocks(log_dir, mine, state, names)
         found, where = None, {}
-        if self.corpus is not None and todo:  # one pass over the corpus for all units of this process's blocks
+        use_corpus = self.corpus is not None and not partial  # partial results are written at once, without it
+        names = table_names(use_corpus)
+        todo = missing_blocks(log_dir, mine, state, names)
+        if use_corpus and todo:  # one pass over the corpus for all units of this process's blocks
             ranges = [block_units_range(b, n_units, self.block_units) for b in todo]
             positions = torch.cat([torch.arange(start, stop) for start, stop in ranges])
             found = self._corpus_pass(module, positions, progress=trainer.is_global_zero)
@@ -465,7 +466,7 @@ class ResultsWriter(Callback):
         self._merge_started = time.monotonic()
         print(f"amax_lightning: merging {n_blocks(n_units, self.block_units)} blocks and writing the atlas",
               file=sys.stderr, flush=True)
-        corpus = None if self.corpus is None else corpus_meta(block_paths(log_dir, 0, names)["corpus"])
+        corpus = corpus_meta(block_paths(log_dir, 0, names)["corpus"]) if use_corpus else None
         tables = merge_blocks(log_dir, n_blocks(n_units, self.block_units), names)
         return summarize(log_dir, protocol, module.hparams.target, steps, partial, tables, module.unit_records[0],
                          trainer.max_steps, self.snapshots.steps, self.stop_reason(partial), corpus)
@@ -489,7 +490,7 @@ class ResultsWriter(Callback):
                      for u, unit in enumerate(units)]
         unit = with_data_baseline(units[0], backbone, module.target, self.baseline_top_k,
                                   reader=module.objective.unit_reader(0))
-        if self.corpus is not None:
+        if self.corpus is not None and not partial:  # partial results are written at once, without the corpus
             found = self._corpus_pass(module, torch.arange(1), progress=True)
             unit = with_corpus(unit, corpus_result(found, 0, backbone.token_strings), backbone)
         convergence = self.snapshots.convergence(0, steps, self.stop_reason(partial), unit.uniqueness.n_total,
@@ -560,6 +561,11 @@ def log_to_tensorboard(logger: TensorBoardLogger, results, summary: str, images:
                                         bins=torch.arange(len(results.histogram) + 1, dtype=torch.float32).numpy() - 0.5)
     else:
         scalars = {"uniqueness/n_unique": results.uniqueness.n_unique}
+        if results.corpus is not None:
+            scalars.update({"corpus/max": results.corpus.max, "corpus/density": results.corpus.density})
+            ratio = results.corpus.comparison.optimized_over_corpus_max if results.corpus.comparison else None
+            if ratio is not None:
+                scalars["corpus/optimized_over_corpus_max"] = ratio
         scalars.update({f"reproducibility/{key}": getattr(results.reproducibility, key) for key in SCALAR_METRICS})
         if results.null_model is not None:
             scalars["uniqueness/null_expected_n_unique"] = results.null_model.expected_n_unique
