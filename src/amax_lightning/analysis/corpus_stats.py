@@ -42,17 +42,16 @@ def token_keys(token_index: torch.Tensor) -> torch.Tensor:
     return 2 * _hash32(token_index.long() & _M32) + 1
 
 
-def unit_scramble(unit_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each unit's multiplier (odd, below 2**20) and offset (even numerator below 2**33), float64."""
-    mixed = _hash32(unit_ids.long() & _M32)
-    return (2 * (mixed >> 13) + 1).double(), (2 * _hash32(mixed ^ 0x5BD1E995)).double()
+def unit_scramble(unit_ids: torch.Tensor) -> torch.Tensor:
+    """Each unit's key multiplier: an odd integer below 2**20, float64."""
+    return (2 * (_hash32(unit_ids.long() & _M32) >> 13) + 1).double()
 
 
-def keys_of(token_numerator: torch.Tensor, multiplier: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Keys ``frac((k * m + b) / 2**33)`` in (0, 1): exact in float64 (k * m < 2**53), and for one unit a bijection
-    of the tokens' odd numerators, so distinct and never 0; broadcast over the arguments' shapes."""
+def keys_of(token_numerator: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """Keys ``frac(k * m / 2**33)`` in (0, 1): exact in float64 (k * m < 2**53) and, for one unit, a bijection of the
+    tokens' odd numerators (an odd multiplier permutes the odd residues mod 2**33), so distinct and never 0;
+    broadcast over the arguments' shapes."""
     scaled = token_numerator.double() * (multiplier / 2.0**33)
-    scaled = scaled - torch.floor(scaled) + offset / 2.0**33
     return scaled - torch.floor(scaled)
 
 
@@ -60,8 +59,7 @@ def sample_keys(token_index: torch.Tensor, unit_ids: torch.Tensor) -> torch.Tens
     """Keys in (0, 1), float64, one per (token index, unit id) pair: a fixed pseudo-random function of the pair,
     distinct for distinct tokens of one unit (token index < 2**32). A unit's tokens of largest key are a uniform
     sample of its tokens, and different units draw different samples."""
-    multiplier, offset = unit_scramble(unit_ids)
-    return keys_of(token_keys(token_index), multiplier, offset)
+    return keys_of(token_keys(token_index), unit_scramble(unit_ids))
 
 
 def top_per_group(group: torch.Tensor, key: torch.Tensor, payload: list[torch.Tensor], m: int
@@ -179,16 +177,15 @@ class CorpusStats:
         self.lo[t] = torch.where(earlier, torch.minimum(self.lo[t], lo), lo)
         self.hi[t] = torch.where(earlier, torch.maximum(self.hi[t], hi >> shift), hi >> shift)
         self.seen[t] = True
-        scale = torch.exp2(-self.exp.double())  # exact: powers of two
-        local = torch.floor(values.double() * scale)  # exact integers, in [0, bins) where active
+        scale = torch.exp2(-self.exp.float())  # powers of two (at most 2**24): the products and floors are exact
+        local = torch.floor(values * scale)  # in [0, bins) where active
         column = torch.arange(units, device=values.device) * (bins + 1)
         cell = torch.where(active, local, float(bins)).long() + column  # inactive: a last, discarded bin per unit
         counts = torch.bincount(cell.reshape(-1), minlength=units * (bins + 1)).view(units, bins + 1)
         self.counts += counts[:, :bins]
         threshold = torch.cat([self.sample_key[..., -1], torch.full((units, 1), torch.inf, dtype=torch.float64,
                                                                      device=values.device)], dim=1)
-        multiplier, offset = self._scramble
-        key = keys_of(token_keys(token)[:, None], multiplier, offset)
+        key = keys_of(token_keys(token)[:, None], self._scramble)
         better = key > threshold.view(-1)[cell]  # only tokens that enter their bin's sample
         rows, cols = better.nonzero(as_tuple=True)
         if len(rows):
