@@ -22,7 +22,11 @@ from importlib import metadata
 from urllib.parse import quote
 
 import jinja2
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from amax_lightning.analysis.corpus_tables import CORPUS_TABLES
 from amax_lightning.analysis.results import UnitResults
 from amax_lightning.analysis.sweep import AtlasResults
 from amax_lightning.analysis.tables import iter_row_blocks, read_units
@@ -87,6 +91,11 @@ def fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def percent(fraction) -> str:
+    """A fraction as a percentage with 3 significant digits (``73%``, ``0.0122%``); ``-`` for None."""
+    return "-" if fraction is None else f"{100 * fraction:.3g}%"
+
+
 def neuronpedia_link(url) -> str | None:
     """``url`` if it is a Neuronpedia page, else None (a config could hold any text)."""
     return url if isinstance(url, str) and url.startswith(NEURONPEDIA) and "\\" not in url else None
@@ -122,7 +131,7 @@ def quoted(token: str) -> str:
     return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cf", "Zl", "Zp") else c for c in text)
 
 
-_ENV.filters.update(visible=visible, fmt=fmt, quoted=quoted)
+_ENV.filters.update(visible=visible, fmt=fmt, quoted=quoted, percent=percent)
 _ENV.globals.update(zip=zip)
 
 
@@ -158,10 +167,11 @@ def answer(results: UnitResults) -> str:
             f"{u.n_unique} or fewer): {verdict}.")
 
 
-def token_rows(results: UnitResults) -> tuple[list[dict], float]:
-    """Per seed, its tokens with their activations and colours (optimized input and decoded token, one scale)."""
-    activations = [a for run in results.runs for a in (*run.position_activations, *run.decoded_position_activations)]
-    scale = symmetric_scale(activations)
+def token_rows(results: UnitResults, scale: float | None = None) -> tuple[list[dict], float]:
+    """Per seed, its tokens with their activations and colours (optimized input and decoded token, one scale:
+    ``scale``, or by default the largest |activation| of the seeds')."""
+    if scale is None:
+        scale = symmetric_scale(seed_activations(results))
     rows = []
     for run in results.runs:
         tokens = []
@@ -177,6 +187,11 @@ def token_rows(results: UnitResults) -> tuple[list[dict], float]:
         rows.append({"seed": run.seed, "final": run.final_activation, "decoded": run.decoded_activation,
                      "gap": run.decoded_gap, "tokens": tokens})
     return rows, scale
+
+
+def seed_activations(results: UnitResults) -> list[float]:
+    """Every seed's activations at each position, of the optimized input and of the decoded tokens."""
+    return [a for run in results.runs for a in (*run.position_activations, *run.decoded_position_activations)]
 
 
 def pareto_chart(results: UnitResults, width: int = 680, height: int = 340) -> dict | None:
@@ -245,15 +260,81 @@ def _axes_box(x0: float, x1: float, y0: float, y1: float, width: int, height: in
     return {"x": sx, "y": sy, "frame": frame}
 
 
-def context_rows(results: UnitResults) -> list[dict]:
-    """The data baseline's top text contexts, token by token, coloured on one scale."""
-    baseline = results.data_baseline
-    contexts = baseline.top_contexts if baseline and baseline.top_contexts else []
-    scale = symmetric_scale([a for c in contexts for a in c.context_activations])
-    return [{"activation": c.activation, "position": c.position,
-             "tokens": [{"text": t, "activation": a, "colour": diverging(a, scale), "ink": ink(a, scale),
-                         "max": i == c.context_index} for i, (t, a) in enumerate(zip(c.context, c.context_activations))]}
-            for c in contexts]
+# --- real text (the corpus pass) ----------------------------------------------------------------------------------
+SNIPPET = (24, 8)  # tokens before and after the max (or sampled) token that the run page shows of a window
+ATLAS_SNIPPET = (8, 3)  # the same in the atlas's expanded rows, where 24,576 units x 3 contexts must stay small
+ATLAS_CONTEXTS = 3  # top contexts per unit in the atlas
+TOP_OPEN = 10  # top contexts shown open on the run page; the rest are one click away
+
+
+def snippet(length: int, position: int, around: tuple[int, int] = SNIPPET) -> tuple[int, int]:
+    """The window positions ``[start, stop)`` shown around ``position``: ``around`` tokens before and after it."""
+    before, after = around
+    return max(0, position - before), min(length, position + after + 1)
+
+
+def context_rows(examples, bos_excluded: bool, scale: float, around: tuple[int, int] = SNIPPET) -> list[dict]:
+    """Corpus examples (``CorpusExample``), each as the tokens of its snippet around ``position``, coloured on
+    ``scale``; the framed token is at ``position``, a window's BOS (not counted) is marked and not coloured; the
+    whole window's text is kept for the hover on the ellipses."""
+    rows = []
+    for example in examples:
+        length = len(example.tokens)
+        start, stop = snippet(length, example.position, around)
+        tokens = []
+        for i in range(start, stop):
+            value, bos = example.activations[i], bos_excluded and i == 0
+            tokens.append({"text": example.tokens[i], "id": example.token_ids[i], "position": i, "activation": value,
+                           "bos": bos, "framed": i == example.position,
+                           "colour": "#eee" if bos else diverging(value, scale), "ink": "#666" if bos else ink(value, scale)})
+        rows.append({"max": example.max, "position": example.position, "activation": example.activations[example.position],
+                     "tokens": tokens, "cut_before": start > 0, "cut_after": stop < length, "length": length,
+                     "window": visible("".join(example.tokens))})
+    return rows
+
+
+def snippet_values(examples, bos_excluded: bool, around: tuple[int, int] = SNIPPET) -> list[float]:
+    """The counted activations that ``context_rows`` colours (a window's BOS excluded)."""
+    values = []
+    for example in examples:
+        start, stop = snippet(len(example.tokens), example.position, around)
+        values += example.activations[max(start, int(bos_excluded)):stop]
+    return values
+
+
+def corpus_histogram(corpus, width: int = 640, height: int = 220) -> dict | None:
+    """The histogram of the activations above the density threshold as SVG bars (None when no token is above it)."""
+    edges, counts = corpus.histogram.get("edges") or [], corpus.histogram.get("counts") or []
+    if not counts or not sum(counts):
+        return None
+    box = _axes_box(edges[0], edges[-1], 0, max(counts), width, height, pad=64)
+    bars = [{"x": box["x"](low), "y": box["y"](n), "w": max(box["x"](high) - box["x"](low) - 1, 1),
+             "h": box["y"](0) - box["y"](n), "tip": f"{fmt(low, 3)} to {fmt(high, 3)}: {n:,} token{'s' * (n != 1)}"}
+            for low, high, n in zip(edges, edges[1:], counts) if n > 0]
+    return {**box["frame"], "bars": bars, "x_label": f"activation (tokens above {fmt(corpus.density_threshold)})",
+            "y_label": "tokens", "above": sum(counts)}
+
+
+def corpus_section(results: UnitResults, scale: float) -> dict | None:
+    """The run page's "Real text" section: top contexts, quantile groups (highest first) and the histogram, every
+    token coloured on ``scale`` (the page's one scale); None when no corpus was read."""
+    corpus = results.corpus
+    if corpus is None:
+        return None
+    top = context_rows(corpus.top_examples, corpus.bos_excluded, scale)
+    groups = [{"low": g.low, "high": g.high, "fraction": g.fraction,
+               "examples": context_rows(g.examples, corpus.bos_excluded, scale)} for g in reversed(corpus.quantiles)]
+    return {"top": top[:TOP_OPEN], "more": top[TOP_OPEN:], "groups": groups, "histogram": corpus_histogram(corpus),
+            "own_scale": symmetric_scale(corpus_values(results))}
+
+
+def corpus_values(results: UnitResults) -> list[float]:
+    """The corpus activations the run page colours: the snippets of its top and quantile examples."""
+    corpus = results.corpus
+    if corpus is None:
+        return []
+    examples = [*corpus.top_examples, *(e for g in corpus.quantiles for e in g.examples)]
+    return snippet_values(examples, corpus.bos_excluded)
 
 
 def settings(results: UnitResults) -> list[tuple[str, str]]:
@@ -287,14 +368,15 @@ UNIT_PLOTS = (("activation_curves", "Objective per step, per seed"),
 
 def write_unit_page(log_dir: str, results: UnitResults) -> str:
     """Write ``report.html`` for a run of one unit, from its results and the PNG plots already in ``log_dir``."""
-    rows, scale = token_rows(results)
+    scale = symmetric_scale(seed_activations(results) + corpus_values(results))  # one scale for every coloured token
+    rows, scale = token_rows(results, scale)
     plots = [(title, png_data_uri(os.path.join(log_dir, f"{name}.png"))) for name, title in UNIT_PLOTS]
     record = results.sae or results.direction
     return write_page(
         log_dir, "unit.html.j2", f"amax_lightning: {results.target}", r=results, answer=answer(results), rows=rows,
         scale=scale, plots=[(t, uri) for t, uri in plots if uri], pareto=pareto_chart(results),
-        convergence=convergence_charts(results),
-        contexts=context_rows(results), settings=settings(results),
+        convergence=convergence_charts(results), corpus=corpus_section(results, scale), snippet=SNIPPET,
+        settings=settings(results),
         record=sorted(record.items()) if record else None,
         neuronpedia=neuronpedia_link((results.sae or {}).get("neuronpedia")),
         repeated=[(t, c) for t, c in sorted(zip(results.uniqueness.tokens, results.uniqueness.counts),
@@ -311,6 +393,10 @@ ATLAS_COLUMNS = (  # key, label, kind, sorted ascending on the first click
     ("null_p_value", "null p", "num", True),
     ("stable_since", "settled since", "int", True), ("changed_fraction_last", "changed last", "num", True),
     ("verdict", "verdict", "text", True),
+)
+CORPUS_COLUMNS = (  # before the verdict, when the sweep read a corpus
+    ("corpus_max", "corpus max", "num", False), ("corpus_density", "density", "pct", False),
+    ("optimized_over_corpus_max", "opt. / corpus max", "num", False),
 )
 P_VALUE = 0.05  # below it, a unit's n_unique is called fewer than chance
 
@@ -331,13 +417,56 @@ def _label_number(label: str):
     return int(label) if label.isdigit() else label
 
 
-def atlas_data(folder: str) -> dict:
+def atlas_columns(corpus: bool) -> tuple:
+    """The atlas table's columns: ``ATLAS_COLUMNS``, with ``CORPUS_COLUMNS`` before the verdict when a corpus was read."""
+    return ATLAS_COLUMNS[:-1] + CORPUS_COLUMNS + ATLAS_COLUMNS[-1:] if corpus else ATLAS_COLUMNS
+
+
+def atlas_contexts(folder: str, window: int, ref, k: int = ATLAS_CONTEXTS, around: tuple[int, int] = ATLAS_SNIPPET
+                   ) -> list[list]:
+    """Per unit, its top ``k`` contexts from the sweep's corpus tables, each as ``[start, token refs, activations,
+    max at]``: the snippet of ``around`` tokens about the window's highest token, from window position ``start``;
+    the tokens as ``ref`` gives them (indices into the page's strings), activations to 3 digits, ``max at`` the
+    highest token's index in the snippet. corpus.parquet is read one row group at a time, and only the windows
+    named are read from corpus_windows.parquet."""
+    file = pq.ParquetFile(os.path.join(folder, CORPUS_TABLES["corpus"][0]))
+    picked: list[list] = []  # per unit: [window, start, stop, position, activations of the snippet]
+    for group in range(file.num_row_groups):
+        table = file.read_row_group(group, columns=["top_window", "top_position", "top_activations"])
+        windows = pc.list_slice(table.column("top_window"), 0, k).to_pylist()
+        positions = pc.list_slice(table.column("top_position"), 0, k).to_pylist()
+        acts = pc.list_slice(table.column("top_activations"), 0, k).combine_chunks()
+        values = acts.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, window)
+        row = 0
+        for unit_windows, unit_positions in zip(windows, positions):
+            contexts = []
+            for w, position in zip(unit_windows, unit_positions):
+                start, stop = snippet(window, position, around)
+                contexts.append([w, start, stop, position, values[row, start:stop]])
+                row += 1
+            picked.append(contexts)
+    named = sorted({c[0] for contexts in picked for c in contexts})
+    table = pq.read_table(os.path.join(folder, CORPUS_TABLES["corpus_windows"][0]), columns=["window", "tokens"],
+                          filters=[("window", "in", named)]) if named else None
+    if table is None or not len(table):
+        return [[] for _ in picked]
+    tokens = table.column("tokens").combine_chunks().flatten().dictionary_encode()
+    refs = np.array([ref(t) for t in tokens.dictionary.to_pylist()], dtype=np.int64)[
+        tokens.indices.to_numpy(zero_copy_only=False)].reshape(-1, window)
+    row_of = {w: i for i, w in enumerate(table.column("window").to_pylist())}
+    return [[[start, refs[row_of[w], start:stop].tolist(), [0 if a == 0 else _short(a) for a in values.tolist()],
+              position - start] for w, start, stop, position, values in contexts]
+            for contexts in picked]  # 0 as the integer 0: most of a sparse unit's activations in a context are 0
+
+
+def atlas_data(folder: str, corpus: dict | None = None) -> dict:
     """The atlas page's data from the sweep's tables in ``folder``: per unit its table row, its seeds' decoded
     tokens (indices into a table of the distinct strings, shown with ``visible``) and their activations (3 digits),
-    its top promoted tokens and its Neuronpedia link. Read one block of rows at a time."""
-    units = read_units(folder, columns=["label", "n_unique", "mean_final_activation", "min_final_activation",
-                                        "mean_nearest_cosine", "mean_pairwise_jaccard", "null_p_value",
-                                        "stable_since", "changed_fraction_last", "promoted_tokens",
+    its top promoted tokens and its Neuronpedia link; with ``corpus`` (results.json's record of the corpus read) the
+    corpus columns and each unit's top contexts (``atlas_contexts``). Read one block of rows at a time."""
+    corpus = corpus if corpus and os.path.isfile(os.path.join(folder, CORPUS_TABLES["corpus"][0])) else None
+    columns = atlas_columns(corpus is not None)
+    units = read_units(folder, columns=["label", *(key for key, _, _, _ in columns[1:-1]), "promoted_tokens",
                                         "promoted_logits", "record"]).to_pydict()
     index: dict[str, int] = {}  # token -> its entry in ``shown``: ``visible`` runs once per distinct token
 
@@ -352,9 +481,10 @@ def atlas_data(folder: str) -> dict:
     activations: list[list[float]] = []
     seeds: list[int] = []
     for block in iter_row_blocks(folder, columns=["unit", "seed", "tokens", "decoded_position_activations"]):
-        columns = block.to_pydict()
-        for unit, seed, row_tokens, row_acts in zip(columns["unit"], columns["seed"], columns["tokens"],
-                                                    columns["decoded_position_activations"]):
+        block_columns = block.to_pydict()
+        for unit, seed, row_tokens, row_acts in zip(block_columns["unit"], block_columns["seed"],
+                                                    block_columns["tokens"],
+                                                    block_columns["decoded_position_activations"]):
             if unit == len(tokens):
                 tokens.append([])
                 activations.append([])
@@ -367,14 +497,19 @@ def atlas_data(folder: str) -> dict:
                 for names, values in zip(units["promoted_tokens"], units["promoted_logits"])]
     rows = []
     for i in range(len(units["label"])):
-        row = [_label_number(units["label"][i])] + [units[key][i] for key, _, _, _ in ATLAS_COLUMNS[1:-1]]
+        row = [_label_number(units["label"][i])] + [units[key][i] for key, _, _, _ in columns[1:-1]]
         rows.append(row + [verdict(units["null_p_value"][i])])
-    return {
-        "columns": [{"key": key, "label": label, "kind": kind, "ascending": up} for key, label, kind, up in ATLAS_COLUMNS],
+    data = {
+        "columns": [{"key": key, "label": label, "kind": kind, "ascending": up} for key, label, kind, up in columns],
         "rows": rows, "links": links if any(links) else None, "seeds": seeds,
         "n_tokens": len(tokens[0]) // max(len(seeds), 1), "strings": shown, "tokens": tokens,
         "activations": activations, "promoted": promoted if any(p is not None for p in promoted) else None,
+        "corpus": None,
     }
+    if corpus is not None:
+        data["corpus"] = {"window": corpus["window"], "bos": bool(corpus["bos_excluded"]),
+                          "contexts": atlas_contexts(folder, corpus["window"], ref)}
+    return data
 
 
 def histogram(counts: list[int], width: int = 640, height: int = 240) -> dict:
@@ -396,8 +531,8 @@ def write_atlas_page(log_dir: str, results: AtlasResults) -> str:
         log_dir, "atlas.html.j2", f"amax_lightning atlas: {results.n_units} units", results=results,
         n_total=len(results.histogram) - 1,
         units_of=common[: len(common) - len(common.split(":")[-1])].rstrip(":") or results.target,
-        histogram=histogram(results.histogram), data=atlas_data(log_dir), verdict=verdict,
-        ranked=png_data_uri(os.path.join(log_dir, "atlas.png")))
+        histogram=histogram(results.histogram), data=atlas_data(log_dir, results.corpus), verdict=verdict,
+        ranked=png_data_uri(os.path.join(log_dir, "atlas.png")), contexts=ATLAS_CONTEXTS, snippet=ATLAS_SNIPPET)
 
 
 # --- study and sensitivity ---------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def summary_markdown(results: UnitResults) -> str:
             f"data baseline: {data.overlap.count} of {data.overlap.n_gradient} gradient-ascent tokens are among the top "
             f"{len(data.top_tokens.token_ids)} one-token activations"
         )
+    lines += corpus_lines(results)
     repro = results.reproducibility
     lines.append(
         f"position agreement {repro.mean_position_agreement:.2f}, pairwise Jaccard {repro.mean_pairwise_jaccard:.2f}, "
@@ -76,6 +77,28 @@ def summary_markdown(results: UnitResults) -> str:
         f"decoding loses {repro.mean_decoded_gap:.4g} of the activation on average"
     )
     return "\n".join(lines)
+
+
+def corpus_lines(results: UnitResults) -> list[str]:
+    """Two lines on what real text does to the unit, beside what the optimizer found (none without a corpus)."""
+    corpus = results.corpus
+    if corpus is None:
+        return []
+    lines = [
+        f"real text: {markdown_cell(corpus.source)}, {corpus.n_tokens:,} tokens in {corpus.n_windows:,} windows of "
+        f"{corpus.window}" + (" (BOS not counted)" if corpus.bos_excluded else "")
+        + f": {100 * corpus.density:.3g}% of tokens above {corpus.density_threshold:g}, highest {corpus.max:.4g}; "
+        f"tokens at its top contexts' maxima: " + (", ".join(markdown_token(t) for t in corpus.top_tokens[:10]) or "none")
+    ]
+    k = corpus.comparison
+    if k is not None:
+        ratio = "" if k.optimized_over_corpus_max is None else f" ({k.optimized_over_corpus_max:.3g}x real text's)"
+        lines.append(
+            f"optimized beside real text: objective ({results.aggregate} over positions) {k.optimized_objective:.4g}, "
+            f"decoded tokens {k.decoded_objective:.4g}; highest single token {k.optimized_max_token:.4g}{ratio}, "
+            f"decoded {k.decoded_max_token:.4g}, real text {k.corpus_max:.4g}; decoded tokens among real text's top "
+            f"tokens: " + (", ".join(markdown_token(t) for t in k.shared_tokens) or "none"))
+    return lines
 
 
 def write_report(log_dir: str, results: UnitResults, summary: str, steps: list[int], history: torch.Tensor,
@@ -123,6 +146,12 @@ def write_atlas(log_dir: str, results: AtlasResults) -> tuple[str, dict]:
         f"median {counts['median']}, max {counts['max']}" + (" — PARTIAL" if results.partial else ""),
         f"tables: {results.tables['units']} (one row per unit), {results.tables['rows']} (one row per unit x seed)",
     ]
+    if results.corpus and "corpus" in results.tables:
+        corpus = results.corpus
+        summary.append(
+            f"real text: {markdown_cell(corpus['source'])}, {corpus['n_tokens']:,} tokens in {corpus['n_windows']:,} "
+            f"windows of {corpus['window']}: each unit's max, density (above {corpus['density_threshold']:g}), histogram, "
+            f"top and quantile examples in {results.tables['corpus']}, their windows in {results.tables['corpus_windows']}")
     for title, rows in (("most reproducible", results.most_reproducible),
                         ("least reproducible", results.least_reproducible)):
         summary += ["", f"{title}:", "",

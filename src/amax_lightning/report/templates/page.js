@@ -30,6 +30,21 @@
     });
   });
 
+  var corpusLegend = document.getElementById("corpus-legend");  // real text: the page's one scale, or its own
+  document.querySelectorAll("input[name=corpus-scale]").forEach(function (radio) {
+    radio.addEventListener("change", function () {
+      if (!radio.checked) { return; }
+      var scale = Number(corpusLegend.getAttribute(radio.value === "own" ? "data-own" : "data-shared"));
+      document.querySelectorAll("#corpus .tok[data-a]").forEach(function (tok) {
+        var value = Number(tok.getAttribute("data-a"));
+        tok.style.setProperty("--bg-dec", diverging(value, scale));
+        tok.style.setProperty("--ink-dec", Math.abs(value) / scale > 0.6 ? "#fff" : "#111");
+      });
+      document.getElementById("corpus-low").textContent = fmt(-scale, 3);
+      document.getElementById("corpus-high").textContent = "+" + fmt(scale, 3);
+    });
+  });
+
   // The diverging colour scale, as report_html.diverging computes it.
   var NEG = [33, 102, 172], ZERO = [255, 255, 255], POS = [178, 24, 43];
   function diverging(value, scale) {
@@ -52,6 +67,10 @@
   var keys = data.columns.map(function (column) { return column.key; });
   var P_COLUMN = keys.indexOf("null_p_value"), VERDICT_COLUMN = keys.indexOf("verdict");
   var STABLE_COLUMN = keys.indexOf("stable_since");
+  var ranges = [].map.call(document.querySelectorAll("input[data-range]"), function (input) {
+    return { input: input, column: keys.indexOf(input.getAttribute("data-range")),
+             bound: input.getAttribute("data-bound"), factor: Number(input.getAttribute("data-factor") || 1) };
+  });
   var order = data.rows.map(function (_, i) { return i; });
   var shown = order.slice();
   var body = document.querySelector("#atlas tbody");
@@ -71,7 +90,15 @@
     var value = document.getElementById(id).value;
     return value === "" ? null : Number(value);
   }
-  function keep(i) {  // the filters: unit number, n_unique range, p-value, verdict
+  function inRanges(row) {  // the corpus columns' ranges; a unit without a value fails any range set
+    return ranges.every(function (range) {
+      if (range.input.value === "") { return true; }
+      var value = row[range.column], bound = Number(range.input.value);
+      if (value === null) { return false; }
+      return range.bound === "min" ? value * range.factor >= bound : value * range.factor <= bound;
+    });
+  }
+  function keep(i) {  // the filters: unit number, n_unique range, p-value, settled, corpus ranges, verdict
     var row = data.rows[i], needle = state.filter.trim().toLowerCase();
     if (needle && String(row[0]).toLowerCase().indexOf(needle) !== 0) { return false; }
     var low = number("atlas-min"), high = number("atlas-max"), p = number("atlas-p");
@@ -81,6 +108,7 @@
     var settled = document.getElementById("atlas-settled").value;
     if (settled === "settled" && row[STABLE_COLUMN] === null) { return false; }
     if (settled === "changing" && row[STABLE_COLUMN] !== null) { return false; }
+    if (!inRanges(row)) { return false; }
     var verdict = document.getElementById("atlas-verdict").value;
     return !verdict || row[VERDICT_COLUMN] === verdict;
   }
@@ -102,13 +130,64 @@
     row.appendChild(td);
     return td;
   }
+  function token(text, value, scale, tip) {
+    var tok = document.createElement("span");
+    tok.className = "tok";
+    tok.tabIndex = 0;
+    tok.textContent = text;
+    tok.style.background = diverging(value, scale);
+    tok.style.color = Math.abs(value) / scale > 0.6 ? "#fff" : "#111";
+    tok.setAttribute("data-tip", tip);
+    return tok;
+  }
+  function contextsOf(unit) {  // the unit's top contexts in real text: [start, token refs, activations, max at]
+    return data.corpus ? data.corpus.contexts[unit] : [];
+  }
+  function contextsBlock(unit, scale) {
+    var block = document.createElement("div");
+    block.className = "contexts";
+    var title = document.createElement("div");
+    title.className = "label";
+    title.textContent = contextsOf(unit).length ? "top contexts in real text:" : "no context in real text";
+    block.appendChild(title);
+    contextsOf(unit).forEach(function (context) {
+      var start = context[0], refs = context[1], acts = context[2], at = context[3];
+      var line = document.createElement("div");
+      line.className = "ctxrow";
+      var label = document.createElement("span");
+      label.className = "label";
+      label.textContent = fmt(acts[at], 3);
+      line.appendChild(label);
+      var tokens = document.createElement("span");
+      tokens.className = "tokens context";
+      if (start > 0) { tokens.appendChild(document.createTextNode("…")); }
+      refs.forEach(function (ref, i) {
+        var position = start + i, bos = data.corpus.bos && position === 0;
+        var tip = "position " + position + ": activation " + fmt(acts[i], 3) + (bos ? " (the BOS token: not counted)" : "");
+        var tok = token(data.strings[ref], bos ? 0 : acts[i], scale, tip);
+        if (bos) { tok.classList.add("bos"); tok.style.background = "#eee"; tok.style.color = "#666"; }
+        if (i === at) { tok.classList.add("max"); }
+        tokens.appendChild(tok);
+      });
+      if (start + refs.length < data.corpus.window) { tokens.appendChild(document.createTextNode("…")); }
+      line.appendChild(tokens);
+      block.appendChild(line);
+    });
+    return block;
+  }
   function seedsRow(unit) {
     var tr = document.createElement("tr");
     tr.className = "seeds";
     var td = document.createElement("td");
     td.colSpan = data.columns.length + 1 + (data.links ? 1 : 0);
     var acts = data.activations[unit], ids = data.tokens[unit];
-    var scale = Math.max.apply(null, acts.map(Math.abs)) || 1;
+    var counted = acts.slice();  // one scale for the seeds' tokens and the contexts' (a BOS is not counted)
+    contextsOf(unit).forEach(function (context) {
+      context[2].forEach(function (value, i) {
+        if (!(data.corpus.bos && context[0] + i === 0)) { counted.push(value); }
+      });
+    });
+    var scale = Math.max.apply(null, counted.map(Math.abs)) || 1;
     data.seeds.forEach(function (seed, s) {
       var line = document.createElement("div");
       line.className = "seedrow";
@@ -120,14 +199,8 @@
       tokens.className = "tokens";
       for (var p = 0; p < data.n_tokens; p++) {
         var k = s * data.n_tokens + p, value = acts[k];
-        var tok = document.createElement("span");
-        tok.className = "tok";
-        tok.tabIndex = 0;
-        tok.textContent = data.strings[ids[k]];
-        tok.style.background = diverging(value, scale);
-        tok.style.color = Math.abs(value) / scale > 0.6 ? "#fff" : "#111";
-        tok.setAttribute("data-tip", "position " + p + ": activation of the decoded token " + fmt(value, 3));
-        tokens.appendChild(tok);
+        tokens.appendChild(token(data.strings[ids[k]], value, scale,
+                                 "position " + p + ": activation of the decoded token " + fmt(value, 3)));
       }
       line.appendChild(tokens);
       td.appendChild(line);
@@ -147,6 +220,7 @@
       });
       td.appendChild(effects);
     }
+    if (data.corpus) { td.appendChild(contextsBlock(unit, scale)); }
     tr.appendChild(td);
     return tr;
   }
@@ -162,7 +236,8 @@
       var first = cell(tr, state.open.has(unit) ? "▾" : "▸", false);
       first.setAttribute("aria-hidden", "true");
       data.columns.forEach(function (column, c) {
-        var text = typeof values[c] === "string" ? values[c] : fmt(values[c], 4);
+        var text = typeof values[c] === "string" ? values[c] :
+          (column.kind === "pct" && values[c] !== null ? fmt(100 * values[c], 3) + "%" : fmt(values[c], 4));
         cell(tr, text, column.kind !== "text");
       });
       if (data.links) {
@@ -200,9 +275,11 @@
     state.page = 0;
     apply();
   });
-  ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict", "atlas-settled"].forEach(function (id) {
+  ["atlas-min", "atlas-max", "atlas-p", "atlas-verdict", "atlas-settled"].map(function (id) {
+    return document.getElementById(id);
+  }).concat(ranges.map(function (range) { return range.input; })).forEach(function (input) {
     ["input", "change"].forEach(function (kind) {
-      document.getElementById(id).addEventListener(kind, function () { state.page = 0; apply(); });
+      input.addEventListener(kind, function () { state.page = 0; apply(); });
     });
   });
   prev.addEventListener("click", function () { state.page -= 1; draw(); });
