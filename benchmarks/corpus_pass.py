@@ -1,7 +1,7 @@
 """The corpus pass, measured: tokens per second on this machine's CPU cores for one unit on the test GPT-2 (3 blocks,
 64 wide, windows of 32) and on a GPT-2-small-shaped random model (12 blocks, 768 wide, residual dim 91 entering
-block 8, windows of 128); and for a random SAE of 24,576 latents on the test GPT-2, every latent in one pass
-against one latent, side by side (medians of ``--repeats``).
+block 8, windows of 128); and for a random SAE of 24,576 latents on each (block 2 of the test GPT-2, block 8 of
+the GPT-2-small shape), every latent in one pass against one latent, side by side (medians of ``--repeats``).
 
 The text is this repository's Markdown, repeated to the budget (the pass reads it through ``datasets`` as a user's
 .txt corpus). Times include tokenizing, both passes (statistics, then the examples' windows) and nothing else.
@@ -77,20 +77,25 @@ def main() -> None:
         small = load_backbone(str(save_model(GPT2LMHeadModel(tiny_gpt2_config(
             n_layer=12, n_embd=768, n_head=12, n_positions=1024)), work / "small")))
         sae = write_sae(work / "sae", "6.x", hook="blocks.2.hook_resid_pre", d_sae=args.latents)
+        small_sae = write_sae(work / "small_sae", "6.x", hook="blocks.8.hook_resid_pre", d_in=768, d_sae=args.latents)
         rows = []
         for name, backbone, target, tokens, window in (
                 ("test GPT-2, resid 2:5", tiny, "blocks.2.hook_resid_pre:5", args.tokens, 32),
                 ("GPT-2-small shape, resid 8:91", small, "blocks.8.hook_resid_pre:91", args.small_tokens, 128),
                 ("test GPT-2, SAE latent 0", tiny, f"sae:{sae}:0", args.sae_tokens, 32),
-                (f"test GPT-2, SAE all {args.latents:,} latents", tiny, f"sae:{sae}:*", args.sae_tokens, 32)):
+                (f"test GPT-2, SAE all {args.latents:,} latents", tiny, f"sae:{sae}:*", args.sae_tokens, 32),
+                ("GPT-2-small shape, SAE latent 0 at block 8", small, f"sae:{small_sae}:0", args.small_tokens, 128),
+                (f"GPT-2-small shape, SAE all {args.latents:,} latents at block 8", small, f"sae:{small_sae}:*",
+                 args.small_tokens, 128)):
             spec = corpus_spec(str(text), tokens=tokens, window=window)
             seconds, fed, units = timed_pass(backbone, spec, target, args.repeats)
             rows.append((name, units, fed, seconds))
             print(f"{name}: {fed:,} tokens x {units:,} unit(s) in {seconds:.2f} s = {fed / seconds:,.0f} tokens/s",
                   flush=True)
-        one, every = rows[2][3], rows[3][3]
-        print(f"\nall {args.latents:,} latents in one pass took {every / one:.1f}x the time of one latent "
-              f"({args.latents:,} separate passes would take {args.latents:,}x)")
+        for model, (one, every) in (("test GPT-2", (rows[2][3], rows[3][3])),
+                                    ("GPT-2-small shape", (rows[4][3], rows[5][3]))):
+            print(f"\n{model}: all {args.latents:,} latents in one pass took {every / one:.1f}x the time of one "
+                  f"latent ({args.latents:,} separate passes would take {args.latents:,}x)")
         print("\n| run | units | tokens | seconds (median) | tokens/s |\n|---|---:|---:|---:|---:|")
         for name, units, fed, seconds in rows:
             print(f"| {name} | {units:,} | {fed:,} | {seconds:.2f} | {fed / seconds:,.0f} |")
