@@ -137,3 +137,9 @@ def test_sae_sweep_corpus_equals_the_formula_and_each_latent_alone(fit_tiny, hf,
         [[(e["token_ids"], e["position"]) for e in g["examples"]] for g in other["quantiles"]]
     atlas = {row["unit"]: row for row in sweep["atlas"]}
     assert atlas[1]["corpus_max"] == pytest.approx(one["max"]) and atlas[1]["corpus_density"] == one["density"]
+    mine, theirs = one["comparison"], other["comparison"]  # unit_record rebuilds the one-unit comparison
+    assert mine["shared_token_ids"] == theirs["shared_token_ids"] and mine["shared_tokens"] == theirs["shared_tokens"]
+    for key in ("optimized_objective", "optimized_max_token", "decoded_objective", "corpus_max",
+                "optimized_over_corpus_max"):
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    assert atlas[1]["optimized_over_corpus_max"] == pytest.approx(mine["optimized_over_corpus_max"], rel=1e-6)

@@ -111,17 +111,27 @@ def corpus_result(units: CorpusUnits, u: int, token_strings) -> CorpusResult:
         quantiles=groups, top_token_ids=list(seen), top_tokens=token_strings(list(seen)))
 
 
-def compare(result: CorpusResult, position_activations: torch.Tensor, objectives: torch.Tensor,
+def compare(top_token_ids: list[int], corpus_max: float, position_activations: torch.Tensor, objectives: torch.Tensor,
             decoded_position_activations: torch.Tensor, decoded_objectives: torch.Tensor, decoded_ids: list[int],
             token_strings) -> CorpusComparison:
     """The comparison of a unit's optimized inputs (per seed: activations at each position (S, T) and objective (S,);
-    the same at the decoded tokens, and the decoded ids) with its corpus result."""
+    the same at the decoded tokens, and the decoded ids) with its corpus's top tokens and maximum."""
     optimized_max = float(position_activations.max())
-    top = set(result.top_token_ids)
-    shared = sorted(top.intersection(decoded_ids))
+    shared = sorted(set(top_token_ids).intersection(decoded_ids))
     return CorpusComparison(
         optimized_objective=float(objectives.double().mean()), optimized_max_token=optimized_max,
         decoded_objective=float(decoded_objectives.double().mean()),
-        decoded_max_token=float(decoded_position_activations.max()), corpus_max=result.max,
-        optimized_over_corpus_max=optimized_max / result.max if result.max > 0 else None,
+        decoded_max_token=float(decoded_position_activations.max()), corpus_max=corpus_max,
+        optimized_over_corpus_max=optimized_max / corpus_max if corpus_max > 0 else None,
         shared_token_ids=shared, shared_tokens=token_strings(shared))
+
+
+def compare_runs(top_token_ids: list[int], corpus_max: float, runs: list, token_strings) -> CorpusComparison:
+    """``compare`` from a unit's runs (``SeedRun`` objects or their results.json dicts)."""
+    def field(name: str) -> list:
+        return [run[name] if isinstance(run, dict) else getattr(run, name) for run in runs]
+
+    return compare(top_token_ids, corpus_max, torch.tensor(field("position_activations")),
+                   torch.tensor(field("final_activation")), torch.tensor(field("decoded_position_activations")),
+                   torch.tensor(field("decoded_activation")), [i for ids in field("token_ids") for i in ids],
+                   token_strings)

@@ -16,7 +16,7 @@ import torch
 
 from amax_lightning.analysis.baseline import Overlap, TopTokens, overlap, top_tokens
 from amax_lightning.analysis.convergence import Convergence
-from amax_lightning.analysis.corpus_results import CorpusResult, compare
+from amax_lightning.analysis.corpus_results import CorpusResult, compare_runs
 from amax_lightning.analysis.logit_effects import LogitEffects, logit_effects
 from amax_lightning.analysis.metrics import EmbeddingSimilarity, TokenAgreement, UniqueTokens
 from amax_lightning.analysis.null_model import NullModelResult, expected_n_unique, sampled_null, unique_count_p_value
@@ -284,10 +284,5 @@ def with_data_baseline(unit: UnitResults, backbone: Backbone, target: Target, to
 
 def with_corpus(unit: UnitResults, result: CorpusResult, backbone: Backbone) -> UnitResults:
     """A one-unit run's results with its corpus result, compared with what the optimizer found."""
-    runs = unit.runs
-    comparison = compare(result, torch.tensor([r.position_activations for r in runs]),
-                         torch.tensor([r.final_activation for r in runs]),
-                         torch.tensor([r.decoded_position_activations for r in runs]),
-                         torch.tensor([r.decoded_activation for r in runs]),
-                         [i for r in runs for i in r.token_ids], backbone.token_strings)
+    comparison = compare_runs(result.top_token_ids, result.max, unit.runs, backbone.token_strings)
     return dataclasses.replace(unit, corpus=dataclasses.replace(result, comparison=comparison))

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amax_lightning.analysis.convergence import Snapshot, convergence_of
+from amax_lightning.analysis.corpus_results import compare_runs
 from amax_lightning.analysis.corpus_tables import CORPUS_TABLES, merge_windows, read_corpus_record
 from amax_lightning.analysis.results import to_json
 from amax_lightning.base.files import write_atomic
@@ -141,9 +142,14 @@ def unit_record(folder: str, unit: int) -> dict:
     record = json.loads(row["record"]) if row["record"] else None
     shared = {key: summary[key] for key in ("model", "aggregate", "priors", "n_tokens", "steps", "partial", "lr", "l2",
                                             "seeds", "init_scale", "vocab_norm", "numerics", "method")}
+    runs = [{key: value for key, value in run.items() if key != "unit"} for run in sorted(runs, key=lambda r: r["seed"])]
+    corpus = read_corpus_record(folder, unit, summary["corpus"]) if summary.get("corpus") else None
+    if corpus is not None:  # as a one-unit run records it: with the comparison (strings as the rows hold them)
+        strings = {i: t for run in runs for i, t in zip(run["token_ids"], run["tokens"])}
+        comparison = compare_runs(corpus["top_token_ids"], corpus["max"], runs, lambda ids: [strings[i] for i in ids])
+        corpus["comparison"] = to_json(comparison)
     return {
-        **shared, "target": row["target"],
-        "runs": [{key: value for key, value in run.items() if key != "unit"} for run in sorted(runs, key=lambda r: r["seed"])],
+        **shared, "target": row["target"], "runs": runs,
         "uniqueness": {"n_total": row["n_total"], "n_unique": row["n_unique"]},
         "reproducibility": {key: row[key] for key in ("mean_position_agreement", "mean_pairwise_jaccard",
                                                       "mean_pairwise_cosine", "mean_nearest_cosine",
@@ -160,5 +166,5 @@ def unit_record(folder: str, unit: int) -> dict:
             summary["stopped_at"], summary["stop_reason"], row["n_total"], summary["max_steps"])),
         **({"sae": record} if record and "d_sae" in record else {}),
         **({"direction": record} if record and "d_sae" not in record else {}),
-        **({"corpus": read_corpus_record(folder, unit, summary["corpus"])} if summary.get("corpus") else {}),
+        **({"corpus": corpus} if corpus is not None else {}),
     }
