@@ -143,3 +143,32 @@ def test_sae_sweep_corpus_equals_the_formula_and_each_latent_alone(fit_tiny, hf,
                 "optimized_over_corpus_max"):
         assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
     assert atlas[1]["optimized_over_corpus_max"] == pytest.approx(mine["optimized_over_corpus_max"], rel=1e-6)
+
+
+def test_a_sweep_too_wide_for_one_pass_reads_the_corpus_per_group_with_the_same_results(fit_tiny, corpus, monkeypatch,
+                                                                                         capsys):
+    """When one pass over all units would not fit in half the free memory, the sweep reads the corpus once per group
+    of blocks (here one block of 2 units a pass) and each unit's corpus results are those of one pass."""
+    from amax_lightning.analysis.corpus_pass import pass_bytes
+    from amax_lightning.lightning import callbacks
+
+    options = {"corpus": str(corpus), "corpus_column": "body", "corpus_tokens": BUDGET, "corpus_window": WINDOW,
+               "block_units": 2}
+    _, whole = fit_tiny("whole", target="blocks.2.hook_resid_pre:0-5", seeds=[0], steps=2, writer_options=options)
+    monkeypatch.setattr(callbacks, "free_memory_bytes", lambda device: 2 * pass_bytes(2, WINDOW, BUDGET) + 1)
+    passes = []
+    real_pass = callbacks.corpus_pass
+    monkeypatch.setattr(callbacks, "corpus_pass", lambda *args, **kw: passes.append(len(args[4])) or real_pass(*args, **kw))
+    capsys.readouterr()
+    _, grouped = fit_tiny("grouped", target="blocks.2.hook_resid_pre:0-5", seeds=[0], steps=2, writer_options=options)
+    assert "6 unit(s) in 3 passes of up to 2 units (half the free memory)" in capsys.readouterr().err
+    assert passes == [2, 2, 2]  # the units read by each pass
+    for a, b in zip(whole["units"], grouped["units"]):
+        one, other = a["corpus"], b["corpus"]
+        assert one["histogram"] == other["histogram"] and one["density"] == other["density"]
+        assert [(e["token_ids"], e["position"]) for e in one["top_examples"]] == \
+            [(e["token_ids"], e["position"]) for e in other["top_examples"]]
+        assert [[(e["token_ids"], e["position"]) for e in g["examples"]] for g in one["quantiles"]] == \
+            [[(e["token_ids"], e["position"]) for e in g["examples"]] for g in other["quantiles"]]
+        np.testing.assert_allclose([e["activations"] for e in one["top_examples"]],
+                                   [e["activations"] for e in other["top_examples"]], rtol=1e-5, atol=1e-6)

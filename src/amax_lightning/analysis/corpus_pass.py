@@ -26,6 +26,8 @@ from amax_lightning.base.progress import Progress
 
 ACTIVATION_ELEMENTS = 16 * 2**20  # windows x tokens x units read per forward: bounds the activations' memory
 MAX_BATCH_WINDOWS = 64
+DENSE_BYTES = 56  # per token x unit of a batch: its activations, the dense temporaries and the first batches' sample lists
+# (24,576 latents, windows of 128: 2.0 GB measured growth of peak RSS, 1.9 GB by pass_bytes)
 
 
 def batch_windows(window: int, n_units: int) -> int:
@@ -36,6 +38,25 @@ def batch_windows(window: int, n_units: int) -> int:
 def example_bytes(n_units: int, window: int, k: int = TOP_K, groups: int = GROUPS, per_group: int = PER_GROUP) -> int:
     """Memory of the examples' per-token activations of ``n_units`` units (float32, bytes)."""
     return n_units * (k + groups * per_group) * window * 4
+
+
+def pass_bytes(n_units: int, window: int, tokens: int) -> int:
+    """About the memory of one pass reading ``n_units`` units (bytes): their statistics, their examples'
+    activations, a batch's activations and dense temporaries, and the windows' token ids (4 bytes a token)."""
+    dense = batch_windows(window, n_units) * window * n_units * DENSE_BYTES
+    return CorpusStats.state_bytes(n_units) + example_bytes(n_units, window) + dense + tokens * 4
+
+
+def units_per_pass(n_units: int, window: int, tokens: int, free_bytes: int | None) -> int:
+    """The most of ``n_units`` units one pass may read within half of ``free_bytes`` (all when that is unknown; at
+    least 1): a sweep wider than that reads the corpus once per group of that many units."""
+    if free_bytes is None or pass_bytes(n_units, window, tokens) <= free_bytes // 2:
+        return n_units
+    low, high = 1, n_units  # pass_bytes grows with the units
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if pass_bytes(middle, window, tokens) <= free_bytes // 2 else (low, middle - 1)
+    return low
 
 
 @dataclass

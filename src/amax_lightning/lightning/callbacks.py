@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from amax_lightning.analysis.corpus_pass import CorpusUnits, batch_windows, corpus_pass, example_bytes
+from amax_lightning.analysis.corpus_pass import CorpusUnits, corpus_pass, pass_bytes, units_per_pass
 from amax_lightning.analysis.corpus_results import corpus_result
 from amax_lightning.analysis.corpus_source import (
     DEFAULT_COLUMN,
@@ -29,7 +29,7 @@ from amax_lightning.analysis.corpus_source import (
     corpus_spec,
     iter_windows,
 )
-from amax_lightning.analysis.corpus_stats import GROUPS, PER_GROUP, TOP_K, CorpusStats
+from amax_lightning.analysis.corpus_stats import GROUPS, PER_GROUP, TOP_K
 from amax_lightning.analysis.corpus_tables import corpus_meta, table_bytes
 from amax_lightning.analysis.results import (
     UnitResults,
@@ -62,14 +62,13 @@ from amax_lightning.base.progress import Progress, duration
 from amax_lightning.lightning.cluster import Requeue, is_lost_peer, lost_peer_message, requeue
 from amax_lightning.lightning.module import gigabytes
 from amax_lightning.lightning.snapshots import Snapshots
+from amax_lightning.model.chunking import free_memory_bytes
 from amax_lightning.model.decode import CheckedNearestTokens, requested_path
 from amax_lightning.model.targets import hook_width
 
 MAX_NULL_SAMPLES = 1_000_000  # random directions decoded: about 7 minutes on 2 CPU cores at GPT-2 small's size
 MAX_NULL_SIMULATIONS = 1_000_000  # Monte Carlo studies: a p-value resolution of 1e-6
 MAX_BASELINE_TOP_K = 100_000  # at most the vocabulary anyway
-DENSE_BYTES = 56  # per token x unit of a batch: its activations, the dense temporaries and the first batches' sample lists
-# (24,576 latents, windows of 128: 2.0 GB measured growth of peak RSS, 1.9 GB planned)
 
 
 def find_callback(trainer: Trainer, kind: type) -> Optional[Callback]:
@@ -277,14 +276,20 @@ class ResultsWriter(Callback):
         if probe:  # reads until the first window: an empty corpus fails before the steps
             next(iter_windows(dataclasses.replace(self.corpus, tokens=self.corpus.window), module.backbone.tokenizer, 1))
         units = -(-len(module.targets) // world_size)  # each process reads the units of its blocks
-        window = self.corpus.window
-        held = (CorpusStats.state_bytes(units) + example_bytes(units, window)
-                + batch_windows(window, units) * window * units * DENSE_BYTES + self.corpus.tokens * 4)
+        window, tokens = self.corpus.window, self.corpus.tokens
+        per_pass = self._units_per_pass(module, units)
+        passes = -(-units // per_pass)
         written = table_bytes(len(module.targets), window, TOP_K, GROUPS * PER_GROUP)
         what = "corpus.parquet about" if len(module.targets) > 1 else "results.json grows by about"
-        return (f"amax_lightning: corpus pass after the steps: up to {self.corpus.tokens:,} tokens of "
-                f"{self.corpus.source} in windows of {window}, {len(module.targets):,} unit(s) from one pass; "
-                f"memory per process about {gigabytes(held)}; {what} {gigabytes(written)} (before compression)")
+        how = "one pass" if passes == 1 else f"{passes} passes of up to {per_pass:,} units (half the free memory)"
+        return (f"amax_lightning: corpus pass after the steps: up to {tokens:,} tokens of {self.corpus.source} in "
+                f"windows of {window}, {len(module.targets):,} unit(s) in {how}; memory per process about "
+                f"{gigabytes(pass_bytes(min(units, per_pass), window, tokens))}; {what} {gigabytes(written)} "
+                "(before compression)")
+
+    def _units_per_pass(self, module: LightningModule, units: int) -> int:
+        """How many units one corpus pass reads on this process's device (``corpus_pass.units_per_pass``)."""
+        return units_per_pass(units, self.corpus.window, self.corpus.tokens, free_memory_bytes(module.device))
 
     def check_steps(self, max_steps: int) -> None:
         """A UserError when ``snapshot_every`` is larger than the fit's ``max_steps`` (the CLI asks before the fit)."""
@@ -434,10 +439,13 @@ class ResultsWriter(Callback):
         use_corpus = self.corpus is not None and not partial  # partial results are written at once, without it
         names = table_names(use_corpus)
         todo = missing_blocks(log_dir, mine, state, names)
-        if use_corpus and todo:  # one pass over the corpus for all units of this process's blocks
-            ranges = [block_units_range(b, n_units, self.block_units) for b in todo]
-            positions = torch.cat([torch.arange(start, stop) for start, stop in ranges])
-            found = self._corpus_pass(module, positions, progress=trainer.is_global_zero)
+        def read_corpus(blocks: list[int]) -> None:
+            """One corpus pass for the units of ``blocks``: ``found`` and each block's positions in it."""
+            nonlocal found
+            ranges = [block_units_range(b, n_units, self.block_units) for b in blocks]
+            found = self._corpus_pass(module, torch.cat([torch.arange(a, b) for a, b in ranges]),
+                                      progress=trainer.is_global_zero)
+            where.clear()
             offset = 0
             for start, stop in ranges:
                 where[start] = slice(offset, offset + stop - start)
@@ -458,9 +466,22 @@ class ResultsWriter(Callback):
             print(f"amax_lightning: reused {len(mine) - len(todo)} analysed block(s) of an earlier try"
                   + (" (rank 0's share)" if world > 1 else ""), file=sys.stderr, flush=True)
         what = "analysis" if world == 1 else f"analysis (rank 0 of {world}; each process its share)"
-        with Progress(what, units_in(mine), "units", enabled=trainer.is_global_zero,
-                      done=units_in(mine) - units_in(todo)) as progress:
-            analyze_blocks(log_dir, todo, n_units, state, analyze, progress, self.block_units)
+        groups = [todo]  # without a corpus, or when one pass can read all units: one group
+        if use_corpus and todo:  # each group of blocks: one corpus pass for its units, then its analysis
+            per_pass = max(self._units_per_pass(module, units_in(todo)), min(self.block_units, n_units))
+            groups = [[]]
+            for block in todo:
+                if groups[-1] and units_in(groups[-1] + [block]) > per_pass:
+                    groups.append([])
+                groups[-1].append(block)
+        done = units_in(mine) - units_in(todo)
+        for group in groups:
+            if use_corpus and group:
+                read_corpus(group)
+            with Progress(what, units_in(mine), "units", enabled=trainer.is_global_zero, done=done) as progress:
+                analyze_blocks(log_dir, group, n_units, state, analyze, progress, self.block_units)
+            done += units_in(group)
+            found = None
         if world > 1:
             trainer.strategy.barrier("sweep blocks written")
         if not trainer.is_global_zero:
