@@ -50,8 +50,9 @@ def reference_windows(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor([[tokenizer.bos_token_id] + stream[i * body : (i + 1) * body] for i in range(n)])
 
 
-def reference_stats(values: torch.Tensor, unit_id: int, result: dict) -> None:
-    """Check a unit's corpus record against its activations (windows, WINDOW) computed independently."""
+def reference_stats(windows: torch.Tensor, values: torch.Tensor, unit_id: int, result: dict) -> None:
+    """Check a unit's corpus record against its activations (windows, WINDOW) at the token ids ``windows``, computed
+    independently."""
     counted = values[:, 1:].double()
     n_tokens = counted.numel()
     assert result["n_tokens"] == n_tokens and result["n_windows"] == len(values) and result["bos_excluded"]
@@ -64,6 +65,7 @@ def reference_stats(values: torch.Tensor, unit_id: int, result: dict) -> None:
     for example, w in zip(got, order):
         assert example["max"] == pytest.approx(float(window_max[w]), rel=1e-5, abs=1e-6)
         np.testing.assert_allclose(example["activations"], values[w].numpy(), rtol=1e-5, atol=1e-5)
+        assert example["token_ids"] == windows[w].tolist()
         assert example["position"] == int(counted[w].argmax()) + 1
     active = counted[counted > 0].numpy()
     groups = result["quantiles"]
@@ -86,22 +88,18 @@ def reference_stats(values: torch.Tensor, unit_id: int, result: dict) -> None:
         assert [e["activations"][e["position"]] for e in group["examples"]] == pytest.approx(
             [float(values.reshape(-1)[t]) for t in picked], rel=1e-5, abs=1e-6)
         for example, t in zip(group["examples"], picked):
-            assert example["token_ids"] == values_windows[0][t // WINDOW].tolist()
-
-
-values_windows: list[torch.Tensor] = []  # the reference windows of the test running (read by reference_stats)
+            assert example["token_ids"] == windows[t // WINDOW].tolist()
 
 
 def test_one_unit_corpus_pass_equals_a_loop_over_hf_hidden_states(fit_tiny, hf, corpus, documents, tiny_backbone):
     module, results = fit_tiny(steps=5, writer_options={"corpus": str(corpus), "corpus_column": "body",
                                                         "corpus_tokens": BUDGET, "corpus_window": WINDOW})
     windows = reference_windows(tiny_backbone.tokenizer, documents)
-    values_windows[:] = [windows]
     with torch.no_grad():
         values = hf(input_ids=windows, output_hidden_states=True).hidden_states[2][..., 5]  # TINY_TARGET
     got = results["corpus"]
     assert got["source"] == str(corpus) and got["window"] == WINDOW and got["density_threshold"] == 0.0
-    reference_stats(values, 5, got)
+    reference_stats(windows, values, 5, got)
     comparison = got["comparison"]
     assert comparison["corpus_max"] == got["max"]
     best = max(a for run in results["runs"] for a in run["position_activations"])
@@ -120,14 +118,13 @@ def test_sae_sweep_corpus_equals_the_formula_and_each_latent_alone(fit_tiny, hf,
     _, sweep = fit_tiny("sweep", target=f"sae:{folder}:3,9,17", seeds=[0, 1], steps=3, writer_options=options)
     _, alone = fit_tiny("alone", target=f"sae:{folder}:9", seeds=[0, 1], steps=3, writer_options=options)
     windows = reference_windows(tiny_backbone.tokenizer, documents)
-    values_windows[:] = [windows]
     weights = load_file(str(folder / "sae_weights.safetensors"))
     with torch.no_grad():
         x = hf(input_ids=windows, output_hidden_states=True).hidden_states[1]
         latents = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]  # hook_sae_acts_pre
     fired = []
     for unit, latent in zip(sweep["units"], (3, 9, 17)):
-        reference_stats(latents[..., latent], latent, unit["corpus"])
+        reference_stats(windows, latents[..., latent], latent, unit["corpus"])
         fired.append(unit["corpus"]["density"] > 0)
     assert fired == [False, True, True]  # one latent never fires on this text: an empty histogram, no groups
     one, other = sweep["units"][1]["corpus"], alone["corpus"]
@@ -172,3 +169,19 @@ def test_a_sweep_too_wide_for_one_pass_reads_the_corpus_per_group_with_the_same_
             [[(e["token_ids"], e["position"]) for e in g["examples"]] for g in other["quantiles"]]
         np.testing.assert_allclose([e["activations"] for e in one["top_examples"]],
                                    [e["activations"] for e in other["top_examples"]], rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_neuron_sweep_corpus_equals_hf_mlp_activations(fit_tiny, hf, corpus, documents, tiny_backbone):
+    """MLP neurons (``blocks.1.mlp.hook_post``) against HF's own GELU output, captured with a forward hook."""
+    options = {"corpus": str(corpus), "corpus_column": "body", "corpus_tokens": BUDGET, "corpus_window": WINDOW}
+    _, sweep = fit_tiny("mlp", target="blocks.1.mlp.hook_post:7,100,255", seeds=[0], steps=2, writer_options=options)
+    windows = reference_windows(tiny_backbone.tokenizer, documents)
+    captured = []
+    handle = hf.h[1].mlp.act.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        with torch.no_grad():
+            hf(input_ids=windows)
+    finally:
+        handle.remove()
+    for unit, neuron in zip(sweep["units"], (7, 100, 255)):
+        reference_stats(windows, captured[0][..., neuron], neuron, unit["corpus"])
