@@ -7,7 +7,7 @@ run's own progress lines; with ``--processes 2`` the same under DDP (gloo, ``--t
 a side-by-side ratio in one call. Peak RSS of each process
 comes from ``/usr/bin/time -v`` where it exists.
 
-    python benchmarks/whole_sae.py [--latents 24576] [--steps 10] [--processes 1,2] [--srun 0]
+    python benchmarks/whole_sae.py [--latents 24576] [--steps 10] [--processes 1,2] [--srun 0] [--corpus-tokens 0]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def phases(stderr: str) -> dict[str, float]:
     """Seconds of each phase, from the run's own closing lines on stderr."""
     found = {}
     for name, pattern in (("analysis", r"^analysis.* done in (.+?) \("), ("null model", r"^null model.* done in (.+?) \("),
+                          ("corpus pass", r"^corpus pass.* done in (.+?) \("),
                           ("page and tables", r"wrote the atlas .* in (.+)$")):
         match = re.search(pattern, stderr, re.M)
         if match:
@@ -73,9 +74,10 @@ def run(args: list[str], cwd: Path, launcher: list[str]) -> dict:
         raise SystemExit(f"the run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     memory = re.search(r"memory per process: .*", proc.stderr)
+    corpus = re.search(r"corpus pass after the steps: .*", proc.stderr)
     sizes = {p.name: p.stat().st_size for p in cwd.rglob("*") if p.is_file() and p.suffix in (".parquet", ".html", ".json", ".ckpt")}
     return {"wall_s": wall, "phases": phases(proc.stderr), "peak_rss_gb": max((int(k) for k in rss), default=0) / 1e6,
-            "memory_line": memory.group(0) if memory else "", "sizes": sizes}
+            "memory_line": memory.group(0) + (f"; {corpus.group(0)}" if corpus else "") if memory else "", "sizes": sizes}
 
 
 def main() -> None:
@@ -88,17 +90,31 @@ def main() -> None:
     parser.add_argument("--snapshot-every", default="",
                         help="comma-separated --results.snapshot_every values to compare on 1 process ('default': "
                              "about 20 snapshots), e.g. default,100: the snapshots' share of the fit (issue 27)")
+    parser.add_argument("--every", type=int, default=0,
+                        help="--results.snapshot_every for every run (0: the default, about 20 snapshots; a short "
+                             "fit then snapshots every step)")
+    parser.add_argument("--corpus-tokens", type=int, default=0,
+                        help="also run 1 process with a corpus pass of this many tokens (windows of 32; this repo's "
+                             "Markdown as a .txt corpus): its share of the job (issue 29)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="amax-whole-sae-"))
     model, sae = prepare(work, args.latents)
     runs = []
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    common = ["--threads", str(args.threads)] if args.threads else []
+    common += ["--results.snapshot_every", str(args.every)] if args.every else []
     for n in [int(p) for p in args.processes.split(",") if p]:
-        extra = threads + ([] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"])
+        extra = common + ([] if n == 1 else ["--trainer.devices", str(n), "--trainer.strategy", "ddp"])
         runs.append((f"{n} process{'es' * (n > 1)}", run([*fit_args(model, sae, args.steps), *extra], work / f"p{n}", [])))
     for every in [e for e in args.snapshot_every.split(",") if e]:
-        extra = threads + ([] if every == "default" else ["--results.snapshot_every", every])
+        extra = common + ([] if every == "default" else ["--results.snapshot_every", every])
         runs.append((f"snapshots {every}", run([*fit_args(model, sae, args.steps), *extra], work / f"snap{every}", [])))
+    if args.corpus_tokens:
+        text = work / "corpus.txt"
+        markdown = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(REPO.glob("*.md")))
+        text.write_text("\n\n".join([markdown] * max(1, args.corpus_tokens // (len(markdown) // 4) + 2)), encoding="utf-8")
+        corpus = ["--results.corpus", str(text), "--results.corpus_window", "32",
+                  "--results.corpus_tokens", str(args.corpus_tokens)]
+        runs.append(("with corpus", run([*fit_args(model, sae, args.steps), *common, *corpus], work / "corpus", [])))
     if args.srun:  # the tests' one-host SLURM (Debian's slurm-wlm and munge, as root), started here
         sys.path.insert(0, str(REPO / "tests" / "e2e"))
         from slurm_cluster import SlurmCluster
@@ -115,13 +131,13 @@ def main() -> None:
             cluster.stop()
     print(f"{args.latents:,} latents x 10 seeds, {args.steps} steps, tiny GPT-2 (d_model 64), {os.cpu_count()} CPU cores"
           + (f", {args.threads} thread(s) per process" if args.threads else ""))
-    print(f"{'run':<14} {'wall':>8} {'steps+start':>12} {'null':>6} {'analysis':>9} {'page+tables':>12} "
+    print(f"{'run':<14} {'wall':>8} {'steps+start':>12} {'null':>6} {'corpus':>7} {'analysis':>9} {'page+tables':>12} "
           f"{'latents/h':>10} {'peak RSS':>9}")
     for name, result in runs:
         p = result["phases"]
         rest = result["wall_s"] - sum(p.values())
         print(f"{name:<14} {result['wall_s']:>7.0f}s {rest:>11.0f}s {p.get('null model', 0):>5.0f}s "
-              f"{p.get('analysis', 0):>8.0f}s {p.get('page and tables', 0):>11.0f}s "
+              f"{p.get('corpus pass', 0):>6.0f}s {p.get('analysis', 0):>8.0f}s {p.get('page and tables', 0):>11.0f}s "
               f"{args.latents / result['wall_s'] * 3600:>10,.0f} {result['peak_rss_gb']:>8.2f}G")
     for name, result in runs:
         print(f"{name}: {result['memory_line']}")
