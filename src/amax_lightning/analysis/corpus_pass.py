@@ -27,7 +27,8 @@ from amax_lightning.base.progress import Progress
 ACTIVATION_ELEMENTS = 16 * 2**20  # windows x tokens x units read per forward: bounds the activations' memory
 MAX_BATCH_WINDOWS = 64
 DENSE_BYTES = 56  # per token x unit of a batch: its activations, the dense temporaries and the first batches' sample lists
-# (24,576 latents, windows of 128: 2.0 GB measured growth of peak RSS, 1.9 GB by pass_bytes)
+# (an upper bound: benchmarks/whole_sae.py --corpus-tokens 20000, 24,576 latents, windows of 32: the job's peak RSS grew
+# by 0.73 GB where pass_bytes says 1.32 GB)
 
 
 def batch_windows(window: int, n_units: int) -> int:

@@ -262,7 +262,7 @@ def _axes_box(x0: float, x1: float, y0: float, y1: float, width: int, height: in
 
 # --- real text (the corpus pass) ----------------------------------------------------------------------------------
 SNIPPET = (24, 8)  # tokens before and after the max (or sampled) token that the run page shows of a window
-ATLAS_SNIPPET = (8, 3)  # the same in the atlas's expanded rows, where 24,576 units x 3 contexts must stay small
+ATLAS_SNIPPET = (6, 2)  # the same in the atlas's expanded rows, where 24,576 units x 3 contexts must stay small
 ATLAS_CONTEXTS = 3  # top contexts per unit in the atlas
 TOP_OPEN = 10  # top contexts shown open on the run page; the rest are one click away
 
