@@ -151,11 +151,13 @@ def example_activations(windows: torch.Tensor, top_window: torch.Tensor, sampled
     slots = torch.cat([top_window.cpu(), sampled_window.reshape(units, -1)], dim=1)  # (U, k + G * per_group)
     out = torch.full((units, slots.shape[1], length), torch.nan)
     unit, slot = (slots >= 0).nonzero(as_tuple=True)
-    wanted = slots[unit, slot]
-    needed, which = torch.unique(wanted, return_inverse=True)
+    needed, which = torch.unique(slots[unit, slot], return_inverse=True)
+    order = torch.argsort(which)  # the (unit, slot) pairs by window: each batch's pairs are one contiguous run
+    unit, slot, which = unit[order], slot[order], which[order]
+    bounds = torch.searchsorted(which, torch.arange(0, len(needed) + per_batch, per_batch)).tolist()
     with torch.no_grad():
-        for start in range(0, len(needed), per_batch):
+        for batch, start in enumerate(range(0, len(needed), per_batch)):
             acts = read(embed(windows[needed[start : start + per_batch]].long().to(device))).float().cpu()
-            here = (which >= start) & (which < start + per_batch)
+            here = slice(bounds[batch], bounds[batch + 1])
             out[unit[here], slot[here]] = acts[which[here] - start, :, unit[here]]
     return out[:, :k], out[:, k:].reshape(*sampled_token.shape, length)

@@ -83,6 +83,14 @@ def _example(ids: list[int], acts: torch.Tensor, first: int, position: int | Non
     return CorpusExample(ids, strings(ids), acts.tolist(), float(acts[best]), best if position is None else position)
 
 
+def top_tokens_of(examples: list[CorpusExample]) -> tuple[list[int], list[str]]:
+    """The distinct tokens at the examples' positions, in the examples' order: ids and strings."""
+    seen: dict[int, str] = {}
+    for example in examples:
+        seen.setdefault(example.token_ids[example.position], example.tokens[example.position])
+    return list(seen), list(seen.values())
+
+
 def corpus_result(units: CorpusUnits, u: int, token_strings) -> CorpusResult:
     """Unit ``u`` (its position in the pass) of a corpus pass; ``token_strings(ids) -> list[str]``."""
     first, length = units.first_position, units.window
@@ -100,15 +108,13 @@ def corpus_result(units: CorpusUnits, u: int, token_strings) -> CorpusResult:
                     for s, t in enumerate(q.token[u, g].tolist()) if t >= 0]
         groups.append(QuantileGroup(float(q.low[u, g]), float(q.high[u, g]), int(q.count[u, g]) / units.n_tokens,
                                     examples))
-    seen: dict[int, None] = {}
-    for example in top:
-        seen.setdefault(example.token_ids[example.position], None)
+    top_ids, top_strings = top_tokens_of(top)
     edges, counts = units.histograms[u]
     return CorpusResult(
         source=units.source, n_tokens=units.n_tokens, n_windows=units.n_windows, window=length,
         bos_excluded=bool(first), density=float(units.density()[u]), density_threshold=units.threshold,
         max=top[0].max if top else math.nan, histogram={"edges": edges, "counts": counts}, top_examples=top,
-        quantiles=groups, top_token_ids=list(seen), top_tokens=token_strings(list(seen)))
+        quantiles=groups, top_token_ids=top_ids, top_tokens=top_strings)
 
 
 def compare(top_token_ids: list[int], corpus_max: float, position_activations: torch.Tensor, objectives: torch.Tensor,

@@ -88,13 +88,12 @@ def top_per_group(group: torch.Tensor, key: torch.Tensor, payload: list[torch.Te
 @dataclass
 class QuantileGroups:
     """Per unit (U) and group (G): ``low``/``high`` value edges (NaN where empty), ``count`` of tokens, and the
-    sampled tokens (U, G, per_group): ``token`` index in the stream of windows (-1: none), ``value``."""
+    sampled tokens (U, G, per_group) by their ``token`` index in the stream of windows (-1: none)."""
 
     low: torch.Tensor
     high: torch.Tensor
     count: torch.Tensor
     token: torch.Tensor
-    value: torch.Tensor
 
 
 class CorpusStats:
@@ -118,7 +117,6 @@ class CorpusStats:
         self.counts = torch.zeros((units, n_bins), dtype=torch.long, device=device)
         self.sample_key = torch.full((units, n_bins, per_group), -1.0, dtype=torch.float64, device=device)
         self.sample_token = torch.zeros((units, n_bins, per_group), dtype=torch.long, device=device)
-        self.sample_value = torch.zeros((units, n_bins, per_group), device=device)
         self._scramble = unit_scramble(self.unit_ids)
 
     @property
@@ -129,16 +127,16 @@ class CorpusStats:
     @staticmethod
     def state_bytes(units: int, k: int = TOP_K, n_bins: int = N_BINS, per_group: int = PER_GROUP) -> int:
         """Memory of the statistics of ``units`` units (bytes)."""
-        return units * (k * 12 + n_bins * 8 + n_bins * per_group * 20 + 48)
+        return units * (k * 12 + n_bins * 8 + n_bins * per_group * 16 + 48)
 
     def update(self, acts: torch.Tensor) -> None:
         """Add the next windows' activations, shape (windows, window, U), in corpus order."""
         counted = acts[:, self.first_position :, :].float()
         n, positions, units = counted.shape
-        first = self.n_windows
-        self._update_top(counted.amax(dim=1).T, torch.arange(first, first + n, device=acts.device))
-        windows = torch.arange(first, first + n, device=acts.device)[:, None] * self.window
-        token = (windows + torch.arange(self.first_position, self.window, device=acts.device)).reshape(-1)
+        windows = torch.arange(self.n_windows, self.n_windows + n, device=acts.device)
+        self._update_top(counted.amax(dim=1).T, windows)
+        token = (windows[:, None] * self.window + torch.arange(self.first_position, self.window, device=acts.device))
+        token = token.reshape(-1)
         self._add_values(counted.reshape(n * positions, units), token)
         self.n_windows += n
 
@@ -190,7 +188,7 @@ class CorpusStats:
         rows, cols = better.nonzero(as_tuple=True)
         if len(rows):
             inner = cell[rows, cols] - column[cols] + cols * bins
-            self._merge_samples(inner, key[rows, cols], token[rows], values[rows, cols])
+            self._merge_samples(inner, key[rows, cols], token[rows])
 
     @staticmethod
     def _bin(value: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
@@ -210,27 +208,25 @@ class CorpusStats:
         if filled.any():
             row = torch.arange(len(units), device=units.device)[:, None, None].expand(-1, bins, m)
             cell = (row * bins + moved[:, :, None].expand(-1, -1, m))[filled]
-            groups, new_keys, (new_tokens, new_values) = top_per_group(
-                cell, keys[filled], [self.sample_token[units][filled], self.sample_value[units][filled]], m)
-            for name, values, empty in (("sample_key", new_keys, -1.0), ("sample_token", new_tokens, 0),
-                                        ("sample_value", new_values, 0.0)):
+            groups, new_keys, (new_tokens,) = top_per_group(cell, keys[filled], [self.sample_token[units][filled]], m)
+            for name, values, empty in (("sample_key", new_keys, -1.0), ("sample_token", new_tokens, 0)):
                 table = getattr(self, name)
                 rows = torch.full_like(table[units], empty).view(-1, m)
                 rows[groups] = values
                 table[units] = rows.view(len(units), bins, m)
 
-    def _merge_samples(self, cell: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+    def _merge_samples(self, cell: torch.Tensor, key: torch.Tensor, token: torch.Tensor) -> None:
         m = self.per_group
         marked = torch.zeros(self.sample_key.shape[0] * self.n_bins, dtype=torch.bool, device=cell.device)
         marked[cell] = True
         cells = marked.nonzero(as_tuple=True)[0]  # the distinct cells, ascending (cheaper than sorting them)
-        flat = [self.sample_key.view(-1, m), self.sample_token.view(-1, m), self.sample_value.view(-1, m)]
-        old = [table[cells] for table in flat]
-        filled = old[0] >= 0
-        groups, keys, (tokens, values) = top_per_group(
-            torch.cat([cells[:, None].expand(-1, m)[filled], cell]), torch.cat([old[0][filled], key]),
-            [torch.cat([old[1][filled], token]), torch.cat([old[2][filled], value])], m)
-        flat[0][groups], flat[1][groups], flat[2][groups] = keys, tokens, values
+        keys, tokens = self.sample_key.view(-1, m), self.sample_token.view(-1, m)
+        old_keys, old_tokens = keys[cells], tokens[cells]
+        filled = old_keys >= 0
+        groups, new_keys, (new_tokens,) = top_per_group(
+            torch.cat([cells[:, None].expand(-1, m)[filled], cell]), torch.cat([old_keys[filled], key]),
+            [torch.cat([old_tokens[filled], token])], m)
+        keys[groups], tokens[groups] = new_keys, new_tokens
 
     # --- the end of the pass --------------------------------------------------------------------------------------
     def histogram(self, unit: int) -> tuple[list[float], list[int]]:
@@ -262,14 +258,10 @@ class CorpusStats:
         empty = count == 0
         low[empty], high[empty] = torch.nan, torch.nan
         token = torch.full((units * groups, m), -1, dtype=torch.long, device=device)
-        value = torch.zeros((units * groups, m), device=device)
         filled = self.sample_key >= 0
         if filled.any():
             sample_cell = cell[:, :, None].expand(-1, -1, m)[filled]
-            cells, keys, (tokens, values) = top_per_group(sample_cell, self.sample_key[filled],
-                                                          [self.sample_token[filled], self.sample_value[filled]], m)
+            cells, keys, (tokens,) = top_per_group(sample_cell, self.sample_key[filled], [self.sample_token[filled]], m)
             token[cells] = torch.where(keys >= 0, tokens, -1)
-            value[cells] = values
         shape = (units, groups)
-        return QuantileGroups(low.view(shape), high.view(shape), count.view(shape), token.view(*shape, m),
-                              value.view(*shape, m))
+        return QuantileGroups(low.view(shape), high.view(shape), count.view(shape), token.view(*shape, m))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from amax_lightning.analysis.corpus_pass import CorpusUnits
-from amax_lightning.analysis.corpus_results import CorpusExample, CorpusResult, QuantileGroup
+from amax_lightning.analysis.corpus_results import CorpusExample, CorpusResult, QuantileGroup, top_tokens_of
 from amax_lightning.analysis.results import to_json
 
 _floats, _ints = pa.list_(pa.float32()), pa.list_(pa.int32())
@@ -123,12 +123,10 @@ def read_corpus_record(folder: str, unit: int, meta: dict) -> dict | None:
               for low, high, fraction, ws, ps, acts in zip(row["quantile_low"], row["quantile_high"],
                                                            row["quantile_fraction"], row["quantile_window"],
                                                            row["quantile_position"], row["quantile_activations"])]
-    seen: dict[int, str] = {}
-    for e in top:
-        seen.setdefault(e.token_ids[e.position], e.tokens[e.position])
+    top_ids, top_strings = top_tokens_of(top)
     result = CorpusResult(
         source=meta["source"], n_tokens=meta["n_tokens"], n_windows=meta["n_windows"], window=meta["window"],
         bos_excluded=meta["bos_excluded"], density=row["density"], density_threshold=meta["density_threshold"],
         max=row["max"], histogram={"edges": row["histogram_edges"], "counts": row["histogram_counts"]},
-        top_examples=top, quantiles=groups, top_token_ids=list(seen), top_tokens=list(seen.values()))
+        top_examples=top, quantiles=groups, top_token_ids=top_ids, top_tokens=top_strings)
     return to_json(result)

@@ -469,11 +469,13 @@ class ResultsWriter(Callback):
         groups = [todo]  # without a corpus, or when one pass can read all units: one group
         if use_corpus and todo:  # each group of blocks: one corpus pass for its units, then its analysis
             per_pass = max(self._units_per_pass(module, units_in(todo)), min(self.block_units, n_units))
-            groups = [[]]
+            groups, size = [[]], 0
             for block in todo:
-                if groups[-1] and units_in(groups[-1] + [block]) > per_pass:
-                    groups.append([])
+                block_size = units_in([block])
+                if groups[-1] and size + block_size > per_pass:
+                    groups, size = [*groups, []], 0
                 groups[-1].append(block)
+                size += block_size
         done = units_in(mine) - units_in(todo)
         for group in groups:
             if use_corpus and group:
